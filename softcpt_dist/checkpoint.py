@@ -1,0 +1,73 @@
+"""Prompt checkpoints: the learnable tensors plus what they were trained for.
+
+Loading refuses a checkpoint made for another backbone, method or task list and says which
+differs. Writes are atomic (temp file, then rename), so an interrupted save never replaces a
+good checkpoint with a broken one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or made for a different setup."""
+
+
+def checkpoint_meta(arch: str, method: str, group) -> Dict:
+    return {"format": FORMAT_VERSION, "arch": arch, "method": method,
+            "tasks": [{"key": t.key, "name": t.name, "classes": list(t.classnames)} for t in group.tasks]}
+
+
+def save_prompt_checkpoint(path: Path, meta: Dict, states: Dict[str, Dict[str, torch.Tensor]]) -> None:
+    """``states`` maps a scope ("joint", or a task key for per-task runs) to a learnable state dict."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"meta": meta, "states": states}, tmp)
+    os.replace(tmp, path)
+
+
+def load_prompt_checkpoint(path: Path, expected_meta: Dict) -> Dict[str, Dict[str, torch.Tensor]]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        meta, states = payload["meta"], payload["states"]
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    for key in ("format", "arch", "method"):
+        if meta.get(key) != expected_meta[key]:
+            raise CheckpointError(f"checkpoint {path} was made for {key}={meta.get(key)!r}, "
+                                  f"this run has {key}={expected_meta[key]!r}")
+    got, want = meta.get("tasks", []), expected_meta["tasks"]
+    if [t["key"] for t in got] != [t["key"] for t in want]:
+        raise CheckpointError(f"checkpoint {path} was made for tasks {[t['key'] for t in got]}, "
+                              f"this run has {[t['key'] for t in want]}")
+    for g, w in zip(got, want):
+        if g != w:
+            field = next(k for k in ("name", "classes") if g.get(k) != w.get(k))
+            raise CheckpointError(f"checkpoint {path}: task {w['key']!r} differs in its {field}: "
+                                  f"{g.get(field)!r} vs {w.get(field)!r}")
+    return states
+
+
+def load_learnable(module: torch.nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:
+    """Copy a learnable state into ``module``; names and shapes must match exactly."""
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        raise CheckpointError(f"{where}: learnable tensors differ: missing {sorted(set(params) - set(state))}, "
+                              f"unexpected {sorted(set(state) - set(params))}")
+    for name, p in params.items():
+        if p.shape != state[name].shape:
+            raise CheckpointError(f"{where}: {name} has shape {tuple(state[name].shape)}, "
+                                  f"expected {tuple(p.shape)}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name])

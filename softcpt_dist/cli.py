@@ -1,0 +1,114 @@
+"""Command line: ``softcpt-dist train|eval|data`` with ``--config`` files and ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from softcpt_dist.config import ConfigError, config_from_yaml_text, load_config
+from softcpt_dist.run_dir import setup_console_logging
+
+logger = logging.getLogger("softcpt_dist")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="softcpt-dist", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train (or fit / evaluate) one experiment")
+    tr.add_argument("--config", nargs="*", default=[], help="YAML files, merged in order")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=5")
+    ev = sub.add_parser("eval", help="evaluate a finished run or a checkpoint")
+    ev.add_argument("--run", type=Path, help="run folder (its config.yaml and prompt_checkpoint.pt)")
+    ev.add_argument("--config", nargs="*", default=[], help="YAML files (without --run)")
+    ev.add_argument("--checkpoint", type=Path, help="prompt checkpoint (default: the run's)")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.eval_split=val")
+    da = sub.add_parser("data", help="dataset utilities")
+    da_sub = da.add_subparsers(dest="data_command", required=True)
+    gen = da_sub.add_parser("generate", help="write the built-in synthetic dataset")
+    gen.add_argument("--root", type=Path, default=Path("data/synthetic"))
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if hasattr(args, "config"):
+        # `--config a.yaml b.yaml key=value`: argparse hands every token to --config; split them.
+        args.overrides = [c for c in args.config if "=" in c] + list(args.overrides)
+        args.config = [c for c in args.config if "=" not in c]
+    setup_console_logging()
+    try:
+        return _dispatch(args)
+    except (ConfigError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
+    except Exception as err:  # errors about data, weights or checkpoints name the culprit
+        from softcpt_dist.checkpoint import CheckpointError
+        from softcpt_dist.clip_backbone import WeightsError
+        from softcpt_dist.data import DataError
+        if isinstance(err, (CheckpointError, WeightsError, DataError)):
+            logger.error("%s", err)
+            return 2
+        raise
+
+
+def _dispatch(args) -> int:
+    if args.command == "train":
+        from softcpt_dist.experiment import run_train
+        run_train(load_config(args.config, args.overrides))
+        return 0
+    if args.command == "eval":
+        from softcpt_dist.experiment import CHECKPOINT_NAME, run_eval
+        from omegaconf import OmegaConf
+        if args.run is not None:
+            cfg_file = args.run / "config.yaml"
+            if not cfg_file.is_file():
+                raise ConfigError(f"run folder {args.run} has no config.yaml")
+            cfg = config_from_yaml_text(cfg_file.read_text())
+            cfg = load_config([], _as_overrides(cfg) + list(args.overrides))
+            checkpoint = args.checkpoint or args.run / CHECKPOINT_NAME
+        else:
+            cfg = load_config(args.config, args.overrides)
+            checkpoint = args.checkpoint
+        run_eval(cfg, checkpoint, out_dir=args.run)
+        return 0
+    if args.command == "data" and args.data_command == "generate":
+        from softcpt_dist.config import SyntheticDataConfig
+        from softcpt_dist.data import generate_synthetic
+        generate_synthetic(args.root, SyntheticDataConfig())
+        return 0
+    raise ConfigError(f"unknown command {args.command}")
+
+
+def _as_overrides(cfg) -> List[str]:
+    """A Config as a dot-list, so CLI overrides can be layered on top of a saved run config."""
+    from omegaconf import OmegaConf
+    flat = []
+
+    def walk(prefix, node):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and key != "task_weights":
+                walk(name + ".", value)
+            else:
+                flat.append(f"{name}={_yaml_scalar(value)}")
+
+    walk("", OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return flat
+
+
+def _yaml_scalar(value) -> str:
+    import json
+    if value is None:
+        return "null"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    return str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Typed experiment configuration: dataclasses + YAML files + ``key=value`` overrides.
+
+One experiment is one YAML file (optionally inheriting others through ``_base_``) merged onto the
+defaults below, then overridden from the command line with OmegaConf dot-lists. Unknown keys and
+badly typed values are errors that name the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "softcpt-tiny"  # any open_clip architecture name, e.g. RN50, ViT-B-16, ViT-L-14
+    # open_clip pretrained tag (e.g. "openai"), a local weights file, or null for random init.
+    pretrained: Optional[str] = None
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (frozen CLIP weights; learnable tensors stay fp32)
+    device: str = "cpu"
+    cache_dir: Optional[str] = None  # where open_clip looks for / stores tagged weights
+    # null: QuickGELU when loading OpenAI's original checkpoints, else the architecture's default.
+    quick_gelu: Optional[bool] = None
+
+
+@dataclass
+class PromptConfig:
+    n_ctx: int = 16  # N: context vectors per class prompt
+    n_task_ctx: int = 4  # M: learnable task-context vectors in the task prompt (official runs: 4)
+    n_class_ctx: int = 4  # K: learnable class-context vectors of the class-aware variants
+    class_token_position: str = "end"  # end | middle | front (CoOp)
+    init_std: float = 0.02  # std of the normal init of every learnable context
+
+
+@dataclass
+class MethodConfig:
+    name: str = "softcpt"  # softcpt | coop | zeroshot | linear_probe
+    variant: str = "NATA"  # softcpt: NATA | NATS | CATA | CSTA | CATS | CSTS
+    meta_net: str = "lin"  # lin (paper: bias-free linear) | mlp (extension, not in the paper)
+    meta_hidden: int = 512  # hidden width of the mlp meta network
+    coop_mode: str = "CA"  # coop: CA (one context per task) | CS (per class) | MT (one for all tasks)
+    # Linear probe: inverse L2 strengths searched on the validation split (CoOp's lpclip grid).
+    lp_c_grid: List[float] = field(default_factory=lambda: [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6])
+    lp_search_steps: int = 8  # log-scale refinement steps around the best grid value
+    lp_max_iter: int = 1000
+
+
+@dataclass
+class SyntheticDataConfig:
+    train_per_class: int = 24
+    val_per_class: int = 4
+    test_per_class: int = 12
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # registered dataset/group name; see softcpt_dist.data
+    root: str = "data/synthetic"
+    shots: int = 16  # K images per class from train (0 = all)
+    fewshot_seed: Optional[int] = None  # null: train.seed
+    train_augment: str = "paper"  # paper (random resized crop 0.08-1, bicubic, flip) | none
+    num_workers: int = 0
+    generate_if_missing: bool = True  # built-in synthetic data only
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 50
+    batch_size: int = 32
+    schedule: str = "cosine"  # cosine | constant
+    warmup_epochs: int = 1
+    warmup_type: str = "constant"  # constant | linear
+    warmup_lr: float = 1e-5
+    # Reproduce the official code: its optimizer and scheduler are registered once per module
+    # name and stepped once per name (3 per iteration for NA variants, 4 for CA/CS).
+    official_stepping: bool = False
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1
+    mode: str = "auto"  # auto | joint | per_task (auto: per_task for CoOp CA/CS, else joint)
+    task_weights: Optional[Dict[str, float]] = None  # per-task loss weights by task name
+    log_every: int = 10  # iterations between log lines
+    eval_batch_size: int = 100
+    eval_split: str = "test"
+    output_dir: str = "runs"
+    run_name: Optional[str] = None  # null: <method>-<variant>-<timestamp>
+    deterministic: bool = True
+    progress: bool = True  # tqdm bars on interactive terminals
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_CHOICES = {
+    "model.precision": ("fp32", "bf16", "fp16"),
+    "prompt.class_token_position": ("end", "middle", "front"),
+    "method.name": ("softcpt", "coop", "zeroshot", "linear_probe"),
+    "method.variant": ("NATA", "NATS", "CATA", "CSTA", "CATS", "CSTS"),
+    "method.meta_net": ("lin", "mlp"),
+    "method.coop_mode": ("CA", "CS", "MT"),
+    "data.train_augment": ("paper", "none"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.schedule": ("cosine", "constant"),
+    "optim.warmup_type": ("constant", "linear"),
+    "train.mode": ("auto", "joint", "per_task"),
+    "train.eval_split": ("val", "test"),
+}
+_POSITIVE = ("prompt.n_ctx", "optim.batch_size", "optim.epochs", "train.eval_batch_size", "train.log_every")
+_NON_NEGATIVE = ("prompt.n_task_ctx", "prompt.n_class_ctx", "data.shots", "optim.warmup_epochs", "optim.lr")
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:
+    """Read one YAML file, merging the files named by its ``_base_`` key underneath it."""
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"config inheritance cycle through {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:  # yaml errors carry line numbers; keep them
+        raise ConfigError(f"cannot parse config file {path}: {err}") from err
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    bases = node.pop("_base_", None)
+    if bases is None:
+        return node
+    bases = [bases] if isinstance(bases, str) else list(bases)
+    merged = OmegaConf.create()
+    for base in bases:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / base, seen + (path,)))
+    return OmegaConf.merge(merged, node)
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- each YAML file in order <- ``key=value`` overrides, validated into a ``Config``."""
+    merged = OmegaConf.structured(Config)
+    try:
+        for f in files:
+            merged = OmegaConf.merge(merged, _read_yaml(Path(f)))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"bad config entry {key!r}: {reason}") from err
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check choices and ranges that the type system cannot express."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
+    for key in _POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)}")
+    for key in _NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)}")
+    if cfg.method.name == "softcpt" and cfg.method.variant[:2] in ("CA", "CS") and cfg.prompt.n_class_ctx == 0:
+        raise ConfigError(f"method.variant={cfg.method.variant} needs prompt.n_class_ctx > 0")
+
+
+def _get(cfg: Config, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_from_yaml_text(text: str) -> Config:
+    """Rebuild a Config from a saved ``config.yaml`` (used by ``eval`` on a run folder)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,46 @@
+"""SoftCPT's learnable pieces besides the prompts: context vectors and the meta network.
+
+The meta network maps a task feature (optionally concatenated with a class feature) to the
+``N`` context vectors of that task's (or class's) prompt. The paper's default is one bias-free
+linear layer with N(0, 0.02) init.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def context_vectors(n_groups: int, n_ctx: int, dim: int, std: float) -> nn.Parameter:
+    """``[n_groups, n_ctx, dim]`` learnable context, N(0, std) init (CoOp's random init)."""
+    ctx = torch.empty(n_groups, n_ctx, dim)
+    nn.init.normal_(ctx, std=std)
+    return nn.Parameter(ctx)
+
+
+class MetaNet(nn.Module):
+    """Feature ``[B, in_dim]`` -> context ``[B, n_ctx, ctx_dim]``.
+
+    ``lin``: one bias-free linear layer (the paper; weight N(0, 0.02)). ``mlp``: linear-ReLU-linear
+    with biases (an extension; not in the paper or the official code).
+    """
+
+    def __init__(self, in_dim: int, n_ctx: int, ctx_dim: int, kind: str = "lin", hidden: int = 512,
+                 init_std: float = 0.02):
+        super().__init__()
+        self.n_ctx, self.ctx_dim, self.kind = n_ctx, ctx_dim, kind
+        out_dim = n_ctx * ctx_dim
+        if kind == "lin":
+            self.net = nn.Linear(in_dim, out_dim, bias=False)
+            nn.init.normal_(self.net.weight, std=init_std)
+        elif kind == "mlp":
+            self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+            for layer in (self.net[0], self.net[2]):
+                nn.init.normal_(layer.weight, std=init_std)
+                nn.init.zeros_(layer.bias)
+        else:
+            raise ValueError(f"unknown meta network kind {kind!r} (lin | mlp)")
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        weight_dtype = next(self.parameters()).dtype
+        return self.net(features.to(weight_dtype)).view(features.shape[0], self.n_ctx, self.ctx_dim)
