@@ -179,7 +179,7 @@ def _load_state_dict(path: Path) -> tuple[dict, str]:
             archive = torch.jit.load(str(path), map_location="cpu")
             state = {k: v for k, v in archive.state_dict().items() if k not in _OPENAI_EXTRA_KEYS}
             return state, "openai"
-        state = open_clip.load_state_dict(str(path), device="cpu", weights_only=True)
+        state = open_clip.factory.load_state_dict(str(path), device="cpu", weights_only=True)
     except Exception as err:
         raise WeightsError(f"cannot read weights file {path}: {type(err).__name__}: {err}") from err
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
@@ -194,6 +194,9 @@ def _load_into(model: nn.Module, state: dict, path: Path, arch: str) -> None:
     if "logit_scale" in state and state["logit_scale"].shape != model.logit_scale.shape:
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
     own = model.state_dict()
+    # Archives may carry buffers the model rebuilds itself (e.g. the causal attn_mask).
+    rebuilt = {name for name, _ in model.named_buffers()} - set(own)
+    state = {k: v for k, v in state.items() if k not in rebuilt}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"

@@ -1,0 +1,34 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import softcpt_dist  # noqa: E402,F401  (the torchvision shim must run before open_clip/torchvision)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from softcpt_dist.clip_backbone import build_backbone  # noqa: E402
+from softcpt_dist.config import ModelConfig, SyntheticDataConfig  # noqa: E402
+from softcpt_dist.data import generate_synthetic, read_task_folders  # noqa: E402
+
+torch.set_num_threads(2)
+
+SMALL_SYNTHETIC = SyntheticDataConfig(train_per_class=6, val_per_class=2, test_per_class=3, image_size=32, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    torch.manual_seed(0)
+    return build_backbone(ModelConfig(arch="softcpt-tiny"))
+
+
+@pytest.fixture(scope="session")
+def small_data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic-small")
+    generate_synthetic(root, SMALL_SYNTHETIC)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_data(small_data_root):
+    return read_task_folders(small_data_root)
