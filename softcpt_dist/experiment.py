@@ -56,8 +56,8 @@ def _eval_loader(cfg: Config, samples, preprocess_cfg):
 
 
 def _default_run_name(cfg: Config) -> str:
-    return f"{method_label(cfg)}-{cfg.data.dataset}-{cfg.data.shots}shot-seed{cfg.train.seed}-" \
-           f"{time.strftime('%Y%m%d-%H%M%S')}"
+    shots = f"{cfg.data.shots}shot" if cfg.data.shots else "full"
+    return f"{method_label(cfg)}-{cfg.data.dataset}-{shots}-seed{cfg.train.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
@@ -88,8 +88,9 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
             results, history = _train_and_evaluate(cfg, backbone, data, run, label)
         run.write_json("results.json", {"method": label, "arch": cfg.model.arch, "split": split,
                                         "shots": cfg.data.shots, "seed": cfg.train.seed, **extra, **results})
-        run.write_text("results.md", markdown_table(results, f"{label} on {cfg.data.dataset} ({split}, "
-                                                             f"{cfg.data.shots}-shot, seed {cfg.train.seed})"))
+        shots = f"{cfg.data.shots}-shot" if cfg.data.shots else "all training images"
+        run.write_text("results.md", markdown_table(results, f"{label} on {cfg.data.dataset} ({split}, {shots}, "
+                                                             f"seed {cfg.train.seed})"))
         logger.info("%s mean %s: %.2f", split, "over tasks", results["mean"])
         for key, r in results["tasks"].items():
             logger.info("  %-20s %-24s %6.2f", key, r["metric"], r["value"])
