@@ -61,7 +61,6 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "eval":
         from softcpt_dist.experiment import CHECKPOINT_NAME, run_eval
-        from omegaconf import OmegaConf
         if args.run is not None:
             cfg_file = args.run / "config.yaml"
             if not cfg_file.is_file():

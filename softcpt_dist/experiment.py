@@ -10,16 +10,15 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-import torch
-
-from softcpt_dist.checkpoint import (checkpoint_meta, load_learnable, load_prompt_checkpoint,
+from softcpt_dist.checkpoint import (CheckpointError, checkpoint_meta, load_learnable, load_prompt_checkpoint,
                                      save_prompt_checkpoint)
 from softcpt_dist.clip_backbone import build_backbone
 from softcpt_dist.config import Config, ConfigError
 from softcpt_dist.data import MultiTaskData, load_data
 from softcpt_dist.data.dataset import Sample
+from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.data.transforms import eval_transform, train_transform
 from softcpt_dist.evaluate import evaluate
 from softcpt_dist.methods import build_prompt_method, method_label
@@ -46,8 +45,33 @@ def training_mode(cfg: Config) -> str:
     return "per_task" if cfg.method.name == "coop" and cfg.method.coop_mode in ("CA", "CS") else "joint"
 
 
-def _single_task(samples: List[Sample], task: int) -> List[Sample]:
-    return [Sample(s.path, 0, s.label) for s in samples if s.task == task]
+@dataclass
+class Scope:
+    """Tasks that share one prompt model: all of them (``joint``) or a single task (CoOp CA/CS)."""
+
+    key: str
+    task_indices: List[int]
+    group: TaskGroup
+
+    def select(self, samples: List[Sample]) -> List[Sample]:
+        """This scope's samples, with task indices renumbered within the scope."""
+        local = {t: i for i, t in enumerate(self.task_indices)}
+        return [Sample(s.path, local[s.task], s.label) for s in samples if s.task in local]
+
+
+def scopes(cfg: Config, group: TaskGroup) -> List[Scope]:
+    if training_mode(cfg) == "joint" or cfg.method.name == "zeroshot":
+        return [Scope("joint", list(range(len(group))), group)]
+    return [Scope(t.key, [i], group.subset([i])) for i, t in enumerate(group.tasks)]
+
+
+def _evaluate_scopes(cfg: Config, models: List[Tuple[Scope, PromptClassifier]], data: MultiTaskData,
+                     pre: dict) -> Dict:
+    split = cfg.train.eval_split
+    parts = [evaluate(model, _eval_loader(cfg, scope.select(data.splits[split]), pre), scope.group,
+                      cfg.train.progress, split if scope.key == "joint" else f"{split} {scope.key}")
+             for scope, model in models]
+    return merge_task_results(parts, data.group)
 
 
 def _eval_loader(cfg: Config, samples, preprocess_cfg):
@@ -82,8 +106,7 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
                                                           cfg.method.lp_search_steps, cfg.method.lp_max_iter, split)
         elif cfg.method.name == "zeroshot":
             model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, group))
-            results = evaluate(model, _eval_loader(cfg, data.splits[split], backbone.preprocess_cfg), group,
-                               cfg.train.progress, desc=split)
+            results = _evaluate_scopes(cfg, [(scopes(cfg, group)[0], model)], data, backbone.preprocess_cfg)
         else:
             results, history = _train_and_evaluate(cfg, backbone, data, run, label)
         run.write_json("results.json", {"method": label, "arch": cfg.model.arch, "split": split,
@@ -100,31 +123,23 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
 
 
 def _train_and_evaluate(cfg: Config, backbone, data: MultiTaskData, run: RunDir, label: str):
-    group, split = data.group, cfg.train.eval_split
     pre = backbone.preprocess_cfg
     train_tf = train_transform(pre, cfg.data.train_augment)
-    states, parts, history = {}, [], []
-    if training_mode(cfg) == "joint":
-        model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, group))
-        weights = group.task_weights(cfg.train.task_weights)
-        history = train_prompts(cfg, model, group, data.splits["train"], train_tf, run, weights)
-        states["joint"] = model.learnable_state_dict()
-        results = evaluate(model, _eval_loader(cfg, data.splits[split], pre), group, cfg.train.progress, split)
-    else:
-        if cfg.train.task_weights:
-            logger.warning("train.task_weights has no effect when each task trains on its own")
-        for i, task in enumerate(group.tasks):
-            sub = group.subset([i])
-            model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, sub))
-            history += train_prompts(cfg, model, sub, _single_task(data.splits["train"], i), train_tf, run,
-                                     tag=f"{task.key}: ")
-            states[task.key] = model.learnable_state_dict()
-            parts.append(evaluate(model, _eval_loader(cfg, _single_task(data.splits[split], i), pre), sub,
-                                  cfg.train.progress, f"{split} {task.key}"))
-        results = merge_task_results(parts, group)
+    models, states, history = [], {}, []
+    run_scopes = scopes(cfg, data.group)
+    if cfg.train.task_weights and len(run_scopes) > 1:
+        logger.warning("train.task_weights has no effect when each task trains on its own")
+    for scope in run_scopes:
+        model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, scope.group))
+        weights = scope.group.task_weights(cfg.train.task_weights) if scope.key == "joint" else None
+        history += train_prompts(cfg, model, scope.group, scope.select(data.splits["train"]), train_tf, run, weights,
+                                 tag="" if scope.key == "joint" else f"{scope.key}: ")
+        states[scope.key] = model.learnable_state_dict()
+        models.append((scope, model))
     if run.is_main:
-        save_prompt_checkpoint(run.path / CHECKPOINT_NAME, checkpoint_meta(cfg.model.arch, label, group), states)
-    return results, history
+        save_prompt_checkpoint(run.path / CHECKPOINT_NAME, checkpoint_meta(cfg.model.arch, label, data.group),
+                               states)
+    return _evaluate_scopes(cfg, models, data, pre), history
 
 
 def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = None) -> Dict:
@@ -136,26 +151,21 @@ def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = 
     pre = backbone.preprocess_cfg
     if cfg.method.name == "linear_probe":
         raise ConfigError("eval: the linear probe keeps no checkpoint; rerun `train` with method.name=linear_probe")
-    if cfg.method.name == "zeroshot":
-        model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, group))
-        results = evaluate(model, _eval_loader(cfg, data.splits[split], pre), group, cfg.train.progress, split)
-    else:
+    states = None
+    if cfg.method.name != "zeroshot":
         if checkpoint is None:
             raise ConfigError(f"eval: method {label} needs a prompt checkpoint (--run or --checkpoint)")
         states = load_prompt_checkpoint(checkpoint, checkpoint_meta(cfg.model.arch, label, group))
-        if "joint" in states:
-            model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, group))
-            load_learnable(model.method, states["joint"], str(checkpoint))
-            results = evaluate(model, _eval_loader(cfg, data.splits[split], pre), group, cfg.train.progress, split)
-        else:
-            parts = []
-            for i, task in enumerate(group.tasks):
-                sub = group.subset([i])
-                model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, sub))
-                load_learnable(model.method, states[task.key], f"{checkpoint} [{task.key}]")
-                parts.append(evaluate(model, _eval_loader(cfg, _single_task(data.splits[split], i), pre), sub,
-                                      cfg.train.progress, f"{split} {task.key}"))
-            results = merge_task_results(parts, group)
+    models = []
+    for scope in scopes(cfg, group):
+        model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, scope.group))
+        if states is not None:
+            if scope.key not in states:
+                raise CheckpointError(f"checkpoint {checkpoint} has no prompts for {scope.key!r} "
+                                      f"(it holds {sorted(states)}); was train.mode different?")
+            load_learnable(model.method, states[scope.key], f"{checkpoint} [{scope.key}]")
+        models.append((scope, model))
+    results = _evaluate_scopes(cfg, models, data, pre)
     if out_dir is not None:
         run = RunDir(cfg, "", path=out_dir)
         try:

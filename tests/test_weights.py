@@ -1,5 +1,4 @@
 """Local weight files load through the user path (build_backbone); wrong files give clear errors."""
-import warnings
 
 import open_clip
 import pytest

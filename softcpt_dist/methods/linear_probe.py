@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from softcpt_dist.data.dataset import Sample
 from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.metrics import group_metrics, task_metric
 
