@@ -20,8 +20,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or made for a different setup."""
 
 
-def checkpoint_meta(arch: str, method: str, group) -> Dict:
-    return {"format": FORMAT_VERSION, "arch": arch, "method": method,
+def checkpoint_meta(arch: str, method: str, group, prompt: Dict) -> Dict:
+    """What a checkpoint must agree on to be loaded: backbone, method, prompt settings, task list."""
+    return {"format": FORMAT_VERSION, "arch": arch, "method": method, "prompt": prompt,
             "tasks": [{"key": t.key, "name": t.name, "classes": list(t.classnames)} for t in group.tasks]}
 
 
@@ -42,6 +43,11 @@ def load_prompt_checkpoint(path: Path, expected_meta: Dict) -> Dict[str, Dict[st
         meta, states = payload["meta"], payload["states"]
     except Exception as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    got_prompt, want_prompt = meta.get("prompt") or {}, expected_meta["prompt"]
+    for key in sorted(set(got_prompt) | set(want_prompt)):
+        if got_prompt.get(key) != want_prompt.get(key):
+            raise CheckpointError(f"checkpoint {path} was made with prompt setting {key}={got_prompt.get(key)!r}, "
+                                  f"this run has {key}={want_prompt.get(key)!r}")
     for key in ("format", "arch", "method"):
         if meta.get(key) != expected_meta[key]:
             raise CheckpointError(f"checkpoint {path} was made for {key}={meta.get(key)!r}, "

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from softcpt_dist.config import ConfigError, config_from_yaml_text, load_config
+from softcpt_dist.config import ConfigError, config_from_file, load_config
 from softcpt_dist.run_dir import setup_console_logging
 
 logger = logging.getLogger("softcpt_dist")
@@ -65,7 +65,7 @@ def _dispatch(args) -> int:
             cfg_file = args.run / "config.yaml"
             if not cfg_file.is_file():
                 raise ConfigError(f"run folder {args.run} has no config.yaml")
-            cfg = config_from_yaml_text(cfg_file.read_text())
+            cfg = config_from_file(cfg_file)
             cfg = load_config([], _as_overrides(cfg) + list(args.overrides))
             checkpoint = args.checkpoint or args.run / CHECKPOINT_NAME
         else:

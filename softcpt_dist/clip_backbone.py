@@ -119,7 +119,8 @@ class ImageEncoder(nn.Module):
 class CLIPBackbone(nn.Module):
     """Frozen CLIP in eval mode: image encoder, text encoder, token embedding, tokenizer, logit scale."""
 
-    def __init__(self, model: nn.Module, tokenizer, arch: str, weights: Optional[str]):
+    def __init__(self, model: nn.Module, tokenizer, arch: str, weights: Optional[str],
+                 logit_scale: Optional[torch.Tensor] = None):
         super().__init__()
         tower = _text_tower(model)
         self.arch = arch
@@ -133,7 +134,9 @@ class CLIPBackbone(nn.Module):
         self.text_encoder = TextEncoder(model)
         self.token_embedding = tower.token_embedding
         # logit_scale is kept as a plain buffer: it is frozen, and DeepSpeed rejects 0-dim parameters.
-        self.register_buffer("logit_scale", model.logit_scale.detach().float().reshape(()).clone())
+        if logit_scale is None:
+            logit_scale = model.logit_scale.detach().float().reshape(()).clone()
+        self.register_buffer("logit_scale", logit_scale.to(model.logit_scale.device))
         self.preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
         self.requires_grad_(False)
         self.eval()
@@ -232,7 +235,15 @@ def build_backbone(cfg: ModelConfig) -> CLIPBackbone:
         if not path.is_file():
             raise WeightsError(f"model.pretrained: weights file {path} does not exist")
         state, fmt = _load_state_dict(path)
-    quick_gelu = cfg.quick_gelu if cfg.quick_gelu is not None else fmt == "openai"
+    quick_gelu = cfg.quick_gelu
+    if quick_gelu is None:
+        # OpenAI's weights were trained with QuickGELU: their archives, and tags such as RN50/openai.
+        tag_cfg = open_clip.get_pretrained_cfg(cfg.arch, pretrained) if pretrained and path is None else {}
+        quick_gelu = fmt == "openai" or bool(tag_cfg.get("quick_gelu", False))
+        arch_default = bool(open_clip.get_model_config(cfg.arch).get("quick_gelu", False))
+        if fmt == "open_clip" and not quick_gelu and not arch_default:
+            logger.warning("model.quick_gelu is unset: using %s's default activation for %s; set "
+                           "model.quick_gelu=true if these are OpenAI-trained weights", cfg.arch, path)
     kwargs = dict(precision="fp32", device="cpu", force_quick_gelu=quick_gelu,
                   nonscalar_logit_scale=True, cache_dir=cfg.cache_dir)
     if pretrained and path is None:
@@ -255,9 +266,10 @@ def build_backbone(cfg: ModelConfig) -> CLIPBackbone:
             logger.warning("model.pretrained is null: %s has RANDOM weights. Results mean nothing "
                            "beyond testing the pipeline.", cfg.arch)
             logger.warning("!" * 72)
+    logit_scale = model.logit_scale.detach().float().reshape(()).clone()  # before any low-precision cast
     model = model.to(device=cfg.device, dtype=_PRECISIONS[precision])
     tokenizer = open_clip.get_tokenizer(cfg.arch)
-    return CLIPBackbone(model, tokenizer, cfg.arch, pretrained)
+    return CLIPBackbone(model, tokenizer, cfg.arch, pretrained, logit_scale)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

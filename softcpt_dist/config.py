@@ -166,13 +166,17 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        reason = str(err).splitlines()[0]
-        raise ConfigError(f"bad config entry {key!r}: {reason}") from err
-    cfg: Config = OmegaConf.to_object(merged)
+        raise _config_error(err, "") from err
     validate(cfg)
     return cfg
+
+
+def _config_error(err: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    reason = str(err).splitlines()[0]
+    return ConfigError(f"{where}bad config entry {key!r}: {reason}")
 
 
 def validate(cfg: Config) -> None:
@@ -202,9 +206,12 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def config_from_yaml_text(text: str) -> Config:
-    """Rebuild a Config from a saved ``config.yaml`` (used by ``eval`` on a run folder)."""
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
-    cfg: Config = OmegaConf.to_object(merged)
+def config_from_file(path: Path) -> Config:
+    """Rebuild a Config from a saved run ``config.yaml`` (used by ``eval --run``)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), _read_yaml(Path(path)))
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _config_error(err, f"{path}: ") from err
     validate(cfg)
     return cfg

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -84,10 +84,18 @@ def _default_run_name(cfg: Config) -> str:
     return f"{method_label(cfg)}-{cfg.data.dataset}-{shots}-seed{cfg.train.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def log_results(results: Dict, split: str) -> None:
+    logger.info("%s: mean over tasks %.2f", split, results["mean"])
+    for key, r in results["tasks"].items():
+        logger.info("  %-20s %-24s %6.2f", key, r["metric"], r["value"])
+
+
 def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
     seed_everything(cfg.train.seed, cfg.train.deterministic)
+    cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())  # eval --run works from anywhere
     run = RunDir(cfg, cfg.train.run_name or _default_run_name(cfg), path=run_path)
     try:
+        run.start_fresh()
         run.save_config(cfg)
         logger.info("run folder: %s", run.path)
         backbone = build_backbone(cfg.model)
@@ -114,12 +122,16 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
         shots = f"{cfg.data.shots}-shot" if cfg.data.shots else "all training images"
         run.write_text("results.md", markdown_table(results, f"{label} on {cfg.data.dataset} ({split}, {shots}, "
                                                              f"seed {cfg.train.seed})"))
-        logger.info("%s mean %s: %.2f", split, "over tasks", results["mean"])
-        for key, r in results["tasks"].items():
-            logger.info("  %-20s %-24s %6.2f", key, r["metric"], r["value"])
+        log_results(results, split)
         return RunResult(run.path, results, history)
     finally:
         run.close()
+
+
+def _checkpoint_meta(cfg: Config, group: TaskGroup) -> Dict:
+    return checkpoint_meta(cfg.model.arch, method_label(cfg), group,
+                           {**asdict(cfg.prompt), "meta_net": cfg.method.meta_net,
+                            "meta_hidden": cfg.method.meta_hidden})
 
 
 def _train_and_evaluate(cfg: Config, backbone, data: MultiTaskData, run: RunDir, label: str):
@@ -130,6 +142,7 @@ def _train_and_evaluate(cfg: Config, backbone, data: MultiTaskData, run: RunDir,
     if cfg.train.task_weights and len(run_scopes) > 1:
         logger.warning("train.task_weights has no effect when each task trains on its own")
     for scope in run_scopes:
+        seed_everything(cfg.train.seed, cfg.train.deterministic)  # each task's run independent of the others
         model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, scope.group))
         weights = scope.group.task_weights(cfg.train.task_weights) if scope.key == "joint" else None
         history += train_prompts(cfg, model, scope.group, scope.select(data.splits["train"]), train_tf, run, weights,
@@ -137,25 +150,25 @@ def _train_and_evaluate(cfg: Config, backbone, data: MultiTaskData, run: RunDir,
         states[scope.key] = model.learnable_state_dict()
         models.append((scope, model))
     if run.is_main:
-        save_prompt_checkpoint(run.path / CHECKPOINT_NAME, checkpoint_meta(cfg.model.arch, label, data.group),
-                               states)
+        save_prompt_checkpoint(run.path / CHECKPOINT_NAME, _checkpoint_meta(cfg, data.group), states)
     return _evaluate_scopes(cfg, models, data, pre), history
 
 
 def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = None) -> Dict:
     """Evaluate a trained prompt checkpoint (or zero-shot CLIP) on ``cfg.train.eval_split``."""
+    label = method_label(cfg)
+    if cfg.method.name == "linear_probe":
+        raise ConfigError("eval: the linear probe keeps no checkpoint; rerun `train` with method.name=linear_probe")
+    if cfg.method.name != "zeroshot" and checkpoint is None:
+        raise ConfigError(f"eval: method {label} needs a prompt checkpoint (--run or --checkpoint)")
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     backbone = build_backbone(cfg.model)
     data = load_data(cfg.data, cfg.train.seed)
-    group, split, label = data.group, cfg.train.eval_split, method_label(cfg)
+    group, split = data.group, cfg.train.eval_split
     pre = backbone.preprocess_cfg
-    if cfg.method.name == "linear_probe":
-        raise ConfigError("eval: the linear probe keeps no checkpoint; rerun `train` with method.name=linear_probe")
     states = None
     if cfg.method.name != "zeroshot":
-        if checkpoint is None:
-            raise ConfigError(f"eval: method {label} needs a prompt checkpoint (--run or --checkpoint)")
-        states = load_prompt_checkpoint(checkpoint, checkpoint_meta(cfg.model.arch, label, group))
+        states = load_prompt_checkpoint(checkpoint, _checkpoint_meta(cfg, group))
     models = []
     for scope in scopes(cfg, group):
         model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, scope.group))
@@ -166,6 +179,7 @@ def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = 
             load_learnable(model.method, states[scope.key], f"{checkpoint} [{scope.key}]")
         models.append((scope, model))
     results = _evaluate_scopes(cfg, models, data, pre)
+    log_results(results, split)
     if out_dir is not None:
         run = RunDir(cfg, "", path=out_dir)
         try:

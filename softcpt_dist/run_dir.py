@@ -44,6 +44,17 @@ class RunDir:
             self._handler.setFormatter(logging.Formatter(LOG_FORMAT))
             logging.getLogger().addHandler(self._handler)
 
+    def start_fresh(self) -> None:
+        """A reused run name starts over: drop the metrics and evaluations of the previous run."""
+        if not self.is_main:
+            return
+        stale = [self.path / "metrics.jsonl", *self.path.glob("eval_*.json"), *self.path.glob("eval_*.md")]
+        stale = [p for p in stale if p.exists()]
+        if stale:
+            logging.getLogger(__name__).warning("run folder %s exists: replacing its previous results", self.path)
+            for p in stale:
+                p.unlink()
+
     def save_config(self, cfg: Config, filename: str = "config.yaml") -> None:
         if self.is_main:
             atomic_write_text(self.path / filename, to_yaml(cfg))

@@ -8,6 +8,7 @@ learnable prompts, cosine logits, per-task cross-entropy, one backward, then the
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from typing import Dict, List, Optional
@@ -30,8 +31,11 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # cuBLAS needs a fixed workspace for reproducible GEMMs; only effective before CUDA initializes.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def make_loader(samples: List[Sample], transform, batch_size: int, shuffle: bool, seed: int,

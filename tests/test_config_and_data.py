@@ -46,6 +46,12 @@ def test_cli_reports_config_errors_with_exit_code_2(capsys):
     assert main(["train", "optim.lrr=1"]) == 2
 
 
+def test_bad_saved_run_config_names_the_file(tmp_path, caplog):
+    (tmp_path / "config.yaml").write_text("optim:\n  epochs: abc\n")
+    assert main(["eval", "--run", str(tmp_path)]) == 2
+    assert "config.yaml" in caplog.text and "optim.epochs" in caplog.text
+
+
 def test_shipped_configs_load():
     files = sorted((REPO / "configs").rglob("*.yaml"))
     assert files

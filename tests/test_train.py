@@ -55,9 +55,20 @@ def test_eval_from_run_folder_reproduces_results(default_run):
         assert again["tasks"][key]["value"] == pytest.approx(trained["tasks"][key]["value"])
 
 
-def test_eval_refuses_a_checkpoint_of_another_method(default_run, capsys):
-    rc = main(["eval", "--run", str(default_run), "method.variant=CSTS", "train.progress=false"])
+@pytest.mark.parametrize("override,named", [("method.variant=CSTS", "method="),
+                                            ("prompt.class_token_position=middle", "class_token_position"),
+                                            ("model.arch=softcpt-tiny-rn", "arch=")])
+def test_eval_refuses_a_checkpoint_made_for_another_setup(default_run, caplog, override, named):
+    rc = main(["eval", "--run", str(default_run), override, "train.progress=false"])
     assert rc == 2
+    assert named in caplog.text and "prompt_checkpoint.pt" in caplog.text
+
+
+def test_rerun_with_the_same_name_replaces_old_metrics(tmp_path, small_data_root):
+    for _ in range(2):
+        result = run_train(_short_cfg(tmp_path, small_data_root, "train.run_name=same", "optim.epochs=1"))
+    records = (result.path / "metrics.jsonl").read_text().splitlines()
+    assert sum('"kind": "epoch"' in r for r in records) == 1
 
 
 def _short_cfg(tmp_path, small_data_root, *extra):

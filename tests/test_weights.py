@@ -78,6 +78,23 @@ def test_unknown_tag_and_arch(tmp_path):
         build_backbone(ModelConfig(arch="ViT-Imaginary-99"))
 
 
+def test_openai_tags_switch_on_quick_gelu(monkeypatch):
+    """RN50/openai weights were trained with QuickGELU; the tag's config must switch it on."""
+    seen = {}
+
+    def fake_create_model(arch, pretrained=None, **kwargs):
+        seen.update(kwargs, arch=arch, pretrained=pretrained)
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    with pytest.raises(WeightsError, match="offline"):
+        build_backbone(ModelConfig(arch="RN50", pretrained="openai"))
+    assert seen["force_quick_gelu"] is True and seen["pretrained"] == "openai"
+    with pytest.raises(WeightsError):
+        build_backbone(ModelConfig(arch="ViT-B-32", pretrained="laion2b_s34b_b79k"))
+    assert seen["force_quick_gelu"] is False
+
+
 def test_backbone_is_frozen_and_stays_in_eval(tiny_backbone):
     assert not any(p.requires_grad for p in tiny_backbone.parameters())
     tiny_backbone.train()
@@ -85,9 +102,14 @@ def test_backbone_is_frozen_and_stays_in_eval(tiny_backbone):
 
 
 @pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
-def test_low_precision_backbone(precision, dtype):
-    backbone = build_backbone(ModelConfig(arch="softcpt-tiny", precision=precision))
+def test_low_precision_backbone(tmp_path, source_model, precision, dtype):
+    path = tmp_path / "tiny.pt"
+    torch.save(source_model.state_dict(), path)
+    backbone = build_backbone(ModelConfig(arch="softcpt-tiny", precision=precision, pretrained=str(path)))
     assert backbone.dtype == dtype
+    # the logit scale is read before the cast: exp(4.6052) stays 100.0, not bf16's 98.9
+    assert backbone.logit_scale.dtype == torch.float32
+    assert backbone.logit_scale.exp().item() == pytest.approx(torch.tensor(4.6052).exp().item(), rel=1e-6)
     ids = open_clip.get_tokenizer("softcpt-tiny")(["a photo of a dog."])
     out = backbone.text_encoder(backbone.token_embedding(ids)[:, :8], ids.argmax(-1))
     assert out.dtype == dtype and torch.isfinite(out.float()).all()

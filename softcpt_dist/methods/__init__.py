@@ -19,11 +19,16 @@ from softcpt_dist.methods.zeroshot import ZeroShotCLIP
 def build_prompt_method(cfg: Config, backbone, group: TaskGroup) -> nn.Module:
     name = cfg.method.name
     if name == "softcpt":
-        return SoftCPT(backbone, group, cfg.prompt, cfg.method)
-    if name == "coop":
-        return CoOp(backbone, group, cfg.prompt, cfg.method.coop_mode)
-    if name == "zeroshot":
-        return ZeroShotCLIP(backbone, group)
+        method = SoftCPT(backbone, group, cfg.prompt, cfg.method)
+    elif name == "coop":
+        method = CoOp(backbone, group, cfg.prompt, cfg.method.coop_mode)
+    elif name == "zeroshot":
+        method = ZeroShotCLIP(backbone, group)
+    else:
+        method = None
+    if method is not None:
+        # Learnable tensors live where the frozen CLIP lives (the backbone itself is not a submodule).
+        return method.to(backbone.device)
     raise ConfigError(f"method.name={name!r} has no prompt model (linear_probe trains no prompts)")
 
 

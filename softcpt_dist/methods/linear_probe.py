@@ -65,7 +65,7 @@ def search_c(train: Tuple[torch.Tensor, torch.Tensor], val: Tuple[torch.Tensor, 
     """CoOp's search: best grid value, then ``steps`` bisections in log10 space on [C/10, 10 C]."""
     fit = lambda c: fit_logistic_regression(*train, num_classes, c, max_iter)  # noqa: E731
     scores = [(_score(fit(c), *val, num_classes, metric), c) for c in grid]
-    best_score, c_peak = max(scores, key=lambda s: (s[0], -abs(math.log10(s[1]))))
+    best_score, c_peak = max(scores, key=lambda s: s[0])  # ties: the first grid value, as CoOp's argmax
     lo, hi = math.log10(c_peak) - 1, math.log10(c_peak) + 1
     c_final, clf_final = c_peak, fit(c_peak)
     for _ in range(steps):
