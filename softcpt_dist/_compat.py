@@ -38,7 +38,3 @@ def import_torchvision():
 
     return torchvision
 
-
-def torchvision_shim_active() -> bool:
-    """True when the schema shim above was needed (CPU torch next to a CUDA torchvision)."""
-    return _stub_library is not None

@@ -15,7 +15,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import softcpt_dist  # noqa: F401  (applies the torchvision import shim before open_clip)
 import open_clip
@@ -270,7 +269,3 @@ def build_backbone(cfg: ModelConfig) -> CLIPBackbone:
     model = model.to(device=cfg.device, dtype=_PRECISIONS[precision])
     tokenizer = open_clip.get_tokenizer(cfg.arch)
     return CLIPBackbone(model, tokenizer, cfg.arch, pretrained, logit_scale)
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float(), dim=-1)

@@ -116,7 +116,7 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
             model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, group))
             results = _evaluate_scopes(cfg, [(scopes(cfg, group)[0], model)], data, backbone.preprocess_cfg)
         else:
-            results, history = _train_and_evaluate(cfg, backbone, data, run, label)
+            results, history = _train_and_evaluate(cfg, backbone, data, run)
         run.write_json("results.json", {"method": label, "arch": cfg.model.arch, "split": split,
                                         "shots": cfg.data.shots, "seed": cfg.train.seed, **extra, **results})
         shots = f"{cfg.data.shots}-shot" if cfg.data.shots else "all training images"
@@ -134,7 +134,7 @@ def _checkpoint_meta(cfg: Config, group: TaskGroup) -> Dict:
                             "meta_hidden": cfg.method.meta_hidden})
 
 
-def _train_and_evaluate(cfg: Config, backbone, data: MultiTaskData, run: RunDir, label: str):
+def _train_and_evaluate(cfg: Config, backbone, data: MultiTaskData, run: RunDir):
     pre = backbone.preprocess_cfg
     train_tf = train_transform(pre, cfg.data.train_augment)
     models, states, history = [], {}, []

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -70,6 +69,3 @@ class MultiTaskImageDataset(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, s.task, s.label, i
-
-    def tasks(self) -> torch.Tensor:
-        return torch.tensor([s.task for s in self.samples], dtype=torch.long)

@@ -99,7 +99,3 @@ class TaskGroup:
             except DataError as err:
                 raise DataError(f"train.task_weights: {err}") from err
         return weights
-
-    def describe(self) -> List[dict]:
-        return [{"key": t.key, "name": t.name, "classes": list(t.classnames), "metric": t.metric}
-                for t in self.tasks]

@@ -24,5 +24,6 @@ class ZeroShotCLIP(nn.Module):
         emb, eot = self.prompts()
         if class_index is not None:
             emb, eot = emb[class_index], eot[class_index]
-            emb = emb[:, : int(eot.max()) + 1]
+            if self.backbone.text_encoder.causal:
+                emb = emb[:, : int(eot.max()) + 1]
         return self.backbone.text_encoder(emb, eot)
