@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from softcpt_dist.config import ConfigError, config_from_file, load_config
+from softcpt_dist.config import ConfigError, load_config
 from softcpt_dist.run_dir import setup_console_logging
 
 logger = logging.getLogger("softcpt_dist")
@@ -65,8 +65,8 @@ def _dispatch(args) -> int:
             cfg_file = args.run / "config.yaml"
             if not cfg_file.is_file():
                 raise ConfigError(f"run folder {args.run} has no config.yaml")
-            cfg = config_from_file(cfg_file)
-            cfg = load_config([], _as_overrides(cfg) + list(args.overrides))
+            # A run's saved config.yaml is an ordinary config file; overrides go on top.
+            cfg = load_config([cfg_file], args.overrides)
             checkpoint = args.checkpoint or args.run / CHECKPOINT_NAME
         else:
             cfg = load_config(args.config, args.overrides)
@@ -79,34 +79,6 @@ def _dispatch(args) -> int:
         generate_synthetic(args.root, SyntheticDataConfig())
         return 0
     raise ConfigError(f"unknown command {args.command}")
-
-
-def _as_overrides(cfg) -> List[str]:
-    """A Config as a dot-list, so CLI overrides can be layered on top of a saved run config."""
-    from omegaconf import OmegaConf
-    flat = []
-
-    def walk(prefix, node):
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, dict) and key != "task_weights":
-                walk(name + ".", value)
-            else:
-                flat.append(f"{name}={_yaml_scalar(value)}")
-
-    walk("", OmegaConf.to_container(OmegaConf.structured(cfg)))
-    return flat
-
-
-def _yaml_scalar(value) -> str:
-    import json
-    if value is None:
-        return "null"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    return str(value)
 
 
 if __name__ == "__main__":

@@ -159,9 +159,12 @@ def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:
 def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
     """Defaults <- each YAML file in order <- ``key=value`` overrides, validated into a ``Config``."""
     merged = OmegaConf.structured(Config)
-    try:
-        for f in files:
+    for f in files:
+        try:
             merged = OmegaConf.merge(merged, _read_yaml(Path(f)))
+        except OmegaConfBaseException as err:
+            raise _config_error(err, f"{f}: ") from err
+    try:
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -204,14 +207,3 @@ def _get(cfg: Config, dotted: str):
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def config_from_file(path: Path) -> Config:
-    """Rebuild a Config from a saved run ``config.yaml`` (used by ``eval --run``)."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), _read_yaml(Path(path)))
-        cfg: Config = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise _config_error(err, f"{path}: ") from err
-    validate(cfg)
-    return cfg

@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 from softcpt_dist.checkpoint import (CheckpointError, checkpoint_meta, load_learnable, load_prompt_checkpoint,
                                      save_prompt_checkpoint)
@@ -65,13 +65,10 @@ def scopes(cfg: Config, group: TaskGroup) -> List[Scope]:
     return [Scope(t.key, [i], group.subset([i])) for i, t in enumerate(group.tasks)]
 
 
-def _evaluate_scopes(cfg: Config, models: List[Tuple[Scope, PromptClassifier]], data: MultiTaskData,
-                     pre: dict) -> Dict:
+def _evaluate_scope(cfg: Config, scope: Scope, model: PromptClassifier, data: MultiTaskData, pre: dict) -> Dict:
     split = cfg.train.eval_split
-    parts = [evaluate(model, _eval_loader(cfg, scope.select(data.splits[split]), pre), scope.group,
-                      cfg.train.progress, split if scope.key == "joint" else f"{split} {scope.key}")
-             for scope, model in models]
-    return merge_task_results(parts, data.group)
+    return evaluate(model, _eval_loader(cfg, scope.select(data.splits[split]), pre), scope.group,
+                    cfg.train.progress, split if scope.key == "joint" else f"{split} {scope.key}")
 
 
 def _eval_loader(cfg: Config, samples, preprocess_cfg):
@@ -114,7 +111,7 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
                                                           cfg.method.lp_search_steps, cfg.method.lp_max_iter, split)
         elif cfg.method.name == "zeroshot":
             model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, group))
-            results = _evaluate_scopes(cfg, [(scopes(cfg, group)[0], model)], data, backbone.preprocess_cfg)
+            results = _evaluate_scope(cfg, scopes(cfg, group)[0], model, data, backbone.preprocess_cfg)
         else:
             results, history = _train_and_evaluate(cfg, backbone, data, run)
         run.write_json("results.json", {"method": label, "arch": cfg.model.arch, "split": split,
@@ -137,7 +134,7 @@ def _checkpoint_meta(cfg: Config, group: TaskGroup) -> Dict:
 def _train_and_evaluate(cfg: Config, backbone, data: MultiTaskData, run: RunDir):
     pre = backbone.preprocess_cfg
     train_tf = train_transform(pre, cfg.data.train_augment)
-    models, states, history = [], {}, []
+    parts, states, history = [], {}, []
     run_scopes = scopes(cfg, data.group)
     if cfg.train.task_weights and len(run_scopes) > 1:
         logger.warning("train.task_weights has no effect when each task trains on its own")
@@ -148,10 +145,11 @@ def _train_and_evaluate(cfg: Config, backbone, data: MultiTaskData, run: RunDir)
         history += train_prompts(cfg, model, scope.group, scope.select(data.splits["train"]), train_tf, run, weights,
                                  tag="" if scope.key == "joint" else f"{scope.key}: ")
         states[scope.key] = model.learnable_state_dict()
-        models.append((scope, model))
+        # Evaluate now so that per-task runs hold one model at a time.
+        parts.append(_evaluate_scope(cfg, scope, model, data, pre))
     if run.is_main:
         save_prompt_checkpoint(run.path / CHECKPOINT_NAME, _checkpoint_meta(cfg, data.group), states)
-    return _evaluate_scopes(cfg, models, data, pre), history
+    return merge_task_results(parts, data.group), history
 
 
 def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = None) -> Dict:
@@ -165,27 +163,32 @@ def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = 
     backbone = build_backbone(cfg.model)
     data = load_data(cfg.data, cfg.train.seed)
     group, split = data.group, cfg.train.eval_split
-    pre = backbone.preprocess_cfg
     states = None
     if cfg.method.name != "zeroshot":
         states = load_prompt_checkpoint(checkpoint, _checkpoint_meta(cfg, group))
-    models = []
-    for scope in scopes(cfg, group):
+    run = RunDir(cfg, "", path=out_dir) if out_dir is not None else None  # eval logs join the run's log
+    try:
+        results = _evaluate_checkpoint(cfg, backbone, data, states, checkpoint)
+        log_results(results, split)
+        if run is not None:
+            run.write_json(f"eval_{split}.json", {"method": label, "arch": cfg.model.arch, "split": split,
+                                                  **results})
+            run.write_text(f"eval_{split}.md", markdown_table(results, f"{label} ({split})"))
+    finally:
+        if run is not None:
+            run.close()
+    return results
+
+
+def _evaluate_checkpoint(cfg: Config, backbone, data: MultiTaskData, states: Optional[Dict],
+                         checkpoint: Optional[Path]) -> Dict:
+    parts = []
+    for scope in scopes(cfg, data.group):
         model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, scope.group))
         if states is not None:
             if scope.key not in states:
                 raise CheckpointError(f"checkpoint {checkpoint} has no prompts for {scope.key!r} "
                                       f"(it holds {sorted(states)}); was train.mode different?")
             load_learnable(model.method, states[scope.key], f"{checkpoint} [{scope.key}]")
-        models.append((scope, model))
-    results = _evaluate_scopes(cfg, models, data, pre)
-    log_results(results, split)
-    if out_dir is not None:
-        run = RunDir(cfg, "", path=out_dir)
-        try:
-            run.write_json(f"eval_{split}.json", {"method": label, "arch": cfg.model.arch, "split": split,
-                                                  **results})
-            run.write_text(f"eval_{split}.md", markdown_table(results, f"{label} ({split})"))
-        finally:
-            run.close()
-    return results
+        parts.append(_evaluate_scope(cfg, scope, model, data, backbone.preprocess_cfg))
+    return merge_task_results(parts, data.group)
