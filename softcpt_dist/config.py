@@ -63,15 +63,37 @@ class SyntheticDataConfig:
 
 
 @dataclass
+class SamplerConfig:
+    mode: str = "union"  # union (paper: uniform over all samples) | balanced | temperature
+    temperature: float = 2.0  # temperature mode: task probability proportional to n_t ** (1/T)
+    tasks_per_batch: int = 0  # > 0: each micro-batch holds samples of at most this many tasks
+
+
+@dataclass
+class FeatureCacheConfig:
+    enabled: bool = False  # precompute frozen image features; training/eval skip the image encoder
+    dir: str = "cache/features"  # shared by runs; entries are keyed by model, weights and preprocessing
+    train_views: int = 0  # augmented views per training image to cache (0: training reads images)
+    batch_size: int = 128
+
+
+@dataclass
 class DataConfig:
-    dataset: str = "synthetic"  # registered dataset/group name; see softcpt_dist.data
+    # synthetic | task_folders | general10 | plant6 | fashion20 | split_dk | custom (see softcpt_dist.data)
+    dataset: str = "synthetic"
     root: str = "data/synthetic"
-    shots: int = 16  # K images per class from train (0 = all)
+    group_file: Optional[str] = None  # custom: YAML task group; split_dk: the split_dk_*.json file
+    split_format: str = "auto"  # general10/plant6: auto (split_dk if present, else split_zhou) | split_dk | split_zhou
+    tasks: Optional[List[str]] = None  # keep only these tasks (keys or names), in this order
+    shots: int = 16  # K images per class from train (0 = all); validation keeps min(K, 4)
     fewshot_seed: Optional[int] = None  # null: train.seed
     train_augment: str = "paper"  # paper (random resized crop 0.08-1, bicubic, flip) | none
     num_workers: int = 0
+    skip_bad_images: bool = False  # true: decode every used image first, drop and report unreadable ones
     generate_if_missing: bool = True  # built-in synthetic data only
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
 
 
 @dataclass
@@ -123,14 +145,18 @@ _CHOICES = {
     "method.meta_net": ("lin", "mlp"),
     "method.coop_mode": ("CA", "CS", "MT"),
     "data.train_augment": ("paper", "none"),
+    "data.sampler.mode": ("union", "balanced", "temperature"),
+    "data.split_format": ("auto", "split_dk", "split_zhou"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "constant"),
     "optim.warmup_type": ("constant", "linear"),
     "train.mode": ("auto", "joint", "per_task"),
     "train.eval_split": ("val", "test"),
 }
-_POSITIVE = ("prompt.n_ctx", "optim.batch_size", "optim.epochs", "train.eval_batch_size", "train.log_every")
-_NON_NEGATIVE = ("prompt.n_task_ctx", "prompt.n_class_ctx", "data.shots", "optim.warmup_epochs", "optim.lr")
+_POSITIVE = ("prompt.n_ctx", "optim.batch_size", "optim.epochs", "train.eval_batch_size", "train.log_every",
+             "data.sampler.temperature", "data.cache.batch_size")
+_NON_NEGATIVE = ("prompt.n_task_ctx", "prompt.n_class_ctx", "data.shots", "optim.warmup_epochs", "optim.lr",
+                 "data.sampler.tasks_per_batch", "data.cache.train_views")
 
 
 def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:

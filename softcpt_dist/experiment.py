@@ -10,7 +10,9 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
 
 from softcpt_dist.checkpoint import (CheckpointError, checkpoint_meta, load_learnable, load_prompt_checkpoint,
                                      save_prompt_checkpoint)
@@ -18,6 +20,7 @@ from softcpt_dist.clip_backbone import build_backbone
 from softcpt_dist.config import Config, ConfigError
 from softcpt_dist.data import MultiTaskData, load_data
 from softcpt_dist.data.dataset import Sample
+from softcpt_dist.data.features import open_cache
 from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.data.transforms import eval_transform, train_transform
 from softcpt_dist.evaluate import evaluate
@@ -30,6 +33,7 @@ from softcpt_dist.train import make_loader, seed_everything, train_prompts
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "prompt_checkpoint.pt"
+FEWSHOT_RECORD = "fewshot_split.json"  # the exact few-shot subsets, for audit
 
 
 @dataclass
@@ -53,10 +57,17 @@ class Scope:
     task_indices: List[int]
     group: TaskGroup
 
-    def select(self, samples: List[Sample]) -> List[Sample]:
-        """This scope's samples, with task indices renumbered within the scope."""
+    def indices(self, samples: List[Sample]) -> List[int]:
+        """Positions of this scope's samples in ``samples``."""
+        tasks = set(self.task_indices)
+        return [i for i, s in enumerate(samples) if s.task in tasks]
+
+    def select(self, samples: List[Sample], features: Optional[torch.Tensor] = None):
+        """This scope's samples (task indices renumbered within the scope), and their feature rows."""
         local = {t: i for i, t in enumerate(self.task_indices)}
-        return [Sample(s.path, local[s.task], s.label) for s in samples if s.task in local]
+        idx = self.indices(samples)
+        picked = [Sample(samples[i].path, local[samples[i].task], samples[i].label) for i in idx]
+        return picked, (None if features is None else features[torch.as_tensor(idx, dtype=torch.long)])
 
 
 def scopes(cfg: Config, group: TaskGroup) -> List[Scope]:
@@ -65,15 +76,47 @@ def scopes(cfg: Config, group: TaskGroup) -> List[Scope]:
     return [Scope(t.key, [i], group.subset([i])) for i, t in enumerate(group.tasks)]
 
 
-def _evaluate_scope(cfg: Config, scope: Scope, model: PromptClassifier, data: MultiTaskData, pre: dict) -> Dict:
+@dataclass
+class Inputs:
+    """What the model reads per split: the samples and, with the feature cache, their features."""
+
+    data: MultiTaskData
+    eval_transform: Callable
+    features: Dict[str, torch.Tensor]  # split -> cached features aligned with data.splits[split]
+
+    def loader(self, cfg: Config, split: str, scope: Optional[Scope] = None):
+        samples, feats = self.data.splits[split], self.features.get(split)
+        if scope is not None:
+            samples, feats = scope.select(samples, feats)
+        return make_loader(samples, self.eval_transform, cfg.train.eval_batch_size, cfg.train.seed,
+                           cfg.data.num_workers, feats)
+
+
+def prepare_inputs(cfg: Config, backbone, data: MultiTaskData, splits: Sequence[str],
+                   train_transform_fn: Optional[Callable] = None) -> Inputs:
+    """Eval transform, and cached features of ``splits`` when ``data.cache.enabled`` (training
+    images get augmented views only with ``data.cache.train_views > 0``; with
+    ``data.train_augment=none`` they are plain features)."""
+    eval_tf = eval_transform(backbone.preprocess_cfg)
+    cache = open_cache(cfg, backbone, cfg.train.progress)
+    features: Dict[str, torch.Tensor] = {}
+    if cache is not None:
+        for split in splits:
+            if split == "train" and train_transform_fn is not None and cfg.data.train_augment != "none":
+                if cfg.data.cache.train_views > 0:
+                    features[split] = cache.features(data.splits[split], train_transform_fn,
+                                                     cfg.data.cache.train_views, cfg.train.seed,
+                                                     cfg.data.train_augment)
+                continue  # no cached views: augment images on the fly
+            features[split] = cache.features(data.splits[split], eval_tf)
+        logger.info("feature cache %s: %s", cache.dir, ", ".join(f"{k} {tuple(v.shape)}" for k, v in features.items()))
+    return Inputs(data, eval_tf, features)
+
+
+def _evaluate_scope(cfg: Config, scope: Scope, model: PromptClassifier, inputs: Inputs) -> Dict:
     split = cfg.train.eval_split
-    return evaluate(model, _eval_loader(cfg, scope.select(data.splits[split]), pre), scope.group,
-                    cfg.train.progress, split if scope.key == "joint" else f"{split} {scope.key}")
-
-
-def _eval_loader(cfg: Config, samples, preprocess_cfg):
-    return make_loader(samples, eval_transform(preprocess_cfg), cfg.train.eval_batch_size, shuffle=False,
-                       seed=cfg.train.seed, num_workers=cfg.data.num_workers)
+    return evaluate(model, inputs.loader(cfg, split, scope), scope.group, cfg.train.progress,
+                    split if scope.key == "joint" else f"{split} {scope.key}")
 
 
 def _default_run_name(cfg: Config) -> str:
@@ -96,7 +139,8 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
         run.save_config(cfg)
         logger.info("run folder: %s", run.path)
         backbone = build_backbone(cfg.model)
-        data = load_data(cfg.data, cfg.train.seed)
+        data = load_data(cfg.data, cfg.train.seed, cfg.train.eval_split)
+        run.write_json(FEWSHOT_RECORD, data.report)
         group = data.group
         logger.info("tasks: %s", ", ".join(f"{t.key} ({t.num_classes} classes)" for t in group.tasks))
         logger.info("splits: %s", ", ".join(f"{k} {len(v)}" for k, v in data.splits.items()))
@@ -105,13 +149,13 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
         history: List[Dict] = []
         extra: Dict = {}
         if cfg.method.name == "linear_probe":
-            loaders = {s: _eval_loader(cfg, data.splits[s], backbone.preprocess_cfg)
-                       for s in ("train", "val", split)}
+            inputs = prepare_inputs(cfg, backbone, data, ("train", "val", split))
+            loaders = {s: inputs.loader(cfg, s) for s in ("train", "val", split)}
             results, extra["chosen_C"] = run_linear_probe(backbone, group, loaders, cfg.method.lp_c_grid,
                                                           cfg.method.lp_search_steps, cfg.method.lp_max_iter, split)
         elif cfg.method.name == "zeroshot":
             model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, group))
-            results = _evaluate_scope(cfg, scopes(cfg, group)[0], model, data, backbone.preprocess_cfg)
+            results = _evaluate_scope(cfg, scopes(cfg, group)[0], model, prepare_inputs(cfg, backbone, data, (split,)))
         else:
             results, history = _train_and_evaluate(cfg, backbone, data, run)
         run.write_json("results.json", {"method": label, "arch": cfg.model.arch, "split": split,
@@ -132,8 +176,8 @@ def _checkpoint_meta(cfg: Config, group: TaskGroup) -> Dict:
 
 
 def _train_and_evaluate(cfg: Config, backbone, data: MultiTaskData, run: RunDir):
-    pre = backbone.preprocess_cfg
-    train_tf = train_transform(pre, cfg.data.train_augment)
+    train_tf = train_transform(backbone.preprocess_cfg, cfg.data.train_augment)
+    inputs = prepare_inputs(cfg, backbone, data, ("train", cfg.train.eval_split), train_tf)
     parts, states, history = [], {}, []
     run_scopes = scopes(cfg, data.group)
     if cfg.train.task_weights and len(run_scopes) > 1:
@@ -142,11 +186,12 @@ def _train_and_evaluate(cfg: Config, backbone, data: MultiTaskData, run: RunDir)
         seed_everything(cfg.train.seed, cfg.train.deterministic)  # each task's run independent of the others
         model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, scope.group))
         weights = scope.group.task_weights(cfg.train.task_weights) if scope.key == "joint" else None
-        history += train_prompts(cfg, model, scope.group, scope.select(data.splits["train"]), train_tf, run, weights,
-                                 tag="" if scope.key == "joint" else f"{scope.key}: ")
+        samples, feats = scope.select(data.splits["train"], inputs.features.get("train"))
+        history += train_prompts(cfg, model, scope.group, samples, train_tf, run, weights,
+                                 tag="" if scope.key == "joint" else f"{scope.key}: ", features=feats)
         states[scope.key] = model.learnable_state_dict()
         # Evaluate now so that per-task runs hold one model at a time.
-        parts.append(_evaluate_scope(cfg, scope, model, data, pre))
+        parts.append(_evaluate_scope(cfg, scope, model, inputs))
     if run.is_main:
         save_prompt_checkpoint(run.path / CHECKPOINT_NAME, _checkpoint_meta(cfg, data.group), states)
     return merge_task_results(parts, data.group), history
@@ -161,7 +206,7 @@ def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = 
         raise ConfigError(f"eval: method {label} needs a prompt checkpoint (--run or --checkpoint)")
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     backbone = build_backbone(cfg.model)
-    data = load_data(cfg.data, cfg.train.seed)
+    data = load_data(cfg.data, cfg.train.seed, cfg.train.eval_split)
     group, split = data.group, cfg.train.eval_split
     states = None
     if cfg.method.name != "zeroshot":
@@ -183,6 +228,7 @@ def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = 
 def _evaluate_checkpoint(cfg: Config, backbone, data: MultiTaskData, states: Optional[Dict],
                          checkpoint: Optional[Path]) -> Dict:
     parts = []
+    inputs = prepare_inputs(cfg, backbone, data, (cfg.train.eval_split,))
     for scope in scopes(cfg, data.group):
         model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, scope.group))
         if states is not None:
@@ -190,5 +236,5 @@ def _evaluate_checkpoint(cfg: Config, backbone, data: MultiTaskData, states: Opt
                 raise CheckpointError(f"checkpoint {checkpoint} has no prompts for {scope.key!r} "
                                       f"(it holds {sorted(states)}); was train.mode different?")
             load_learnable(model.method, states[scope.key], f"{checkpoint} [{scope.key}]")
-        parts.append(_evaluate_scope(cfg, scope, model, data, backbone.preprocess_cfg))
+        parts.append(_evaluate_scope(cfg, scope, model, inputs))
     return merge_task_results(parts, data.group)

@@ -14,6 +14,15 @@ import torch.nn as nn
 from softcpt_dist.loss import cosine_logits
 
 
+def encode_images(backbone: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Frozen image features of a batch: images ``[B, C, H, W]`` are encoded, cached features
+    ``[B, D]`` (from the feature cache) pass through."""
+    if inputs.dim() == 2:
+        return inputs.to(backbone.device)
+    with torch.no_grad():
+        return backbone.image_encoder(inputs)
+
+
 class PromptClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, method: nn.Module):
         super().__init__()
@@ -23,10 +32,10 @@ class PromptClassifier(nn.Module):
     def forward(self, images: Optional[torch.Tensor] = None, *, image_features: Optional[torch.Tensor] = None,
                 class_features: Optional[torch.Tensor] = None,
                 class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits ``[B, C']``. Pass precomputed ``image_features``/``class_features`` to skip an encoder."""
+        """Logits ``[B, C']``. ``images`` may already be cached features ``[B, D]`` (2-D inputs skip the
+        image encoder); pass ``image_features``/``class_features`` to skip an encoder explicitly."""
         if image_features is None:
-            with torch.no_grad():
-                image_features = self.backbone.image_encoder(images)
+            image_features = encode_images(self.backbone, images)
         if class_features is None:
             class_features = self.method(class_index)
         return cosine_logits(image_features, class_features, self.backbone.logit_scale)

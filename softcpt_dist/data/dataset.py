@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from softcpt_dist.data.tasks import DataError, TaskGroup
+from softcpt_dist.data.tasks import DataError, TaskGroup, TaskSpec
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,8 @@ class MultiTaskData:
 
     group: TaskGroup
     splits: Dict[str, List[Sample]]
+    problems: List[str] = field(default_factory=list)  # non-fatal findings, reported by load and `data check`
+    report: Dict = field(default_factory=dict)  # few-shot record (load_data), saved next to the run
 
     def check(self) -> None:
         for split, samples in self.splits.items():
@@ -35,11 +40,42 @@ class MultiTaskData:
                     raise DataError(f"{split}: {s.path} has label {s.label}, task "
                                     f"{self.group.tasks[s.task].key!r} has {n} classes")
 
+    def select_tasks(self, names: Sequence[str]) -> "MultiTaskData":
+        """Only the named tasks (keys or names), in the given order, with task indices renumbered."""
+        indices = [self.group.index(n) for n in names]
+        if len(set(indices)) != len(indices):
+            raise DataError(f"data.tasks names a task twice: {list(names)}")
+        local = {t: i for i, t in enumerate(indices)}
+        splits = {k: [Sample(s.path, local[s.task], s.label) for s in v if s.task in local]
+                  for k, v in self.splits.items()}
+        return MultiTaskData(self.group.subset(indices), splits, list(self.problems))
+
     def counts(self, split: str) -> List[List[int]]:
         out = [[0] * t.num_classes for t in self.group.tasks]
         for s in self.splits[split]:
             out[s.task][s.label] += 1
         return out
+
+
+def assemble(tasks: Sequence[TaskSpec], per_task: Sequence[Dict[str, List[Tuple[str, int]]]],
+             where: str, required: Sequence[str] = ("train", "test")) -> MultiTaskData:
+    """Tasks plus each task's ``{split: [(path, label), ...]}`` into one checked ``MultiTaskData``.
+
+    A task without samples in a required split is an error naming the task and ``where`` (the
+    file or folder it was read from); a missing optional split (``val``) is an empty list.
+    """
+    splits: Dict[str, List[Sample]] = {"train": [], "val": [], "test": []}
+    for t, (task, parts) in enumerate(zip(tasks, per_task)):
+        for split in splits:
+            items = parts.get(split, [])
+            if not items and split in required:
+                raise DataError(f"task {task.key!r} has no {split} images ({where})")
+            for path, label in items:
+                if not 0 <= label < task.num_classes:
+                    raise DataError(f"{where}: {path} has label {label}, task {task.key!r} has "
+                                    f"{task.num_classes} classes")
+                splits[split].append(Sample(str(path), t, int(label)))
+    return MultiTaskData(TaskGroup(list(tasks)), splits)
 
 
 def load_image(path: str) -> Image.Image:

@@ -23,13 +23,12 @@ from typing import Dict, List
 from PIL import Image, ImageDraw
 
 from softcpt_dist.config import SyntheticDataConfig
-from softcpt_dist.data.dataset import MultiTaskData, Sample
+from softcpt_dist.data.dataset import IMAGE_EXTENSIONS, MultiTaskData, Sample
 from softcpt_dist.data.tasks import DataError, TaskGroup, TaskSpec
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 210, 20),
            "purple": (140, 40, 170)}

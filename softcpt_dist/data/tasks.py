@@ -14,6 +14,11 @@ class DataError(ValueError):
     """Bad data or task definitions; the message names the file, task or class."""
 
 
+def clean_classname(name: str) -> str:
+    """CoOp's clean-up of folder-style class names: underscores become spaces (and runs of blanks one)."""
+    return " ".join(name.replace("_", " ").split())
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     key: str  # short identifier (folder name, CLI name)

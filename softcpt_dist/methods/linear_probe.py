@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.metrics import group_metrics, task_metric
+from softcpt_dist.model import encode_images
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +28,8 @@ logger = logging.getLogger(__name__)
 @torch.no_grad()
 def extract_features(backbone, loader: DataLoader) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     feats, tasks, labels = [], [], []
-    for images, t, y, _ in loader:
-        feats.append(backbone.image_encoder(images).float().cpu())
+    for inputs, t, y, _ in loader:
+        feats.append(encode_images(backbone, inputs).float().cpu())
         tasks.append(t)
         labels.append(y)
     return torch.cat(feats), torch.cat(tasks), torch.cat(labels)

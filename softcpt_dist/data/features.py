@@ -1,0 +1,179 @@
+"""Frozen image-feature cache: the image encoder never trains, so encode each image once.
+
+Layout::
+
+    <cache.dir>/<model key>/meta.json            what the key stands for (arch, weights, preprocessing)
+    <cache.dir>/<model key>/<set key>.pt         {"paths": [...], "features": [N, D] or [N, V, D]}
+
+The model key hashes the architecture, a fingerprint of the image tower's actual weights (so
+random-init, local and tagged weights can never be confused), its precision and the preprocessing.
+The set key hashes the sorted image paths and, for training views, the number of views, the
+augmentation and its seed. Evaluation splits are therefore shared by every run of the same model;
+training views by runs with the same few-shot subset. Ranks encode disjoint slices and rank 0
+merges them; files are written atomically, so an interrupted job leaves no half entry.
+
+Augmented view ``v`` of an image is made with the torch RNG seeded by (seed, path, v), so the views
+do not depend on batch size, worker count or rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from softcpt_dist.data.dataset import Sample, load_image
+from softcpt_dist.progress import progress
+
+logger = logging.getLogger(__name__)
+
+
+def _sha(*parts) -> str:
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer (names, shapes, dtypes, bytes) of ``module``."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class _Views(Dataset):
+    """Item ``i * views + v``: view ``v`` of image ``i`` (``views=0``: the plain transform, no seeding)."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable, views: int, seed: int):
+        self.paths, self.transform, self.views, self.seed = list(paths), transform, views, seed
+
+    def __len__(self) -> int:
+        return len(self.paths) * max(self.views, 1)
+
+    def __getitem__(self, item: int):
+        i, v = divmod(item, max(self.views, 1))
+        img = load_image(self.paths[i])
+        if self.views == 0:
+            return self.transform(img)
+        digest = hashlib.sha256(f"{self.seed}:{self.paths[i]}:{v}".encode()).digest()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+            return self.transform(img)
+
+
+class FeatureCache:
+    def __init__(self, root: str | Path, backbone, precision: str, batch_size: int = 128, num_workers: int = 0,
+                 show_progress: bool = False):
+        self.backbone, self.batch_size, self.num_workers = backbone, batch_size, num_workers
+        self.show_progress = show_progress
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+        fingerprint = weights_fingerprint(backbone.image_encoder)
+        self.identity = {"arch": backbone.arch, "weights": backbone.weights, "weights_sha256": fingerprint,
+                         "precision": precision, "preprocess": backbone.preprocess_cfg}
+        self.dir = Path(root) / _sha(json.dumps(self.identity, sort_keys=True, default=str))[:20]
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            meta = self.dir / "meta.json"
+            if not meta.is_file():
+                _atomic_json(meta, self.identity)
+        _barrier()
+
+    def features(self, samples: List[Sample], transform: Callable, views: int = 0, seed: int = 0,
+                 augment: str = "") -> torch.Tensor:
+        """Features aligned with ``samples``: ``[N, D]`` (``views=0``) or ``[N, V, D]``; encoded on a miss."""
+        paths = sorted({s.path for s in samples})
+        name = _sha("views" if views else "plain", views, seed if views else "", augment if views else "",
+                    *paths)[:24]
+        path = self.dir / f"{name}.pt"
+        if not path.is_file():
+            self._encode_and_store(path, paths, transform, views, seed)
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+        if entry["paths"] != paths:
+            raise RuntimeError(f"feature cache entry {path} does not match its key; delete it")
+        row = {p: i for i, p in enumerate(entry["paths"])}
+        return entry["features"][torch.as_tensor([row[s.path] for s in samples], dtype=torch.long)]
+
+    @torch.no_grad()
+    def _encode_and_store(self, path: Path, paths: List[str], transform, views: int, seed: int) -> None:
+        per_image = max(views, 1)
+        n_items = len(paths) * per_image
+        mine = list(range(self.rank, n_items, self.world_size))  # this rank's disjoint slice
+        loader = DataLoader(torch.utils.data.Subset(_Views(paths, transform, views, seed), mine),
+                            batch_size=self.batch_size, num_workers=self.num_workers)
+        chunks = []
+        desc = f"caching {'train views' if views else 'features'} ({len(paths)} images)"
+        for images in progress(loader, desc=desc, enabled=self.show_progress and self.rank == 0):
+            chunks.append(self.backbone.image_encoder(images).float().cpu())
+        local = torch.cat(chunks) if chunks else torch.empty(0)
+        if self.world_size > 1:
+            part = path.with_suffix(f".part{self.rank}")
+            torch.save({"items": torch.as_tensor(mine, dtype=torch.long), "features": local}, part)
+            _barrier()
+            if self.rank == 0:
+                parts = [torch.load(path.with_suffix(f".part{r}"), weights_only=True) for r in range(self.world_size)]
+                items = torch.cat([p["items"] for p in parts])
+                feats = torch.cat([p["features"] for p in parts])
+                local = torch.empty_like(feats)
+                local[items] = feats
+        if self.rank == 0:
+            features = local.view(len(paths), views, -1) if views else local
+            tmp = path.with_suffix(".tmp")
+            torch.save({"paths": paths, "features": features}, tmp)
+            os.replace(tmp, path)
+            for r in range(1, self.world_size):
+                path.with_suffix(f".part{r}").unlink(missing_ok=True)
+            path.with_suffix(".part0").unlink(missing_ok=True)
+            logger.info("cached %d feature rows in %s", features.shape[0], path)
+        _barrier()
+
+
+class CachedFeatureDataset(Dataset):
+    """Items ``(feature, task, label, index)`` from cached features; with views, epoch ``e`` picks for
+    sample ``i`` the view ``hash(seed, e, i) mod V`` (call ``set_epoch``)."""
+
+    def __init__(self, samples: List[Sample], features: torch.Tensor, seed: int = 0):
+        self.samples, self.features, self.seed, self.epoch = samples, features, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        s, f = self.samples[i], self.features[i]
+        if f.dim() == 2:
+            digest = hashlib.sha256(f"{self.seed}:{self.epoch}:{i}".encode()).digest()
+            f = f[int.from_bytes(digest[:4], "little") % f.shape[0]]
+        return f, s.task, s.label, i
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _atomic_json(path: Path, payload) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def open_cache(cfg, backbone, show_progress: bool = False) -> Optional[FeatureCache]:
+    """The run's feature cache, or None when ``data.cache.enabled`` is false."""
+    if not cfg.data.cache.enabled:
+        return None
+    return FeatureCache(Path(cfg.data.cache.dir).expanduser(), backbone, cfg.model.precision,
+                        cfg.data.cache.batch_size, cfg.data.num_workers, show_progress)
