@@ -1,4 +1,8 @@
-"""Command line: ``softcpt-dist train|eval|data`` with ``--config`` files and ``key=value`` overrides."""
+"""Command line: ``softcpt-dist train|eval|data`` with ``--config`` files and ``key=value`` overrides.
+
+Exit codes: 0 success; 1 ``data check`` found problems; 2 a bad config, data, weights or checkpoint
+(the message names it).
+"""
 
 from __future__ import annotations
 
@@ -29,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     da_sub = da.add_subparsers(dest="data_command", required=True)
     gen = da_sub.add_parser("generate", help="write the built-in synthetic dataset")
     gen.add_argument("--root", type=Path, default=Path("data/synthetic"))
+    chk = da_sub.add_parser("check", help="validate a data root against a config: counts per task, problems")
+    chk.add_argument("--config", nargs="*", default=[], help="YAML files, merged in order")
+    chk.add_argument("--no-decode", action="store_true", help="only check that listed images exist")
+    chk.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=/datasets")
     return p
 
 
@@ -73,6 +81,11 @@ def _dispatch(args) -> int:
             checkpoint = args.checkpoint
         run_eval(cfg, checkpoint, out_dir=args.run)
         return 0
+    if args.command == "data" and args.data_command == "check":
+        from softcpt_dist.data.check import check_data
+        report = check_data(load_config(args.config, args.overrides), decode=not args.no_decode)
+        print(report.text())
+        return 1 if report.problems else 0
     if args.command == "data" and args.data_command == "generate":
         from softcpt_dist.config import SyntheticDataConfig
         from softcpt_dist.data import generate_synthetic
