@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from softcpt_dist.cli import main
 from softcpt_dist.config import ConfigError, load_config
@@ -53,10 +54,13 @@ def test_bad_saved_run_config_names_the_file(tmp_path, caplog):
 
 
 def test_shipped_configs_load():
-    files = sorted((REPO / "configs").rglob("*.yaml"))
+    files = sorted(f for f in (REPO / "configs").rglob("*.yaml") if f.parent.name != "task_groups")
     assert files
     for f in files:
         load_config([f])
+    # Task-group files (data.group_file) are not experiment configs: they list tasks.
+    for f in (REPO / "configs" / "task_groups").glob("*.yaml"):
+        assert OmegaConf.load(f).tasks
 
 
 def test_builtin_dataset_layout(small_data):

@@ -283,3 +283,17 @@ def test_data_check_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "unreadable image" in out and "val_0.jpg" in out and "1 problem(s) found" in out
     assert main(["data", "check", "--config", str(REPO / "configs/data/plant6.yaml"), f"data.root={tmp_path}"]) == 2
+
+
+def test_shipped_rs8_example_group_reads(tmp_path):
+    for split in PER_SPLIT:
+        for cls in ("Forest", "SeaLake"):
+            write_image(tmp_path / "eurosat" / split / cls / "0.jpg", 1)
+        write_image(tmp_path / "ucmerced" / "Images" / "beach" / f"{split}.tif", 2)
+        (tmp_path / "ucmerced" / f"{split}.csv").write_text(f"beach/{split}.tif,beach\n")
+    cfg = load_config([REPO / "configs/data/rs8_example.yaml"], [f"data.root={tmp_path}",
+                                                                 f"data.group_file={REPO / 'configs/task_groups/rs8_example.yaml'}"])
+    data = read_dataset(cfg.data)
+    assert [t.key for t in data.group.tasks] == ["eurosat", "ucmerced"]
+    assert data.group.tasks[0].classnames == ("Forest", "SeaLake")
+    assert data.group.tasks[1].num_classes == 21 and data.splits["test"][-1].label == 3
