@@ -132,7 +132,11 @@ def log_results(results: Dict, split: str) -> None:
 
 def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())  # eval --run works from anywhere
+    # Absolute paths in the saved config: `eval --run` then works from any directory.
+    cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    cfg.data.cache.dir = str(Path(cfg.data.cache.dir).expanduser().resolve())
+    if cfg.data.group_file:
+        cfg.data.group_file = str(Path(cfg.data.group_file).expanduser().resolve())
     run = RunDir(cfg, cfg.train.run_name or _default_run_name(cfg), path=run_path)
     try:
         run.start_fresh()

@@ -45,6 +45,7 @@ def make_loader(samples: List[Sample], transform, batch_size: int, seed: int, nu
     """Evaluation loader in sample order: images through ``transform``, or cached ``features``."""
     dataset = (CachedFeatureDataset(samples, features) if features is not None
                else MultiTaskImageDataset(samples, transform))
+    num_workers = 0 if features is not None else num_workers  # features are in memory: workers only add IPC
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       generator=torch.Generator().manual_seed(seed), worker_init_fn=_seed_worker if num_workers else None)
 
@@ -58,9 +59,10 @@ def make_train_loader(cfg: Config, samples: List[Sample], transform, features: O
     sampler = TaskBalancedBatchSampler([s.task for s in samples], cfg.optim.batch_size, seed=cfg.train.seed,
                                        mode=scfg.mode, temperature=scfg.temperature,
                                        tasks_per_batch=scfg.tasks_per_batch, world_size=world_size, rank=rank)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+    workers = 0 if features is not None else cfg.data.num_workers  # in-memory features: workers only add IPC
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                         generator=torch.Generator().manual_seed(cfg.train.seed),
-                        worker_init_fn=_seed_worker if cfg.data.num_workers else None)
+                        worker_init_fn=_seed_worker if workers else None)
     return loader, sampler
 
 

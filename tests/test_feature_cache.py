@@ -51,6 +51,8 @@ def test_cache_key_follows_weights_and_preprocessing(tmp_path, tiny_backbone):
     a = FeatureCache(tmp_path, tiny_backbone, "fp32")
     assert FeatureCache(tmp_path, tiny_backbone, "fp32").dir == a.dir
     assert FeatureCache(tmp_path, other, "fp32").dir != a.dir  # other random init, other entries
+    resnet = build_backbone(ModelConfig(arch="softcpt-tiny-rn"))  # BatchNorm: 0-dim buffers
+    assert FeatureCache(tmp_path, resnet, "fp32").dir != a.dir
     tiny_backbone.preprocess_cfg = {**tiny_backbone.preprocess_cfg, "interpolation": "bilinear"}
     try:
         assert FeatureCache(tmp_path, tiny_backbone, "fp32").dir != a.dir
