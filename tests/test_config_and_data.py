@@ -78,13 +78,13 @@ def test_builtin_dataset_layout(small_data):
 def test_fewshot_subsets_are_deterministic_across_processes(small_data):
     code = ("import softcpt_dist; from softcpt_dist.data import read_task_folders, fewshot_subset; "
             f"d = read_task_folders({str(small_data.splits['train'][0].path.rsplit('/train/', 1)[0])!r}); "
-            "print([s.path for s in fewshot_subset(d.splits['train'], 2, {seed})[0]])")
+            "print([s.path for s in fewshot_subset(d.splits['train'], 2, {seed}, d.group)[0]])")
     outs = [subprocess.run([sys.executable, "-c", code.format(seed=s)], capture_output=True, text=True,
                            check=True).stdout for s in (1, 1, 2)]
     assert outs[0] == outs[1] != outs[2]
-    subset, short = fewshot_subset(small_data.splits["train"], 2, 1)
+    subset, short = fewshot_subset(small_data.splits["train"], 2, 1, small_data.group)
     assert len(subset) == 13 * 2 and not short
-    _, short = fewshot_subset(small_data.splits["train"], 8, 1)
+    _, short = fewshot_subset(small_data.splits["train"], 8, 1, small_data.group)
     assert len(short) == 13 and set(short.values()) == {6}
 
 

@@ -297,3 +297,32 @@ def test_shipped_rs8_example_group_reads(tmp_path):
     assert [t.key for t in data.group.tasks] == ["eurosat", "ucmerced"]
     assert data.group.tasks[0].classnames == ("Forest", "SeaLake")
     assert data.group.tasks[1].num_classes == 21 and data.splits["test"][-1].label == 3
+
+
+def test_fewshot_subset_of_a_task_does_not_depend_on_its_place_in_the_group(coop_root):
+    joint = load_data(DataConfig(dataset="general10", root=str(coop_root), shots=2), 1)
+    alone = load_data(DataConfig(dataset="general10", root=str(coop_root), shots=2, tasks=["eurosat", "dtd"]), 1)
+    for key in ("eurosat", "dtd"):
+        pick = lambda d: sorted(p for p, k, _ in d.report["train"] if k == key)  # noqa: E731
+        assert pick(joint) == pick(alone)
+
+
+def test_fashion20_split_meta_must_agree_with_task_info(tmp_path):
+    make_fashion20(tmp_path)
+    split = tmp_path / "fashion20" / "split_dk_Fashion20.json"
+    payload = json.loads(split.read_text())
+    payload["meta"]["taskid2cname"].reverse()  # tasks swapped
+    split.write_text(json.dumps(payload))
+    with pytest.raises(DataError, match=r"taskid2cname\[0\].*disagrees"):
+        read_dataset(DataConfig(dataset="fashion20", root=str(tmp_path)))
+    del payload["meta"]  # no meta: the task list alone defines the classes
+    split.write_text(json.dumps(payload))
+    assert read_dataset(DataConfig(dataset="fashion20", root=str(tmp_path))).group.num_classes == 5
+
+
+def test_task_left_without_images_after_skipping_is_named(tmp_path):
+    make_coop_root(tmp_path)
+    for img in (tmp_path / "eurosat" / "2750").rglob("test_*.jpg"):
+        img.write_bytes(b"broken")
+    with pytest.raises(DataError, match=r"task\(s\) \['eurosat'\] have no test images .*skip_bad_images"):
+        load_data(DataConfig(dataset="general10", root=str(tmp_path), shots=1, skip_bad_images=True), 1)

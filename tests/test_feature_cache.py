@@ -141,3 +141,20 @@ def test_ranks_encode_disjoint_parts_and_match_one_rank(tmp_path, small_data_roo
     for rank in range(2):
         assert torch.allclose(torch.load(f"{tmp_path / 'f'}.{rank}"), single, atol=1e-5)
     assert not list((tmp_path / "multi").glob("*/*.part*"))  # parts merged and removed
+
+
+def test_image_replaced_in_place_is_a_new_entry(tmp_path, tiny_backbone):
+    from softcpt_dist.data.dataset import Sample
+    from PIL import Image
+    img = tmp_path / "img.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(img)
+    tf = eval_transform(tiny_backbone.preprocess_cfg)
+    cache = FeatureCache(tmp_path / "cache", tiny_backbone, "fp32")
+    red = cache.features([Sample(str(img), 0, 0)], tf)
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(img)
+    os.utime(img, ns=(1, 10**18))  # a different modification time even on coarse-clock file systems
+    blue = cache.features([Sample(str(img), 0, 0)], tf)
+    fresh = FeatureCache(tmp_path / "other", tiny_backbone, "fp32").features([Sample(str(img), 0, 0)], tf)
+    assert not torch.allclose(red, blue) and torch.allclose(blue, fresh)
+    assert len(list((tmp_path / "cache").glob("*/*.pt"))) == 2
+    assert not list((tmp_path / "cache").glob("*/*.tmp"))

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from softcpt_dist.config import ConfigError
 from softcpt_dist.data.sampler import TaskBalancedBatchSampler, task_probabilities
@@ -100,19 +101,55 @@ def test_resume_mid_epoch_continues_the_same_sequence(kw):
     first.set_epoch(4)
     it = iter(first)
     head = [next(it) for _ in range(5)]
-    state = first.state_dict()
+    state = first.state_dict(consumed=5)
     resumed = TaskBalancedBatchSampler(TASKS, 16, seed=9, world_size=2, rank=1, **kw)
     resumed.load_state_dict(state)
+    resumed.set_epoch(4)  # what a trainer does at the top of the resumed epoch: keeps the position
     assert len(resumed) == len(expected) - 5
     assert head + list(resumed) == expected
     resumed.set_epoch(5)
     assert list(resumed) == _epoch(full, 5)
 
 
-def test_resume_with_other_world_size_is_refused():
-    state = TaskBalancedBatchSampler(TASKS, 16, seed=9, world_size=2, rank=0).state_dict()
-    with pytest.raises(ConfigError, match="world_size=2"):
-        TaskBalancedBatchSampler(TASKS, 16, seed=9, world_size=4, rank=0).load_state_dict(state)
+def test_resume_through_a_loader_with_workers_counts_consumed_batches():
+    """Workers fetch ahead of training; the position is what the trainer consumed, not what was fetched."""
+    def loader(sampler):
+        return DataLoader(TensorDataset(torch.arange(len(TASKS))), batch_sampler=sampler, num_workers=2)
+    full = [b[0].tolist() for b in loader(_epoch_sampler(3))]
+    sampler = _epoch_sampler(3)
+    it = iter(loader(sampler))
+    head = [next(it)[0].tolist() for _ in range(3)]
+    state = sampler.state_dict(consumed=3)
+    del it
+    resumed = TaskBalancedBatchSampler(TASKS, 16, seed=4)
+    resumed.load_state_dict(state)
+    assert head + [b[0].tolist() for b in loader(resumed)] == full
+
+
+def _epoch_sampler(epoch):
+    sampler = TaskBalancedBatchSampler(TASKS, 16, seed=4)
+    sampler.set_epoch(epoch)
+    return sampler
+
+
+@pytest.mark.parametrize("change,named", [({"world_size": 4}, "world_size"), ({"mode": "balanced"}, "mode"),
+                                          ({"tasks_per_batch": 1}, "tasks_per_batch"), ({"seed": 1}, "seed")])
+def test_resume_with_other_settings_is_refused_naming_them(change, named):
+    state = TaskBalancedBatchSampler(TASKS, 16, seed=9, world_size=2, rank=0).state_dict(consumed=1)
+    kw = {"seed": 9, "world_size": 2, **change}
+    with pytest.raises(ConfigError, match=named):
+        TaskBalancedBatchSampler(TASKS, 16, rank=0, **kw).load_state_dict(state)
+    other_tasks = TASKS[1:] + [0]  # same length, other samples
+    with pytest.raises(ConfigError, match="samples"):
+        TaskBalancedBatchSampler(other_tasks, 16, seed=9, world_size=2, rank=0).load_state_dict(state)
+
+
+def test_extreme_temperatures_are_numerically_safe():
+    probs = task_probabilities([5000, 50, 0], "temperature", 0.01)
+    assert torch.isfinite(probs).all() and probs[0] == pytest.approx(1.0) and probs[2] == 0
+    assert task_probabilities([5000, 50, 0], "temperature", 1e6)[:2].tolist() == pytest.approx([0.5, 0.5], abs=1e-4)
+    sampler = TaskBalancedBatchSampler(TASKS, 16, seed=0, mode="temperature", temperature=0.01)
+    assert len(_epoch(sampler, 0)) == sampler.steps_per_epoch
 
 
 def test_small_sets_shrink_the_micro_batch():

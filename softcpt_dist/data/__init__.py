@@ -76,8 +76,8 @@ def load_data(cfg: DataConfig, seed: int, eval_split: str = "test") -> MultiTask
     if cfg.shots > 0:
         fs_seed = seed if cfg.fewshot_seed is None else cfg.fewshot_seed
         val_shots = min(cfg.shots, VAL_SHOTS_MAX)
-        train, short = fewshot_subset(data.splits["train"], cfg.shots, fs_seed)
-        val, short_val = fewshot_subset(data.splits["val"], val_shots, fs_seed)
+        train, short = fewshot_subset(data.splits["train"], cfg.shots, fs_seed, data.group)
+        val, short_val = fewshot_subset(data.splits["val"], val_shots, fs_seed, data.group)
         report.update(seed=fs_seed, val_shots=val_shots)
         for split, table, k in (("train", short, cfg.shots), ("val", short_val, val_shots)):
             for (t, c), n in sorted(table.items()):
@@ -100,9 +100,12 @@ def load_data(cfg: DataConfig, seed: int, eval_split: str = "test") -> MultiTask
                                               for k, v in data.splits.items()}, data.problems)
     else:
         check_files_exist({s: data.splits[s] for s in used})
-    for s in used:
-        if not data.splits[s] and s != "val":
-            raise DataError(f"no {s} images left after sampling and checks")
+    for split in ("train", eval_split):
+        have = {s.task for s in data.splits[split]}
+        empty = [t.key for i, t in enumerate(data.group.tasks) if i not in have]
+        if empty:
+            why = " (data.skip_bad_images skipped the rest)" if report["skipped_images"] else ""
+            raise DataError(f"task(s) {empty} have no {split} images{why}")
     report["train"] = [[s.path, data.group.tasks[s.task].key, s.label] for s in data.splits["train"]]
     report["val"] = [[s.path, data.group.tasks[s.task].key, s.label] for s in data.splits["val"]]
     data.report = report

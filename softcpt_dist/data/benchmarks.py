@@ -188,9 +188,8 @@ def read_fashion20(root: str | Path) -> MultiTaskData:
     images, split_file = base / "images", base / "split_dk_Fashion20.json"
     problems = []
     if split_file.is_file():
-        read = read_split_dk(split_file, images)
-        if len(read) != len(tasks):
-            raise DataError(f"{split_file} has {len(read)} tasks, {base / 'task_info.csv'} lists {len(tasks)}")
+        # Class names from task_info.csv (as the official code); a meta block must agree with them.
+        read = read_split_dk(split_file, images, [list(t.classnames) for t in tasks])
         per_task = [r.splits for r in read]
     else:
         per_task = [random_split(_scan_task_folder(images, t, task), f"fashion20:{t}") for t, task in enumerate(tasks)]

@@ -38,7 +38,7 @@ def check_data(cfg: Config, decode: bool = True) -> CheckReport:
     group, shots = data.group, dcfg.shots
     counts = {s: data.counts(s) for s in ("train", "val", "test")}
     fs_seed = cfg.train.seed if dcfg.fewshot_seed is None else dcfg.fewshot_seed
-    _, short = fewshot_subset(data.splits["train"], shots, fs_seed) if shots else ([], {})
+    _, short = fewshot_subset(data.splits["train"], shots, fs_seed, group) if shots else ([], {})
     report.lines.append(f"dataset {dcfg.dataset} at {dcfg.root}: {len(group)} tasks, {group.num_classes} classes"
                         + (f", {shots}-shot (val {min(shots, VAL_SHOTS_MAX)}), few-shot seed {fs_seed}" if shots else ""))
     header = f"{'task':<22} {'classes':>7} {'train':>7} {'val':>6} {'test':>7} {'fs train':>8} {'fs val':>6}  name"

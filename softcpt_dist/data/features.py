@@ -7,10 +7,12 @@ Layout::
 
 The model key hashes the architecture, a fingerprint of the image tower's actual weights (so
 random-init, local and tagged weights can never be confused), its precision and the preprocessing.
-The set key hashes the sorted image paths and, for training views, the number of views, the
-augmentation and its seed. Evaluation splits are therefore shared by every run of the same model;
+The set key hashes the sorted image paths with each file's size and modification time (an image
+replaced in place makes a new entry) and, for training views, the number of views, the augmentation
+and its seed. Evaluation splits are therefore shared by every run of the same model;
 training views by runs with the same few-shot subset. Ranks encode disjoint slices and rank 0
-merges them; files are written atomically, so an interrupted job leaves no half entry.
+merges them; files are written atomically under job-unique temporary names, and a file lock makes a
+second job wait for an entry that another job is encoding instead of encoding it too.
 
 Augmented view ``v`` of an image is made with the torch RNG seeded by (seed, path, v), so the views
 do not depend on batch size, worker count or rank.
@@ -18,10 +20,12 @@ do not depend on batch size, worker count or rank.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -85,21 +89,46 @@ class FeatureCache:
             if not meta.is_file():
                 _atomic_json(meta, self.identity)
         _barrier()
+        self._lock = None
 
     def features(self, samples: List[Sample], transform: Callable, views: int = 0, seed: int = 0,
                  augment: str = "") -> torch.Tensor:
         """Features aligned with ``samples``: ``[N, D]`` (``views=0``) or ``[N, V, D]``; encoded on a miss."""
         paths = sorted({s.path for s in samples})
-        name = _sha("views" if views else "plain", views, seed if views else "", augment if views else "",
-                    *paths)[:24]
-        path = self.dir / f"{name}.pt"
-        if not path.is_file():
-            self._encode_and_store(path, paths, transform, views, seed)
-        entry = torch.load(path, map_location="cpu", weights_only=True)
+        path = self.dir / f"{_set_key(paths, views, seed, augment)}.pt"
+        if self._claim(path):
+            try:
+                self._encode_and_store(path, paths, transform, views, seed)
+            finally:
+                self._release()
+        # mmap: rows are read on demand, the entry is not copied into every rank's memory.
+        entry = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if entry["paths"] != paths:
             raise RuntimeError(f"feature cache entry {path} does not match its key; delete it")
         row = {p: i for i, p in enumerate(entry["paths"])}
         return entry["features"][torch.as_tensor([row[s.path] for s in samples], dtype=torch.long)]
+
+    def _claim(self, path: Path) -> bool:
+        """Whether this job must encode ``path``: rank 0 waits for any other job encoding the same entry
+        (file lock), then decides, and tells the other ranks. The lock is held until ``_release``."""
+        decision = [False, ""]
+        if self.rank == 0:
+            self._lock = open(path.with_suffix(".lock"), "w")
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+            decision = [not path.is_file(), uuid.uuid4().hex[:12]]
+            if not decision[0]:
+                self._release()
+        if _distributed():
+            dist.broadcast_object_list(decision, src=0)
+        self._token = decision[1]  # names this job's part and temp files
+        return decision[0]
+
+    def _release(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
+            self._lock = None
 
     @torch.no_grad()
     def _encode_and_store(self, path: Path, paths: List[str], transform, views: int, seed: int) -> None:
@@ -113,26 +142,39 @@ class FeatureCache:
         for images in progress(loader, desc=desc, enabled=self.show_progress and self.rank == 0):
             chunks.append(self.backbone.image_encoder(images).float().cpu())
         local = torch.cat(chunks) if chunks else torch.empty(0)
+        part = lambda r: path.with_name(f"{path.stem}.{self._token}.part{r}")  # noqa: E731
         if self.world_size > 1:
-            part = path.with_suffix(f".part{self.rank}")
-            torch.save({"items": torch.as_tensor(mine, dtype=torch.long), "features": local}, part)
+            torch.save(local, part(self.rank))
             _barrier()
-            if self.rank == 0:
-                parts = [torch.load(path.with_suffix(f".part{r}"), weights_only=True) for r in range(self.world_size)]
-                items = torch.cat([p["items"] for p in parts])
-                feats = torch.cat([p["features"] for p in parts])
-                local = torch.empty_like(feats)
-                local[items] = feats
         if self.rank == 0:
+            if self.world_size > 1:
+                merged = None
+                for r in range(self.world_size):
+                    rows = torch.load(part(r), weights_only=True)
+                    if merged is None:
+                        merged = torch.empty(n_items, rows.shape[1])
+                    merged[r::self.world_size] = rows  # rank r encoded items r, r + W, ...
+                    part(r).unlink()
+                local = merged
             features = local.view(len(paths), views, -1) if views else local
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_name(f"{path.stem}.{self._token}.tmp")
             torch.save({"paths": paths, "features": features}, tmp)
             os.replace(tmp, path)
-            for r in range(1, self.world_size):
-                path.with_suffix(f".part{r}").unlink(missing_ok=True)
-            path.with_suffix(".part0").unlink(missing_ok=True)
             logger.info("cached %d feature rows in %s", features.shape[0], path)
         _barrier()
+
+
+def _set_key(paths: List[str], views: int, seed: int, augment: str) -> str:
+    """Hash of the images (path, size, modification time: an image replaced in place is a new entry)
+    and, for training views, the views, their seed and the augmentation."""
+    h = hashlib.sha256(f"views={views}:{seed if views else ''}:{augment if views else ''}".encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"\x1f{p}\x1e{st.st_size}\x1e{st.st_mtime_ns}".encode())
+        except FileNotFoundError:
+            h.update(f"\x1f{p}\x1emissing".encode())  # encoding will then name the missing file
+    return h.hexdigest()[:24]
 
 
 class CachedFeatureDataset(Dataset):
@@ -166,7 +208,7 @@ def _barrier() -> None:
 
 
 def _atomic_json(path: Path, payload) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
 

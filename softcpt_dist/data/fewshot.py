@@ -8,13 +8,16 @@ from collections import defaultdict
 from typing import Dict, List, Tuple
 
 from softcpt_dist.data.dataset import Sample
+from softcpt_dist.data.tasks import TaskGroup
 
 
-def fewshot_subset(samples: List[Sample], shots: int, seed: int) -> Tuple[List[Sample], Dict[Tuple[int, int], int]]:
+def fewshot_subset(samples: List[Sample], shots: int, seed: int,
+                   group: TaskGroup) -> Tuple[List[Sample], Dict[Tuple[int, int], int]]:
     """Pick ``shots`` samples per (task, class); returns the subset and the classes that had fewer.
 
-    Each class draws from its own RNG seeded by (seed, shots, task, class), so the choice for one
-    class does not depend on the other classes or on the order samples were listed in.
+    Each class draws from its own RNG seeded by (seed, shots, task key, class name), so the choice
+    for one class depends neither on the other classes, nor on the order samples were listed in,
+    nor on the task's position in the group (a task run alone gets the same subset as in its group).
     """
     if shots <= 0:
         return list(samples), {}
@@ -24,7 +27,8 @@ def fewshot_subset(samples: List[Sample], shots: int, seed: int) -> Tuple[List[S
     chosen, short = [], {}
     for key in sorted(by_class):
         pool = sorted(by_class[key], key=lambda s: s.path)
-        digest = hashlib.sha256(f"{seed}:{shots}:{key[0]}:{key[1]}".encode()).digest()
+        task = group.tasks[key[0]]
+        digest = hashlib.sha256(f"{seed}:{shots}:{task.key}:{task.classnames[key[1]]}".encode()).digest()
         rng = random.Random(int.from_bytes(digest[:8], "little"))
         if len(pool) < shots:
             short[key] = len(pool)

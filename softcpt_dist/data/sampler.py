@@ -15,7 +15,7 @@ Modes (how often each task is seen):
 
 In the two drawn modes each slot draws a task, then takes that task's next sample from a queue
 that runs through the task's samples in a shuffled order (reshuffled whenever it wraps), so within
-a task samples are seen as evenly as possible.
+an epoch a task's samples are seen as evenly as possible (each epoch's queues start afresh).
 
 Task-grouped micro-batches (``tasks_per_batch = G > 0``): each micro-batch holds samples of at
 most G tasks, so a rank only encodes those tasks' class prompts. The batch's G task draws follow
@@ -33,7 +33,6 @@ is smaller than one global batch, the micro-batch shrinks to ``len // world_size
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Dict, Iterator, List, Sequence
 
 import torch
@@ -49,32 +48,28 @@ def _generator(*key) -> torch.Generator:
 
 
 def task_probabilities(task_sizes: Sequence[int], mode: str, temperature: float = 1.0) -> torch.Tensor:
-    """Probability of each task per slot under ``mode``."""
+    """Probability of each task per slot under ``mode`` (computed in log space: any T > 0 is safe)."""
     sizes = torch.as_tensor(task_sizes, dtype=torch.float64)
     if mode == "union":
-        weights = sizes
+        logits = sizes.log()
     elif mode == "balanced":
-        weights = (sizes > 0).double()
+        logits = torch.where(sizes > 0, 0.0, float("-inf")).double()
     elif mode == "temperature":
         if temperature <= 0:
             raise ConfigError(f"data.sampler.temperature must be > 0, got {temperature}")
-        weights = sizes.pow(1.0 / temperature)
+        logits = sizes.log() / temperature
     else:
         raise ConfigError(f"data.sampler.mode={mode!r} is not one of {list(MODES)}")
-    return weights / weights.sum()
-
-
-@dataclass
-class SamplerState:
-    epoch: int = 0
-    step: int = 0  # steps of this epoch already consumed
+    return torch.softmax(logits, dim=0)
 
 
 class TaskBalancedBatchSampler:
-    """Yields this rank's micro-batches (lists of sample indices) for the current epoch.
+    """Yields this rank's micro-batches (lists of sample indices) of the current epoch.
 
-    ``set_epoch(e)`` selects the epoch; ``state_dict()``/``load_state_dict()`` carry the position
-    (epoch, step) across a restart: iteration then continues exactly where it stopped.
+    Position: ``set_epoch(e)`` selects the epoch; iteration starts at the epoch's start step (0, or
+    the step restored by ``load_state_dict``). The sampler itself does not count what was
+    consumed -- a DataLoader with workers fetches ahead -- so the trainer passes the number of
+    batches it actually trained on to ``state_dict(consumed)``.
     """
 
     def __init__(self, sample_tasks: Sequence[int], batch_size: int, *, seed: int, mode: str = "union",
@@ -97,33 +92,42 @@ class TaskBalancedBatchSampler:
         self.seed, self.world_size, self.rank = seed, world_size, rank
         self.batch_size = min(batch_size, n // world_size)
         self.steps_per_epoch = n // (self.batch_size * world_size)
-        self.state = SamplerState()
+        self.epoch, self.start_step = 0, 0
 
     # -- position -------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.state.epoch:
-            self.state = SamplerState(epoch, 0)
+        """Select ``epoch``; a different epoch than the current one starts at its first step."""
+        if epoch != self.epoch:
+            self.epoch, self.start_step = epoch, 0
 
-    def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.state.epoch, "step": self.state.step, "seed": self.seed,
-                "world_size": self.world_size, "steps_per_epoch": self.steps_per_epoch}
+    def settings(self) -> Dict:
+        """What the sequence depends on; a resumed run must match all of it."""
+        digest = hashlib.sha256(self.sample_tasks.numpy().tobytes()).hexdigest()[:16]
+        return {"seed": self.seed, "world_size": self.world_size, "batch_size": self.batch_size, "mode": self.mode,
+                "temperature": self.temperature, "tasks_per_batch": self.tasks_per_batch,
+                "samples": f"{len(self.sample_tasks)}:{digest}"}
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
-        for key in ("seed", "world_size", "steps_per_epoch"):
-            if key in state and state[key] != getattr(self, key):
-                raise ConfigError(f"sampler state was saved with {key}={state[key]}, this run has "
-                                  f"{getattr(self, key)}; resume with the same data, seed and world size")
-        self.state = SamplerState(int(state["epoch"]), int(state["step"]))
+    def state_dict(self, consumed: int) -> Dict:
+        """Position after the trainer consumed ``consumed`` batches of this iteration of the epoch."""
+        return {"epoch": self.epoch, "step": self.start_step + consumed, **self.settings()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        mine = self.settings()
+        changed = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in mine.items() if state.get(k) != v]
+        if changed:
+            raise ConfigError("cannot resume the sampler: its settings differ (" + "; ".join(changed) + "); resume "
+                              "with the same data, sampler settings, batch size, seed and world size")
+        if not 0 <= int(state["step"]) <= self.steps_per_epoch:
+            raise ConfigError(f"sampler state step {state['step']} outside the epoch's {self.steps_per_epoch} steps")
+        self.epoch, self.start_step = int(state["epoch"]), int(state["step"])
 
     def __len__(self) -> int:
-        return self.steps_per_epoch - self.state.step
+        return self.steps_per_epoch - self.start_step
 
     def __iter__(self) -> Iterator[List[int]]:
-        batches = self.epoch_batches(self.state.epoch)
-        while self.state.step < self.steps_per_epoch:
-            batch = batches[self.state.step * self.world_size + self.rank]
-            self.state.step += 1  # advanced before yielding: a checkpoint taken after this batch resumes past it
-            yield batch.tolist()
+        batches = self.epoch_batches(self.epoch)
+        for step in range(self.start_step, self.steps_per_epoch):
+            yield batches[step * self.world_size + self.rank].tolist()
 
     # -- the global order -----------------------------------------------------------------------
     def epoch_batches(self, epoch: int) -> torch.Tensor:

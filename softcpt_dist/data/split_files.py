@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from softcpt_dist.data.tasks import DataError
+from softcpt_dist.data.tasks import clean_classname as clean
 
 SPLITS = ("train", "val", "test")
 Items = List[Tuple[str, int]]
@@ -82,14 +83,29 @@ def _one_int(value, what: str, where: str) -> int:
 _DK_METRICS = {"mean_acc": "mean_per_class_accuracy", "overall_acc": "accuracy"}
 
 
-def read_split_dk(path: Path, prefix: Path) -> List[TaskSplits]:
+def read_split_dk(path: Path, prefix: Path, classnames: Optional[List[List[str]]] = None) -> List[TaskSplits]:
     """Official SoftCPT: entries ``[relative path, [label], [task]]`` plus a ``meta`` block of lists
-    indexed by task id (``taskid2cname``, ``taskid2tname``, ``taskid2metric``, ...)."""
+    indexed by task id (``taskid2cname``, ``taskid2tname``, ``taskid2metric``, ...).
+
+    ``classnames``: class names per task known from elsewhere (Fashion-20's task_info.csv); the
+    meta block may then be absent, and where present must agree with them.
+    """
     data = _load_json(path)
-    meta = data.get("meta")
-    if not isinstance(meta, dict) or not isinstance(meta.get("taskid2cname"), list):
+    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    cnames = meta.get("taskid2cname")
+    if classnames is not None:
+        if cnames is not None:
+            theirs = [[clean(str(c)) for c in t] if isinstance(t, list) else t for t in cnames]
+            ours = [[clean(c) for c in t] for t in classnames]
+            for t in range(max(len(theirs), len(ours))):
+                a = theirs[t] if t < len(theirs) else None
+                b = ours[t] if t < len(ours) else None
+                if a != b:
+                    raise DataError(f"split file {path}: meta.taskid2cname[{t}] = {a} disagrees with the task "
+                                    f"list's classes {b}")
+        cnames = classnames
+    if not isinstance(cnames, list):
         raise DataError(f"split file {path}: missing meta.taskid2cname (class names per task)")
-    cnames = meta["taskid2cname"]
     n_tasks = len(cnames)
     per_task = [{s: [] for s in SPLITS} for _ in range(n_tasks)]
     for split in SPLITS:
@@ -146,12 +162,12 @@ def read_fgvc_aircraft(dataset_dir: Path) -> TaskSplits:
 
 
 def read_task_info(path: Path) -> List[Tuple[str, List[str]]]:
-    """Fashion-20's ``task_info.csv``: a header, then tab-separated rows
-    ``<task id> <task name> <description> <class names, comma-separated>``; returns (name, classes)
-    in task-id order."""
+    """Fashion-20's ``task_info.csv``: a header, then one tab-separated row per task, in task-id
+    order as the official code reads it: ``<id> <task name> <description> <class names, comma-separated>``;
+    returns (name, classes) per task."""
     if not path.is_file():
         raise DataError(f"task list not found: {path}")
-    rows = {}
+    rows = []
     for line_no, line in enumerate(path.read_text().splitlines()[1:], start=2):
         if not line.strip():
             continue
@@ -159,13 +175,13 @@ def read_task_info(path: Path) -> List[Tuple[str, List[str]]]:
         if len(cols) != 4:
             raise DataError(f"{path}:{line_no}: expected 4 tab-separated columns "
                             f"(task id, task name, description, class names), got {len(cols)}")
-        task_id = int(cols[0]) if cols[0].strip().isdigit() else len(rows)
-        if task_id in rows:
-            raise DataError(f"{path}:{line_no}: task id {task_id} listed twice")
-        rows[task_id] = (cols[1].strip(), [c.strip() for c in cols[3].split(",") if c.strip()])
-    if sorted(rows) != list(range(len(rows))):
-        raise DataError(f"{path}: task ids must be 0..{len(rows) - 1}, got {sorted(rows)}")
-    return [rows[t] for t in range(len(rows))]
+        classes = [c.strip() for c in cols[3].split(",") if c.strip()]
+        if not cols[1].strip() or not classes:
+            raise DataError(f"{path}:{line_no}: a task needs a name and at least one class name")
+        rows.append((cols[1].strip(), classes))
+    if not rows:
+        raise DataError(f"{path}: no tasks listed")
+    return rows
 
 
 def random_split(items: Items, key: str, fractions=(0.5, 0.2, 0.3)) -> Dict[str, Items]:
