@@ -43,24 +43,9 @@ def load_prompt_checkpoint(path: Path, expected_meta: Dict) -> Dict[str, Dict[st
         meta, states = payload["meta"], payload["states"]
     except Exception as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-    got_prompt, want_prompt = meta.get("prompt") or {}, expected_meta["prompt"]
-    for key in sorted(set(got_prompt) | set(want_prompt)):
-        if got_prompt.get(key) != want_prompt.get(key):
-            raise CheckpointError(f"checkpoint {path} was made with prompt setting {key}={got_prompt.get(key)!r}, "
-                                  f"this run has {key}={want_prompt.get(key)!r}")
-    for key in ("format", "arch", "method"):
-        if meta.get(key) != expected_meta[key]:
-            raise CheckpointError(f"checkpoint {path} was made for {key}={meta.get(key)!r}, "
-                                  f"this run has {key}={expected_meta[key]!r}")
-    got, want = meta.get("tasks", []), expected_meta["tasks"]
-    if [t["key"] for t in got] != [t["key"] for t in want]:
-        raise CheckpointError(f"checkpoint {path} was made for tasks {[t['key'] for t in got]}, "
-                              f"this run has {[t['key'] for t in want]}")
-    for g, w in zip(got, want):
-        if g != w:
-            field = next(k for k in ("name", "classes") if g.get(k) != w.get(k))
-            raise CheckpointError(f"checkpoint {path}: task {w['key']!r} differs in its {field}: "
-                                  f"{g.get(field)!r} vs {w.get(field)!r}")
+    if meta.get("format") != expected_meta["format"]:
+        raise CheckpointError(f"checkpoint {path} has format {meta.get('format')!r}, expected {expected_meta['format']}")
+    check_meta(meta, expected_meta, f"checkpoint {path}")
     return states
 
 
@@ -77,3 +62,59 @@ def load_learnable(module: torch.nn.Module, state: Dict[str, torch.Tensor], wher
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state[name])
+
+
+# --- training checkpoints (resume after preemption) ----------------------------------------------
+#
+# <run>/checkpoints/<scope>/<tag>/   DeepSpeed's files (learnable module state, optimizer, client
+#                                     state: epoch, step, sampler position, schedule, history, meta)
+#                                     plus rng_rank<r>.pt per rank
+# <run>/checkpoints/<scope>/latest   the newest complete tag, replaced atomically after every rank
+#                                     has finished writing; a save killed midway leaves it unchanged.
+
+LATEST = "latest"
+
+
+def latest_tag(folder: Path):
+    """The newest complete checkpoint tag in ``folder``, or None."""
+    marker = Path(folder) / LATEST
+    if not marker.is_file():
+        return None
+    tag = marker.read_text().strip()
+    if not (Path(folder) / tag).is_dir():
+        raise CheckpointError(f"{marker} names checkpoint {tag!r}, which does not exist in {folder}")
+    return tag
+
+
+def mark_latest(folder: Path, tag: str, keep: int) -> None:
+    """Point ``latest`` at ``tag`` (atomically), then delete all but the newest ``keep`` tags (main rank)."""
+    import shutil
+    folder = Path(folder)
+    tmp = folder / f"{LATEST}.tmp"
+    tmp.write_text(tag + "\n")
+    os.replace(tmp, folder / LATEST)
+    tags = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step"))
+    for old in tags[:-keep] if keep > 0 else []:
+        if old.name != tag:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_meta(saved: Dict, expected: Dict, where: str) -> None:
+    """Refuse state made for another backbone, method, prompt setting or task list, naming the difference."""
+    for key in ("arch", "method"):
+        if saved.get(key) != expected[key]:
+            raise CheckpointError(f"{where} was made for {key}={saved.get(key)!r}, this run has {key}={expected[key]!r}")
+    got_prompt, want_prompt = saved.get("prompt") or {}, expected["prompt"]
+    for key in sorted(set(got_prompt) | set(want_prompt)):
+        if got_prompt.get(key) != want_prompt.get(key):
+            raise CheckpointError(f"{where} was made with prompt setting {key}={got_prompt.get(key)!r}, "
+                                  f"this run has {key}={want_prompt.get(key)!r}")
+    got, want = saved.get("tasks", []), expected["tasks"]
+    if [t["key"] for t in got] != [t["key"] for t in want]:
+        raise CheckpointError(f"{where} was made for tasks {[t['key'] for t in got]}, "
+                              f"this run has {[t['key'] for t in want]}")
+    for g, w in zip(got, want):
+        if g != w:
+            field = next(k for k in ("name", "classes") if g.get(k) != w.get(k))
+            raise CheckpointError(f"{where}: task {w['key']!r} differs in its {field}: "
+                                  f"{g.get(field)!r} vs {w.get(field)!r}")

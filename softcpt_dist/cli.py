@@ -1,7 +1,8 @@
 """Command line: ``softcpt-dist train|eval|data`` with ``--config`` files and ``key=value`` overrides.
 
-Exit codes: 0 success; 1 ``data check`` found problems; 2 a bad config, data, weights or checkpoint
-(the message names it).
+Exit codes: 0 success; 1 ``data check`` found problems, or training stopped on a non-finite loss;
+2 a bad config, data, weights or checkpoint (the message names it); 75 stopped by SIGTERM/SIGUSR1
+after saving a checkpoint (requeue and resume with ``train.resume=latest``).
 """
 
 from __future__ import annotations
@@ -47,8 +48,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.overrides = [c for c in args.config if "=" in c] + list(args.overrides)
         args.config = [c for c in args.config if "=" not in c]
     setup_console_logging()
+    from softcpt_dist.train import EXIT_PREEMPTED, Preempted
     try:
         return _dispatch(args)
+    except Preempted as err:
+        logger.warning("%s; exiting with code %d (requeue and rerun with train.resume=latest)", err, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
+    except FloatingPointError as err:
+        logger.error("%s", err)
+        return 1
     except (ConfigError, FileNotFoundError) as err:
         logger.error("%s", err)
         return 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -114,6 +114,20 @@ class OptimConfig:
 
 
 @dataclass
+class EngineConfig:
+    """DeepSpeed engine. ``optim.batch_size`` is the global batch: each rank's micro-batch is
+    ``batch_size / (world_size * grad_accum_steps)``, so results do not depend on the world size."""
+
+    zero_stage: int = 0  # 0 | 1 | 2 | 3 (3 partitions the frozen CLIP weights across ranks too)
+    grad_accum_steps: int = 1
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+    activation_checkpointing: bool = False  # recompute text-encoder blocks in backward (exact)
+    backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | nccl | gloo
+    timeout_s: float = 300.0  # bound on every collective: a dead rank makes the others exit
+    deepspeed: Dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed config keys, merged last
+
+
+@dataclass
 class TrainConfig:
     seed: int = 1
     mode: str = "auto"  # auto | joint | per_task (auto: per_task for CoOp CA/CS, else joint)
@@ -125,6 +139,10 @@ class TrainConfig:
     run_name: Optional[str] = None  # null: <method>-<variant>-<timestamp>
     deterministic: bool = True
     progress: bool = True  # tqdm bars on interactive terminals
+    resume: Optional[str] = None  # null | latest (this run folder's newest checkpoint) | a checkpoint folder
+    checkpoint_every: int = 0  # steps between training checkpoints (0: at the end of every epoch only)
+    keep_checkpoints: int = 2  # newest N training checkpoints kept
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does
 
 
 @dataclass
@@ -135,6 +153,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 _CHOICES = {
@@ -152,11 +171,16 @@ _CHOICES = {
     "optim.warmup_type": ("constant", "linear"),
     "train.mode": ("auto", "joint", "per_task"),
     "train.eval_split": ("val", "test"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "engine.zero_stage": (0, 1, 2, 3),
+    "engine.backend": ("auto", "nccl", "gloo"),
 }
 _POSITIVE = ("prompt.n_ctx", "optim.batch_size", "optim.epochs", "train.eval_batch_size", "train.log_every",
-             "data.sampler.temperature", "data.cache.batch_size")
+             "data.sampler.temperature", "data.cache.batch_size", "engine.grad_accum_steps", "engine.timeout_s",
+             "train.keep_checkpoints")
 _NON_NEGATIVE = ("prompt.n_task_ctx", "prompt.n_class_ctx", "data.shots", "optim.warmup_epochs", "optim.lr",
-                 "data.sampler.tasks_per_batch", "data.cache.train_views")
+                 "data.sampler.tasks_per_batch", "data.cache.train_views", "engine.grad_clip",
+                 "train.checkpoint_every")
 
 
 def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:

@@ -29,7 +29,8 @@ from softcpt_dist.methods.linear_probe import run_linear_probe
 from softcpt_dist.metrics import markdown_table, merge_task_results
 from softcpt_dist.model import PromptClassifier
 from softcpt_dist.run_dir import RunDir
-from softcpt_dist.train import make_loader, seed_everything, train_prompts
+from softcpt_dist import distributed as D
+from softcpt_dist.train import TrainingCheckpoints, make_loader, seed_everything, train_prompts
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "prompt_checkpoint.pt"
@@ -84,10 +85,14 @@ class Inputs:
     eval_transform: Callable
     features: Dict[str, torch.Tensor]  # split -> cached features aligned with data.splits[split]
 
-    def loader(self, cfg: Config, split: str, scope: Optional[Scope] = None):
+    def loader(self, cfg: Config, split: str, scope: Optional[Scope] = None, shard: bool = True):
+        """Evaluation loader; with ``shard``, this rank's samples ``rank::world`` only."""
         samples, feats = self.data.splits[split], self.features.get(split)
         if scope is not None:
             samples, feats = scope.select(samples, feats)
+        if shard and D.world_size() > 1:
+            r, w = D.rank(), D.world_size()
+            samples, feats = samples[r::w], (None if feats is None else feats[r::w])
         return make_loader(samples, self.eval_transform, cfg.train.eval_batch_size, cfg.train.seed,
                            cfg.data.num_workers, feats)
 
@@ -130,18 +135,34 @@ def log_results(results: Dict, split: str) -> None:
         logger.info("  %-20s %-24s %6.2f", key, r["metric"], r["value"])
 
 
+def start_distributed(cfg: Config) -> D.WorldInfo:
+    """Join the job's process group (a private one for a single process); non-main ranks log warnings only."""
+    info = D.world_info_from_env()
+    if cfg.model.device.startswith("cuda") and info.world_size > 1:
+        cfg.model.device = f"cuda:{info.local_rank}"
+    D.init_distributed(info, cfg.model.device, cfg.engine.timeout_s, cfg.engine.backend)
+    D.quiet_non_main_ranks(info)
+    return info
+
+
 def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
+    info = start_distributed(cfg)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     # Absolute paths in the saved config: `eval --run` then works from any directory.
     cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
     cfg.data.cache.dir = str(Path(cfg.data.cache.dir).expanduser().resolve())
     if cfg.data.group_file:
         cfg.data.group_file = str(Path(cfg.data.group_file).expanduser().resolve())
-    run = RunDir(cfg, cfg.train.run_name or _default_run_name(cfg), path=run_path)
+    # Rank 0 names the run folder (the default name has a timestamp) and every rank uses it.
+    name = D.broadcast_object(cfg.train.run_name or _default_run_name(cfg))
+    run = RunDir(cfg, name, is_main=info.is_main, path=run_path)
     try:
-        run.start_fresh()
+        if cfg.train.resume:
+            logger.info("resuming in run folder %s (train.resume=%s)", run.path, cfg.train.resume)
+        else:
+            run.start_fresh()
         run.save_config(cfg)
-        logger.info("run folder: %s", run.path)
+        logger.info("run folder: %s (%d rank(s), launcher %s)", run.path, info.world_size, info.launcher)
         backbone = build_backbone(cfg.model)
         data = load_data(cfg.data, cfg.train.seed, cfg.train.eval_split)
         run.write_json(FEWSHOT_RECORD, data.report)
@@ -154,7 +175,8 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
         extra: Dict = {}
         if cfg.method.name == "linear_probe":
             inputs = prepare_inputs(cfg, backbone, data, ("train", "val", split))
-            loaders = {s: inputs.loader(cfg, s) for s in ("train", "val", split)}
+            # Every rank fits the same probe on all features (deterministic; no collectives needed).
+            loaders = {s: inputs.loader(cfg, s, shard=False) for s in ("train", "val", split)}
             results, extra["chosen_C"] = run_linear_probe(backbone, group, loaders, cfg.method.lp_c_grid,
                                                           cfg.method.lp_search_steps, cfg.method.lp_max_iter, split)
         elif cfg.method.name == "zeroshot":
@@ -191,13 +213,18 @@ def _train_and_evaluate(cfg: Config, backbone, data: MultiTaskData, run: RunDir)
         model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, scope.group))
         weights = scope.group.task_weights(cfg.train.task_weights) if scope.key == "joint" else None
         samples, feats = scope.select(data.splits["train"], inputs.features.get("train"))
-        history += train_prompts(cfg, model, scope.group, samples, train_tf, run, weights,
-                                 tag="" if scope.key == "joint" else f"{scope.key}: ", features=feats)
-        states[scope.key] = model.learnable_state_dict()
+        checkpoints = TrainingCheckpoints(run.path / "checkpoints" / scope.key, cfg.train.keep_checkpoints,
+                                          _checkpoint_meta(cfg, scope.group))
+        scope_history, engine = train_prompts(cfg, model, scope.group, samples, train_tf, run, weights,
+                                              tag="" if scope.key == "joint" else f"{scope.key}: ", features=feats,
+                                              checkpoints=checkpoints)
+        history += scope_history
+        states[scope.key] = engine.learnable_state_dict()
         # Evaluate now so that per-task runs hold one model at a time.
-        parts.append(_evaluate_scope(cfg, scope, model, inputs))
+        parts.append(_evaluate_scope(cfg, scope, engine.module, inputs))
     if run.is_main:
         save_prompt_checkpoint(run.path / CHECKPOINT_NAME, _checkpoint_meta(cfg, data.group), states)
+    D.barrier()
     return merge_task_results(parts, data.group), history
 
 
@@ -208,6 +235,7 @@ def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = 
         raise ConfigError("eval: the linear probe keeps no checkpoint; rerun `train` with method.name=linear_probe")
     if cfg.method.name != "zeroshot" and checkpoint is None:
         raise ConfigError(f"eval: method {label} needs a prompt checkpoint (--run or --checkpoint)")
+    info = start_distributed(cfg)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     backbone = build_backbone(cfg.model)
     data = load_data(cfg.data, cfg.train.seed, cfg.train.eval_split)
@@ -215,7 +243,8 @@ def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = 
     states = None
     if cfg.method.name != "zeroshot":
         states = load_prompt_checkpoint(checkpoint, _checkpoint_meta(cfg, group))
-    run = RunDir(cfg, "", path=out_dir) if out_dir is not None else None  # eval logs join the run's log
+    # Eval logs join the run's log (rank 0 writes).
+    run = RunDir(cfg, "", is_main=info.is_main, path=out_dir) if out_dir is not None else None
     try:
         results = _evaluate_checkpoint(cfg, backbone, data, states, checkpoint)
         log_results(results, split)

@@ -1,8 +1,13 @@
-"""The single-process training loop for prompt methods (SoftCPT, CoOp).
+"""The training loop for prompt methods (SoftCPT, CoOp), on one rank or many.
 
-One iteration: frozen image features of the batch, text features of all classes from the
-learnable prompts, cosine logits, per-task cross-entropy, one backward, then the optimizer step
-(``k`` steps under ``optim.official_stepping``). The lr schedule advances once per epoch.
+One iteration per micro-batch: frozen image features of the batch (or cached ones), text features
+of the classes from the learnable prompts, cosine logits, per-task cross-entropy, backward through
+the engine; the optimizer steps at accumulation boundaries (``k`` steps under
+``optim.official_stepping``). The lr schedule advances once per epoch.
+
+Robustness: a NaN/inf loss on any rank stops the run (or skips the step, ``train.on_nonfinite``)
+before anything is written; SIGTERM/SIGUSR1 make every rank stop at the same step, save a
+checkpoint and raise ``Preempted``; training checkpoints hold everything needed to resume mid-epoch.
 """
 
 from __future__ import annotations
@@ -10,23 +15,32 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import time
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from softcpt_dist import distributed as D
+from softcpt_dist.checkpoint import CheckpointError, check_meta, latest_tag, mark_latest
 from softcpt_dist.config import Config
 from softcpt_dist.data.dataset import MultiTaskImageDataset, Sample
 from softcpt_dist.data.features import CachedFeatureDataset
 from softcpt_dist.data.sampler import TaskBalancedBatchSampler
 from softcpt_dist.data.tasks import TaskGroup
+from softcpt_dist.engine import TrainEngine, memory_report, micro_batch_size
 from softcpt_dist.loss import multitask_cross_entropy
-from softcpt_dist.optim import EpochLRSchedule, build_optimizer, steps_per_update
 from softcpt_dist.progress import progress
 
 logger = logging.getLogger(__name__)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved, requeue and resume
+
+
+class Preempted(RuntimeError):
+    """A stop signal arrived; a checkpoint was saved and the job should be requeued."""
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -51,17 +65,20 @@ def make_loader(samples: List[Sample], transform, batch_size: int, seed: int, nu
 
 
 def make_train_loader(cfg: Config, samples: List[Sample], transform, features: Optional[torch.Tensor] = None,
-                      rank: int = 0, world_size: int = 1) -> Tuple[DataLoader, TaskBalancedBatchSampler]:
-    """Training loader driven by the task-balanced sampler (this rank's shard of each epoch)."""
+                      rank: int = 0, world_size: int = 1,
+                      batch_size: Optional[int] = None) -> Tuple[DataLoader, TaskBalancedBatchSampler]:
+    """Training loader driven by the task-balanced sampler (this rank's shard of each epoch).
+
+    ``batch_size``: this rank's micro-batch (default: the whole ``optim.batch_size``).
+    """
     scfg = cfg.data.sampler
     dataset = (CachedFeatureDataset(samples, features, cfg.train.seed) if features is not None
-               else MultiTaskImageDataset(samples, transform))
-    sampler = TaskBalancedBatchSampler([s.task for s in samples], cfg.optim.batch_size, seed=cfg.train.seed,
-                                       mode=scfg.mode, temperature=scfg.temperature,
+               else MultiTaskImageDataset(samples, transform, seed=cfg.train.seed))
+    sampler = TaskBalancedBatchSampler([s.task for s in samples], batch_size or cfg.optim.batch_size,
+                                       seed=cfg.train.seed, mode=scfg.mode, temperature=scfg.temperature,
                                        tasks_per_batch=scfg.tasks_per_batch, world_size=world_size, rank=rank)
     workers = 0 if features is not None else cfg.data.num_workers  # in-memory features: workers only add IPC
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                        generator=torch.Generator().manual_seed(cfg.train.seed),
                         worker_init_fn=_seed_worker if workers else None)
     return loader, sampler
 
@@ -79,78 +96,212 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+class _StopSignals:
+    """Remembers SIGTERM / SIGUSR1 (SLURM's warning signal) while installed."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: cannot install handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _rng_state() -> Dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainingCheckpoints:
+    """Training checkpoints of one scope: save at step boundaries, find and load the latest."""
+
+    def __init__(self, folder: Path, keep: int, meta: Dict):
+        self.folder, self.keep, self.meta = Path(folder), keep, meta
+
+    def save(self, engine: TrainEngine, step: int, client_state: Dict) -> None:
+        tag = f"step{step:09d}"
+        if D.rank() == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        D.barrier()
+        engine.save(self.folder, tag, {**client_state, "meta": self.meta})
+        torch.save(_rng_state(), self.folder / tag / f"rng_rank{D.rank()}.pt")
+        D.barrier()  # every rank has written: only now does `latest` move
+        if D.rank() == 0:
+            mark_latest(self.folder, tag, self.keep)
+        D.barrier()
+
+    def load_latest(self, engine: TrainEngine, source: str) -> Optional[Dict]:
+        folder, tag = (self.folder, latest_tag(self.folder)) if source == "latest" else _split_tag(Path(source))
+        if tag is None:
+            logger.info("train.resume=latest: no checkpoint in %s, starting fresh", self.folder)
+            return None
+        where = f"training checkpoint {folder / tag}"
+        state = engine.load(folder, tag)
+        check_meta(state.get("meta", {}), self.meta, where)
+        rng_file = folder / tag / f"rng_rank{D.rank()}.pt"
+        if rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        logger.info("resumed from %s: epoch %d, step %d", where, state["epoch"] + 1, state["step"])
+        return state
+
+
+def _split_tag(path: Path):
+    if not path.is_dir():
+        raise CheckpointError(f"train.resume: checkpoint folder not found: {path}")
+    return path.parent, path.name
+
+
 def train_prompts(cfg: Config, model, group: TaskGroup, train_samples: List[Sample], transform,
                   run=None, task_weights: Optional[torch.Tensor] = None, tag: str = "",
-                  features: Optional[torch.Tensor] = None) -> List[Dict]:
-    """Train ``model.method`` in place; returns one summary record per epoch.
+                  features: Optional[torch.Tensor] = None, checkpoints: Optional[TrainingCheckpoints] = None
+                  ) -> Tuple[List[Dict], TrainEngine]:
+    """Train ``model.method`` on this rank's shards; returns the per-epoch records and the engine.
 
     ``features``: cached image features of ``train_samples`` (``[N, D]`` or ``[N, V, D]``); the
     image encoder is then skipped. With task-grouped micro-batches only the batch's tasks' class
     prompts are encoded.
     """
-    ocfg = cfg.optim
-    loader, sampler = make_train_loader(cfg, train_samples, transform, features)
-    optimizer = build_optimizer(model.learnable_parameters().values(), ocfg)
-    schedule = EpochLRSchedule(optimizer, ocfg)
-    k = steps_per_update(ocfg, model.method)
+    ocfg, world, rank = cfg.optim, D.world_size(), D.rank()
+    micro = micro_batch_size(cfg, world)
+    gas = cfg.engine.grad_accum_steps
+    loader, sampler = make_train_loader(cfg, train_samples, transform, features, rank, world, micro)
+    engine = TrainEngine(cfg, model, world, micro)
     device = model.backbone.device
     class_task = group.class_task().to(device)
     grouped = cfg.data.sampler.tasks_per_batch > 0
-    n_learn = sum(p.numel() for p in model.learnable_parameters().values())
-    logger.info("%straining %d learnable parameters on %d %s of %d tasks, %d iterations/epoch (sampler %s%s), "
-                "%d epochs, %d optimizer step(s) per iteration", tag, n_learn, len(train_samples),
-                "cached feature rows" if features is not None else "images", len(group), len(sampler),
-                cfg.data.sampler.mode, f", <= {cfg.data.sampler.tasks_per_batch} tasks/batch" if grouped else "",
-                ocfg.epochs, k)
-    model.train()
-    history, step = [], 0
-    for epoch in range(ocfg.epochs):
-        sampler.set_epoch(epoch)
-        if hasattr(loader.dataset, "set_epoch"):
-            loader.dataset.set_epoch(epoch)
-        lr = schedule.lr
-        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        bar = progress(loader, desc=f"{tag}epoch {epoch + 1}/{ocfg.epochs}", enabled=cfg.train.progress)
-        for inputs, tasks, labels, _ in bar:
-            tasks = tasks.to(device)
-            targets = group.global_labels(tasks, labels.to(device))
-            batch_task = class_task
-            if grouped:
-                class_index = batch_classes(group, tasks)
-                position = torch.full((group.num_classes,), -1, dtype=torch.long, device=device)
-                position[class_index] = torch.arange(len(class_index), device=device)
-                logits = model(inputs, class_index=class_index)
-                targets, batch_task = position[targets], class_task[class_index]
-            else:
-                logits = model(inputs)
-            loss = multitask_cross_entropy(logits, tasks, targets, batch_task, task_weights)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{tag}non-finite loss {loss.item()} at epoch {epoch + 1}, step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for _ in range(k):
-                optimizer.step()
-            step += 1
-            with torch.no_grad():
-                own = batch_task.unsqueeze(0) == tasks.unsqueeze(1)
-                pred = logits.masked_fill(~own, float("-inf")).argmax(1)
-                correct += int((pred == targets).sum())
-            seen += inputs.shape[0]
-            loss_sum += loss.item() * inputs.shape[0]
-            if run is not None and step % cfg.train.log_every == 0:
-                run.log_metrics({"kind": "step", "scope": tag.strip(": ") or "joint", "epoch": epoch + 1,
-                                 "step": step, "loss": loss.item(), "lr": lr})
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-        for _ in range(k):
-            schedule.step()
-        elapsed = time.perf_counter() - t0
-        record = {"kind": "epoch", "scope": tag.strip(": ") or "joint", "epoch": epoch + 1, "step": step,
-                  "loss": loss_sum / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1), "lr": lr,
-                  "samples_per_s": seen / elapsed if elapsed > 0 else float("nan")}
-        history.append(record)
-        if run is not None:
-            run.log_metrics(record)
-        logger.info("%sepoch %d/%d loss %.4f train acc %.1f%% lr %.3g %.1f samples/s", tag, epoch + 1, ocfg.epochs,
-                    record["loss"], record["train_acc"], lr, record["samples_per_s"])
-    model.eval()
-    return history
+    steps_per_epoch = sampler.steps_per_epoch - sampler.steps_per_epoch % gas  # whole optimizer steps only
+    if steps_per_epoch == 0:
+        raise ValueError(f"{tag}an epoch has {sampler.steps_per_epoch} micro-batches per rank, fewer than "
+                         f"engine.grad_accum_steps={gas}")
+    scope = tag.strip(": ") or "joint"
+    history: List[Dict] = []
+    start_epoch, step = 0, 0
+    if checkpoints is not None and cfg.train.resume:
+        state = checkpoints.load_latest(engine, cfg.train.resume)
+        if state is not None:
+            start_epoch, step, history = state["epoch"], state["step"], state["history"]
+            engine.schedule.steps = state["schedule_steps"]
+            engine.schedule._apply()
+            sampler.load_state_dict(state["sampler"])
+            if state.get("finished"):
+                start_epoch = ocfg.epochs
+    mem = memory_report(engine.module, cfg.model.device)
+    logger.info("%straining %s learnable parameters on %d %s of %d tasks: %d rank(s) x micro-batch %d x %d "
+                "accumulation = global batch %d, %d iterations/epoch (sampler %s%s), %d epochs, ZeRO stage %d; "
+                "rank 0 holds %.1f MiB frozen + %.2f MiB learnable parameters", tag,
+                f"{sum(p.numel() for p in model.learnable_parameters().values()):,}", len(train_samples),
+                "cached feature rows" if features is not None else "images", len(group), world, micro, gas,
+                micro * gas * world, steps_per_epoch // gas, cfg.data.sampler.mode,
+                f", <= {cfg.data.sampler.tasks_per_batch} tasks/batch" if grouped else "", ocfg.epochs,
+                cfg.engine.zero_stage, mem["frozen_param_bytes"] / 2**20, mem["learnable_param_bytes"] / 2**20)
+    engine.train()
+
+    def client_state(epoch: int, consumed: int, finished: bool = False) -> Dict:
+        return {"epoch": epoch, "step": step, "sampler": sampler.state_dict(consumed),
+                "schedule_steps": engine.schedule.steps, "history": history, "finished": finished}
+
+    skipped = 0
+    with _StopSignals() as signals:
+        for epoch in range(start_epoch, ocfg.epochs):
+            sampler.set_epoch(epoch)
+            if hasattr(loader.dataset, "set_epoch"):
+                loader.dataset.set_epoch(epoch)
+            lr = engine.schedule.lr
+            t0 = time.perf_counter()
+            totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples (this rank)
+            todo = steps_per_epoch - sampler.start_step
+            bar = progress(loader, desc=f"{tag}epoch {epoch + 1}/{ocfg.epochs}", enabled=cfg.train.progress and rank == 0,
+                           total=todo)
+            consumed = 0
+            for inputs, tasks, labels, _ in bar:
+                if consumed == todo:
+                    break
+                tasks = tasks.to(device)
+                targets = group.global_labels(tasks, labels.to(device))
+                batch_task = class_task
+                if grouped:
+                    class_index = batch_classes(group, tasks)
+                    position = torch.full((group.num_classes,), -1, dtype=torch.long, device=device)
+                    position[class_index] = torch.arange(len(class_index), device=device)
+                    logits = engine(inputs, class_index=class_index)
+                    targets, batch_task = position[targets], class_task[class_index]
+                else:
+                    logits = engine(inputs)
+                loss = multitask_cross_entropy(logits, tasks, targets, batch_task, task_weights)
+                # One collective per step: any rank's non-finite loss or stop signal concerns all ranks.
+                flags = D.all_reduce(torch.tensor([float(not torch.isfinite(loss)), float(signals.received is not None)]),
+                                     op=torch.distributed.ReduceOp.MAX)
+                consumed += 1
+                if flags[0] > 0:
+                    if cfg.train.on_nonfinite == "stop":
+                        raise FloatingPointError(f"{tag}non-finite loss (rank {rank}: {loss.item()}) at epoch "
+                                                 f"{epoch + 1}, step {step}; no checkpoint was written for it "
+                                                 "(train.on_nonfinite=skip skips such steps)")
+                    skipped += 1
+                    logger.warning("%sskipping a step with a non-finite loss at epoch %d, step %d", tag, epoch + 1, step)
+                else:
+                    engine.backward(loss)
+                    engine.step()
+                    with torch.no_grad():
+                        own = batch_task.unsqueeze(0) == tasks.unsqueeze(1)
+                        pred = logits.masked_fill(~own, float("-inf")).argmax(1)
+                        totals += torch.tensor([loss.item() * inputs.shape[0], float((pred == targets).sum()),
+                                                float(inputs.shape[0])], dtype=torch.float64)
+                step += 1
+                boundary = step % gas == 0
+                if run is not None and step % cfg.train.log_every == 0:
+                    run.log_metrics({"kind": "step", "scope": scope, "epoch": epoch + 1, "step": step,
+                                     "loss": loss.item(), "lr": lr})
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+                if checkpoints is not None and boundary and (flags[1] > 0 or (
+                        cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
+                    checkpoints.save(engine, step, client_state(epoch, consumed))
+                if flags[1] > 0 and boundary:
+                    raise Preempted(f"{tag}stop signal received: checkpoint saved at epoch {epoch + 1}, step {step}")
+            totals = D.all_reduce(totals)
+            for _ in range(engine.k):
+                engine.schedule.step()
+            elapsed = time.perf_counter() - t0
+            record = {"kind": "epoch", "scope": scope, "epoch": epoch + 1, "step": step,
+                      "loss": float(totals[0] / max(totals[2], 1)), "train_acc": float(100 * totals[1] / max(totals[2], 1)),
+                      "lr": lr, "samples_per_s": float(totals[2]) / elapsed if elapsed > 0 else float("nan")}
+            history.append(record)
+            if run is not None:
+                run.log_metrics(record)
+            logger.info("%sepoch %d/%d loss %.4f train acc %.1f%% lr %.3g %.1f samples/s", tag, epoch + 1, ocfg.epochs,
+                        record["loss"], record["train_acc"], lr, record["samples_per_s"])
+            if checkpoints is not None:
+                sampler.set_epoch(epoch + 1)
+                checkpoints.save(engine, step, client_state(epoch + 1, 0, finished=epoch + 1 == ocfg.epochs))
+    if skipped:
+        logger.warning("%s%d step(s) with a non-finite loss were skipped", tag, skipped)
+    mem = memory_report(engine.module, cfg.model.device)
+    logger.info("%smemory (rank %d): frozen %.1f MiB, learnable %.2f MiB, peak %.1f MiB", tag, rank,
+                mem["frozen_param_bytes"] / 2**20, mem["learnable_param_bytes"] / 2**20,
+                mem.get("peak_allocated_bytes", mem.get("peak_rss_bytes", 0)) / 2**20)
+    engine.train(False)
+    return history, engine

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -89,12 +91,29 @@ def load_image(path: str) -> Image.Image:
         raise DataError(f"cannot decode image file {path}: {err}") from err
 
 
-class MultiTaskImageDataset(Dataset):
-    """Items ``(image, task, label, index)``; ``index`` lets callers match cached features."""
+def seeded_call(fn: Callable, *key):
+    """``fn()`` with the torch RNG seeded by ``key`` (restored afterwards): random augmentation that
+    depends only on the key, not on workers, batch composition, ranks or restarts."""
+    digest = hashlib.sha256(":".join(map(str, key)).encode()).digest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        return fn()
 
-    def __init__(self, samples: List[Sample], transform: Optional[Callable] = None):
+
+class MultiTaskImageDataset(Dataset):
+    """Items ``(image, task, label, index)``; ``index`` lets callers match cached features.
+
+    With ``seed``, the transform of item ``i`` in epoch ``e`` is seeded by (seed, e, i) (call
+    ``set_epoch``), so a resumed run augments exactly as an uninterrupted one.
+    """
+
+    def __init__(self, samples: List[Sample], transform: Optional[Callable] = None, seed: Optional[int] = None):
         self.samples = samples
         self.transform = transform
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -103,5 +122,8 @@ class MultiTaskImageDataset(Dataset):
         s = self.samples[i]
         img = load_image(s.path)
         if self.transform is not None:
-            img = self.transform(img)
+            if self.seed is None:
+                img = self.transform(img)
+            else:
+                img = seeded_call(lambda: self.transform(img), "augment", self.seed, self.epoch, i)
         return img, s.task, s.label, i

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from softcpt_dist.data.dataset import Sample, load_image
+from softcpt_dist.data.dataset import Sample, load_image, seeded_call
 from softcpt_dist.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -67,10 +67,7 @@ class _Views(Dataset):
         img = load_image(self.paths[i])
         if self.views == 0:
             return self.transform(img)
-        digest = hashlib.sha256(f"{self.seed}:{self.paths[i]}:{v}".encode()).digest()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-            return self.transform(img)
+        return seeded_call(lambda: self.transform(img), self.seed, self.paths[i], v)
 
 
 class FeatureCache:

@@ -1,0 +1,146 @@
+"""Who am I in the job: world information as a pure function of the environment, and the process group.
+
+Launchers and the variables they set:
+
+- ``torchrun`` and the ``deepspeed`` launcher: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+  ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``;
+- ``srun`` (one task per rank): ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``,
+  ``SLURM_NTASKS_PER_NODE`` and the node list; ``MASTER_ADDR`` comes from the environment (our
+  SLURM scripts export the first node) or else the first host of ``SLURM_JOB_NODELIST``;
+- nothing: one process, no launcher needed.
+
+``RANK`` wins over ``SLURM_PROCID``: ``srun torchrun ...`` (one task per node) is a torchrun launch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any, List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "none"  # none | torchrun | slurm
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list: ``node[03-05,9],gpu1`` -> ``node03``."""
+    head = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if head is None:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = head.group(1), head.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def world_info_from_env(env: Optional[Mapping[str, str]] = None) -> WorldInfo:
+    env = os.environ if env is None else env
+    port = int(env.get("MASTER_PORT", 29500))
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return WorldInfo(int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)),
+                         int(env.get("LOCAL_WORLD_SIZE", world)), env.get("MASTER_ADDR", "127.0.0.1"), port,
+                         "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        per_node = env.get("SLURM_NTASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1"))
+        local_world = int(re.match(r"\d+", per_node).group(0))
+        addr = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST",
+                                                                                                 "127.0.0.1")))
+        if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env:
+            port = 20000 + int(env["SLURM_JOB_ID"]) % 20000  # one port per job, same on every task
+        return WorldInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                         local_world, addr, port, "slurm")
+    return WorldInfo()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(info: WorldInfo, device: str, timeout_s: float, backend: str = "auto") -> None:
+    """Join (or, for one process, create) the default process group; idempotent.
+
+    ``timeout_s`` bounds every collective: if a rank dies, the others fail and exit instead of hanging.
+    """
+    if dist.is_initialized():
+        return
+    if backend == "auto":
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+    if info.world_size == 1:
+        addr, port = "127.0.0.1", _free_port()  # a private one-process group: no launcher needed
+    else:
+        addr, port = info.master_addr, info.master_port
+    if device.startswith("cuda"):
+        torch.cuda.set_device(info.local_rank)
+    # DeepSpeed reads these (srun and single-process runs do not set them).
+    for key, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank),
+                       ("LOCAL_WORLD_SIZE", info.local_world_size)):
+        os.environ.setdefault(key, str(value))
+    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=info.rank,
+                            world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    logger.info("process group: %s, rank %d of %d (launcher %s)", backend, info.rank, info.world_size,
+                info.launcher)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if world_size() > 1:
+        dist.all_reduce(value, op=op)
+    return value
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    if world_size() == 1:
+        return [obj]
+    out: List[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def quiet_non_main_ranks(info: WorldInfo) -> None:
+    """Ranks other than 0 log warnings and errors only."""
+    if not info.is_main:
+        logging.getLogger("softcpt_dist").setLevel(logging.WARNING)
