@@ -66,9 +66,9 @@ def load_learnable(module: torch.nn.Module, state: Dict[str, torch.Tensor], wher
 
 # --- training checkpoints (resume after preemption) ----------------------------------------------
 #
-# <run>/checkpoints/<scope>/<tag>/   DeepSpeed's files (learnable module state, optimizer, client
-#                                     state: epoch, step, sampler position, schedule, history, meta)
-#                                     plus rng_rank<r>.pt per rank
+# <run>/checkpoints/<scope>/<tag>/   DeepSpeed's files (learnable module state, optimizer partitions),
+#                                     train_state.pt (epoch, step, sampler position, schedule, history,
+#                                     meta) and rng_rank<r>.pt per rank
 # <run>/checkpoints/<scope>/latest   the newest complete tag, replaced atomically after every rank
 #                                     has finished writing; a save killed midway leaves it unchanged.
 

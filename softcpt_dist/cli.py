@@ -21,12 +21,16 @@ logger = logging.getLogger("softcpt_dist")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="softcpt-dist", description=__doc__)
+    # The deepspeed launcher passes --local_rank=N to every rank; the environment has the same information.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train (or fit / evaluate) one experiment")
     tr.add_argument("--config", nargs="*", default=[], help="YAML files, merged in order")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=5")
     ev = sub.add_parser("eval", help="evaluate a finished run or a checkpoint")
-    ev.add_argument("--run", type=Path, help="run folder (its config.yaml and prompt_checkpoint.pt)")
+    # --run-dir: under torchrun, `--run` would be taken for an abbreviation of torchrun's --run-path.
+    ev.add_argument("--run", "--run-dir", dest="run", type=Path,
+                    help="run folder (its config.yaml and prompt_checkpoint.pt); use --run-dir under torchrun")
     ev.add_argument("--config", nargs="*", default=[], help="YAML files (without --run)")
     ev.add_argument("--checkpoint", type=Path, help="prompt checkpoint (default: the run's)")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.eval_split=val")

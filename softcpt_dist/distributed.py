@@ -36,7 +36,7 @@ class WorldInfo:
     local_world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    launcher: str = "none"  # none | torchrun | slurm
+    launcher: str = "none"  # none | env (torchrun or the deepspeed launcher: RANK/WORLD_SIZE set) | slurm
 
     @property
     def is_main(self) -> bool:
@@ -61,7 +61,7 @@ def world_info_from_env(env: Optional[Mapping[str, str]] = None) -> WorldInfo:
         world = int(env["WORLD_SIZE"])
         return WorldInfo(int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)),
                          int(env.get("LOCAL_WORLD_SIZE", world)), env.get("MASTER_ADDR", "127.0.0.1"), port,
-                         "torchrun")
+                         "env")
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
         per_node = env.get("SLURM_NTASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1"))
         local_world = int(re.match(r"\d+", per_node).group(0))
@@ -90,16 +90,19 @@ def init_distributed(info: WorldInfo, device: str, timeout_s: float, backend: st
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
     if info.world_size == 1:
-        addr, port = "127.0.0.1", _free_port()  # a private one-process group: no launcher needed
+        init_method = f"tcp://127.0.0.1:{_free_port()}"  # a private one-process group: no launcher needed
     else:
-        addr, port = info.master_addr, info.master_port
+        # env:// also reuses torchrun's own store (TORCHELASTIC_USE_AGENT_STORE).
+        os.environ.setdefault("MASTER_ADDR", info.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(info.master_port))
+        init_method = "env://"
     if device.startswith("cuda"):
         torch.cuda.set_device(info.local_rank)
     # DeepSpeed reads these (srun and single-process runs do not set them).
     for key, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank),
                        ("LOCAL_WORLD_SIZE", info.local_world_size)):
         os.environ.setdefault(key, str(value))
-    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=info.rank,
+    dist.init_process_group(backend, init_method=init_method, rank=info.rank,
                             world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s))
     logger.info("process group: %s, rank %d of %d (launcher %s)", backend, info.rank, info.world_size,
                 info.launcher)

@@ -113,16 +113,16 @@ class TrainEngine:
             return {n: p.detach().cpu().clone() for n, p in params.items()}
 
     def save(self, folder: Path, tag: str, client_state: Dict) -> None:
-        """DeepSpeed checkpoint (module, optimizer, our client state) into ``folder/tag`` on all ranks."""
+        """DeepSpeed checkpoint (learnable module state, optimizer) into ``folder/tag``; all ranks call it."""
         self.engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False,
                                     exclude_frozen_parameters=True)
 
-    def load(self, folder: Path, tag: str) -> Dict:
-        _, client_state = self.engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False,
-                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
-        if client_state is None:
-            raise ConfigError(f"cannot load the training checkpoint {folder / tag}")
-        return client_state
+    def load(self, folder: Path, tag: str) -> None:
+        from softcpt_dist.checkpoint import CheckpointError
+        path, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load the training checkpoint {folder / tag}")
 
 
 def memory_report(model, device: str) -> Dict[str, float]:

@@ -140,8 +140,8 @@ def start_distributed(cfg: Config) -> D.WorldInfo:
     info = D.world_info_from_env()
     if cfg.model.device.startswith("cuda") and info.world_size > 1:
         cfg.model.device = f"cuda:{info.local_rank}"
-    D.init_distributed(info, cfg.model.device, cfg.engine.timeout_s, cfg.engine.backend)
     D.quiet_non_main_ranks(info)
+    D.init_distributed(info, cfg.model.device, cfg.engine.timeout_s, cfg.engine.backend)
     return info
 
 

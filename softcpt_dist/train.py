@@ -37,6 +37,7 @@ from softcpt_dist.progress import progress
 
 logger = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved, requeue and resume
+TRAIN_STATE = "train_state.pt"  # epoch, step, sampler position, schedule, history, meta (rank 0 writes)
 
 
 class Preempted(RuntimeError):
@@ -147,21 +148,29 @@ class TrainingCheckpoints:
         if D.rank() == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
         D.barrier()
-        engine.save(self.folder, tag, {**client_state, "meta": self.meta})
+        engine.save(self.folder, tag, {})
         torch.save(_rng_state(), self.folder / tag / f"rng_rank{D.rank()}.pt")
+        if D.rank() == 0:
+            torch.save({**client_state, "meta": self.meta}, self.folder / tag / TRAIN_STATE)
         D.barrier()  # every rank has written: only now does `latest` move
         if D.rank() == 0:
             mark_latest(self.folder, tag, self.keep)
         D.barrier()
 
-    def load_latest(self, engine: TrainEngine, source: str) -> Optional[Dict]:
+    def load_latest(self, engine: TrainEngine, sampler: TaskBalancedBatchSampler, source: str) -> Optional[Dict]:
+        """Check the saved state against this run (meta, sampler settings incl. world size), then load it."""
         folder, tag = (self.folder, latest_tag(self.folder)) if source == "latest" else _split_tag(Path(source))
         if tag is None:
             logger.info("train.resume=latest: no checkpoint in %s, starting fresh", self.folder)
             return None
         where = f"training checkpoint {folder / tag}"
-        state = engine.load(folder, tag)
+        state_file = folder / tag / TRAIN_STATE
+        if not state_file.is_file():
+            raise CheckpointError(f"{where} has no {TRAIN_STATE}: not a complete training checkpoint")
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
         check_meta(state.get("meta", {}), self.meta, where)
+        sampler.load_state_dict(state["sampler"])  # refuses other data, sampler settings or world size
+        engine.load(folder, tag)
         rng_file = folder / tag / f"rng_rank{D.rank()}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
@@ -201,14 +210,11 @@ def train_prompts(cfg: Config, model, group: TaskGroup, train_samples: List[Samp
     history: List[Dict] = []
     start_epoch, step = 0, 0
     if checkpoints is not None and cfg.train.resume:
-        state = checkpoints.load_latest(engine, cfg.train.resume)
+        state = checkpoints.load_latest(engine, sampler, cfg.train.resume)
         if state is not None:
             start_epoch, step, history = state["epoch"], state["step"], state["history"]
             engine.schedule.steps = state["schedule_steps"]
             engine.schedule._apply()
-            sampler.load_state_dict(state["sampler"])
-            if state.get("finished"):
-                start_epoch = ocfg.epochs
     mem = memory_report(engine.module, cfg.model.device)
     logger.info("%straining %s learnable parameters on %d %s of %d tasks: %d rank(s) x micro-batch %d x %d "
                 "accumulation = global batch %d, %d iterations/epoch (sampler %s%s), %d epochs, ZeRO stage %d; "
@@ -220,9 +226,9 @@ def train_prompts(cfg: Config, model, group: TaskGroup, train_samples: List[Samp
                 cfg.engine.zero_stage, mem["frozen_param_bytes"] / 2**20, mem["learnable_param_bytes"] / 2**20)
     engine.train()
 
-    def client_state(epoch: int, consumed: int, finished: bool = False) -> Dict:
+    def client_state(epoch: int, consumed: int) -> Dict:
         return {"epoch": epoch, "step": step, "sampler": sampler.state_dict(consumed),
-                "schedule_steps": engine.schedule.steps, "history": history, "finished": finished}
+                "schedule_steps": engine.schedule.steps, "history": history}
 
     skipped = 0
     with _StopSignals() as signals:
@@ -252,9 +258,13 @@ def train_prompts(cfg: Config, model, group: TaskGroup, train_samples: List[Samp
                 else:
                     logits = engine(inputs)
                 loss = multitask_cross_entropy(logits, tasks, targets, batch_task, task_weights)
-                # One collective per step: any rank's non-finite loss or stop signal concerns all ranks.
-                flags = D.all_reduce(torch.tensor([float(not torch.isfinite(loss)), float(signals.received is not None)]),
-                                     op=torch.distributed.ReduceOp.MAX)
+                # One collective per step: any rank's non-finite loss or stop signal concerns all ranks,
+                # and the logged loss is the global batch's (sum over ranks / global batch size).
+                finite = bool(torch.isfinite(loss))
+                flags = D.all_reduce(torch.tensor([float(not finite), float(signals.received is not None),
+                                                   loss.item() * inputs.shape[0] if finite else 0.0,
+                                                   float(inputs.shape[0])], dtype=torch.float64))
+                global_loss = float(flags[2] / flags[3])
                 consumed += 1
                 if flags[0] > 0:
                     if cfg.train.on_nonfinite == "stop":
@@ -275,8 +285,8 @@ def train_prompts(cfg: Config, model, group: TaskGroup, train_samples: List[Samp
                 boundary = step % gas == 0
                 if run is not None and step % cfg.train.log_every == 0:
                     run.log_metrics({"kind": "step", "scope": scope, "epoch": epoch + 1, "step": step,
-                                     "loss": loss.item(), "lr": lr})
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+                                     "loss": global_loss, "lr": lr})
+                bar.set_postfix(loss=f"{global_loss:.4f}", lr=f"{lr:.2e}")
                 if checkpoints is not None and boundary and (flags[1] > 0 or (
                         cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
                     checkpoints.save(engine, step, client_state(epoch, consumed))
@@ -296,12 +306,15 @@ def train_prompts(cfg: Config, model, group: TaskGroup, train_samples: List[Samp
                         record["loss"], record["train_acc"], lr, record["samples_per_s"])
             if checkpoints is not None:
                 sampler.set_epoch(epoch + 1)
-                checkpoints.save(engine, step, client_state(epoch + 1, 0, finished=epoch + 1 == ocfg.epochs))
+                checkpoints.save(engine, step, client_state(epoch + 1, 0))
     if skipped:
         logger.warning("%s%d step(s) with a non-finite loss were skipped", tag, skipped)
-    mem = memory_report(engine.module, cfg.model.device)
-    logger.info("%smemory (rank %d): frozen %.1f MiB, learnable %.2f MiB, peak %.1f MiB", tag, rank,
-                mem["frozen_param_bytes"] / 2**20, mem["learnable_param_bytes"] / 2**20,
-                mem.get("peak_allocated_bytes", mem.get("peak_rss_bytes", 0)) / 2**20)
+    per_rank = D.all_gather_objects(memory_report(engine.module, cfg.model.device))
+    for r, mem in enumerate(per_rank):
+        logger.info("%smemory rank %d: frozen params %.1f MiB, learnable params %.2f MiB, peak %.1f MiB", tag, r,
+                    mem["frozen_param_bytes"] / 2**20, mem["learnable_param_bytes"] / 2**20,
+                    mem.get("peak_allocated_bytes", mem.get("peak_rss_bytes", 0)) / 2**20)
+    if run is not None:
+        run.write_json(f"memory_{scope}.json", {"zero_stage": cfg.engine.zero_stage, "ranks": per_rank})
     engine.train(False)
     return history, engine

@@ -1,0 +1,96 @@
+"""The DeepSpeed engine in one process: activation checkpointing, non-finite losses, checkpoint checks."""
+
+import json
+
+import pytest
+import torch
+
+import softcpt_dist.train as train_module
+from softcpt_dist.cli import main
+from softcpt_dist.config import ConfigError, load_config
+from softcpt_dist.engine import deepspeed_config, micro_batch_size
+from softcpt_dist.loss import multitask_cross_entropy
+from softcpt_dist.methods import build_prompt_method
+from softcpt_dist.model import PromptClassifier
+
+
+def _args(root, out, name, *extra):
+    return ["train", f"data.root={root}", "data.shots=2", "data.train_augment=none", "optim.batch_size=8",
+            "optim.epochs=2", f"train.output_dir={out}", f"train.run_name={name}", "train.progress=false", *extra]
+
+
+@pytest.mark.parametrize("variant", ["NATA", "CSTS"])
+def test_activation_checkpointing_gives_the_same_gradients(tiny_backbone, small_data, variant):
+    cfg = load_config([], [f"method.variant={variant}"])
+    group = small_data.group
+    torch.manual_seed(0)
+    model = PromptClassifier(tiny_backbone, build_prompt_method(cfg, tiny_backbone, group))
+    feats = torch.randn(5, tiny_backbone.embed_dim)
+    tasks, labels = torch.tensor([0, 1, 2, 3, 0]), torch.tensor([4, 2, 1, 0, 3])
+    grads = []
+    for enabled in (False, True):
+        tiny_backbone.text_encoder.transformer.grad_checkpointing = enabled
+        try:
+            model.zero_grad()
+            loss = multitask_cross_entropy(model(feats), tasks, group.global_labels(tasks, labels), group.class_task())
+            loss.backward()
+            grads.append({n: p.grad.clone() for n, p in model.learnable_parameters().items()})
+        finally:
+            tiny_backbone.text_encoder.transformer.grad_checkpointing = False
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-8)
+
+
+def test_global_batch_is_split_over_ranks_and_accumulation():
+    cfg = load_config([], ["optim.batch_size=32", "engine.grad_accum_steps=2", "engine.zero_stage=3",
+                           "engine.deepspeed={zero_optimization: {overlap_comm: true}, gradient_clipping: 0.5}"])
+    assert micro_batch_size(cfg, 4) == 4
+    ds = deepspeed_config(cfg, 4, 4)
+    assert ds["train_batch_size"] == 32 and ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert ds["gradient_clipping"] == 0.5  # raw DeepSpeed keys win
+    with pytest.raises(ConfigError, match="not divisible by world_size x engine.grad_accum_steps = 3 x 2"):
+        micro_batch_size(cfg, 3)
+
+
+def _nan_after(n):
+    calls = {"n": 0}
+
+    def loss_fn(*args, **kwargs):
+        calls["n"] += 1
+        loss = multitask_cross_entropy(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > n else loss
+    return loss_fn
+
+
+def test_non_finite_loss_stops_without_touching_checkpoints(small_data_root, tmp_path, monkeypatch):
+    assert main(_args(small_data_root, tmp_path, "nan", "train.checkpoint_every=1")) == 0
+    ckpts = tmp_path / "nan" / "checkpoints" / "joint"
+    before = (ckpts / "latest").read_text()
+    monkeypatch.setattr(train_module, "multitask_cross_entropy", _nan_after(1))
+    assert main(_args(small_data_root, tmp_path, "nan", "train.checkpoint_every=1", "optim.epochs=4",
+                      "train.resume=latest")) == 1
+    after = (ckpts / "latest").read_text()
+    # The finite step after resuming was checkpointed; nothing after the NaN was.
+    assert int(after.strip()[4:]) == int(before.strip()[4:]) + 1
+
+
+def test_non_finite_steps_can_be_skipped(small_data_root, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(train_module, "multitask_cross_entropy", _nan_after(3))
+    assert main(_args(small_data_root, tmp_path, "skip", "train.on_nonfinite=skip")) == 0
+    assert "step(s) with a non-finite loss were skipped" in caplog.text
+
+
+def test_resume_refuses_a_checkpoint_of_another_method(small_data_root, tmp_path, caplog):
+    assert main(_args(small_data_root, tmp_path, "mm", "optim.epochs=1")) == 0
+    assert main(_args(small_data_root, tmp_path, "mm", "optim.epochs=1", "method.variant=NATS",
+                      "train.resume=latest")) == 2
+    assert "was made for method='softcpt-NATA', this run has method='softcpt-NATS'" in caplog.text
+
+
+def test_keep_last_n_checkpoints_and_memory_report(small_data_root, tmp_path):
+    assert main(_args(small_data_root, tmp_path, "keep", "train.checkpoint_every=1", "train.keep_checkpoints=2")) == 0
+    ckpts = tmp_path / "keep" / "checkpoints" / "joint"
+    tags = sorted(p.name for p in ckpts.iterdir() if p.is_dir())
+    assert len(tags) == 2 and (ckpts / "latest").read_text().strip() == tags[-1]
+    memory = json.loads((tmp_path / "keep" / "memory_joint.json").read_text())
+    assert memory["ranks"][0]["frozen_param_bytes"] > 0 and memory["ranks"][0]["learnable_param_bytes"] > 0
