@@ -89,10 +89,10 @@ def init_distributed(info: WorldInfo, device: str, timeout_s: float, backend: st
         return
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
-    if info.world_size == 1:
+    if info.launcher == "none":
         init_method = f"tcp://127.0.0.1:{_free_port()}"  # a private one-process group: no launcher needed
     else:
-        # env:// also reuses torchrun's own store (TORCHELASTIC_USE_AGENT_STORE).
+        # env:// also reuses torchrun's own store (TORCHELASTIC_USE_AGENT_STORE), even for one rank.
         os.environ.setdefault("MASTER_ADDR", info.master_addr)
         os.environ.setdefault("MASTER_PORT", str(info.master_port))
         init_method = "env://"

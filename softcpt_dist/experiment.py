@@ -18,7 +18,7 @@ from softcpt_dist.checkpoint import (CheckpointError, checkpoint_meta, load_lear
                                      save_prompt_checkpoint)
 from softcpt_dist.clip_backbone import build_backbone
 from softcpt_dist.config import Config, ConfigError
-from softcpt_dist.data import MultiTaskData, load_data
+from softcpt_dist.data import MultiTaskData, ensure_builtin_data, load_data
 from softcpt_dist.data.dataset import Sample
 from softcpt_dist.data.features import open_cache
 from softcpt_dist.data.tasks import TaskGroup
@@ -145,6 +145,14 @@ def start_distributed(cfg: Config) -> D.WorldInfo:
     return info
 
 
+def _load_data_once(cfg: Config) -> MultiTaskData:
+    """Every rank reads the data; only rank 0 generates the built-in dataset when it is missing."""
+    if D.rank() == 0:
+        ensure_builtin_data(cfg.data)
+    D.barrier()
+    return load_data(cfg.data, cfg.train.seed, cfg.train.eval_split)
+
+
 def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
     info = start_distributed(cfg)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -164,7 +172,7 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
         run.save_config(cfg)
         logger.info("run folder: %s (%d rank(s), launcher %s)", run.path, info.world_size, info.launcher)
         backbone = build_backbone(cfg.model)
-        data = load_data(cfg.data, cfg.train.seed, cfg.train.eval_split)
+        data = _load_data_once(cfg)
         run.write_json(FEWSHOT_RECORD, data.report)
         group = data.group
         logger.info("tasks: %s", ", ".join(f"{t.key} ({t.num_classes} classes)" for t in group.tasks))
@@ -238,7 +246,7 @@ def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = 
     info = start_distributed(cfg)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     backbone = build_backbone(cfg.model)
-    data = load_data(cfg.data, cfg.train.seed, cfg.train.eval_split)
+    data = _load_data_once(cfg)
     group, split = data.group, cfg.train.eval_split
     states = None
     if cfg.method.name != "zeroshot":

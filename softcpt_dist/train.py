@@ -219,7 +219,8 @@ def train_prompts(cfg: Config, model, group: TaskGroup, train_samples: List[Samp
     logger.info("%straining %s learnable parameters on %d %s of %d tasks: %d rank(s) x micro-batch %d x %d "
                 "accumulation = global batch %d, %d iterations/epoch (sampler %s%s), %d epochs, ZeRO stage %d; "
                 "rank 0 holds %.1f MiB frozen + %.2f MiB learnable parameters", tag,
-                f"{sum(p.numel() for p in model.learnable_parameters().values()):,}", len(train_samples),
+                f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.learnable_parameters().values()):,}",
+                len(train_samples),
                 "cached feature rows" if features is not None else "images", len(group), world, micro, gas,
                 micro * gas * world, steps_per_epoch // gas, cfg.data.sampler.mode,
                 f", <= {cfg.data.sampler.tasks_per_batch} tasks/batch" if grouped else "", ocfg.epochs,

@@ -29,8 +29,8 @@ def _args(root, out, name, *extra):
             "train.progress=false", "train.log_every=1", *extra]
 
 
-def _launch(nproc, args, **kw):
-    if nproc == 1:
+def _launch(nproc, args, torchrun=False, **kw):
+    if nproc == 1 and not torchrun:
         cmd = [sys.executable, "-m", "softcpt_dist.cli", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -38,8 +38,8 @@ def _launch(nproc, args, **kw):
     return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def _run(nproc, args, timeout=240):
-    proc = _launch(nproc, args)
+def _run(nproc, args, timeout=240, torchrun=False):
+    proc = _launch(nproc, args, torchrun)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 
@@ -95,7 +95,8 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batch(single_run, small_d
 
 
 def test_gradient_accumulation_matches_the_full_batch(single_run, small_data_root, tmp_path):
-    rc, log = _run(1, _args(small_data_root, tmp_path, "gas", "engine.grad_accum_steps=2"))
+    """Also the torchrun path with a single rank."""
+    rc, log = _run(1, _args(small_data_root, tmp_path, "gas", "engine.grad_accum_steps=2"), torchrun=True)
     assert rc == 0, log
     # Logged losses are per micro-batch here; the weights and metrics must match.
     wa, wb = _weights(tmp_path / "gas"), _weights(single_run)

@@ -47,15 +47,20 @@ def _read_custom(cfg: DataConfig) -> MultiTaskData:
     return read_custom_group(cfg.group_file, cfg.root)
 
 
-def read_dataset(cfg: DataConfig) -> MultiTaskData:
-    """All splits of the configured dataset (and task subset), before few-shot sampling."""
-    if cfg.dataset not in _READERS:
-        raise ConfigError(f"data.dataset={cfg.dataset!r} is not available; known: {sorted(_READERS)}")
+def ensure_builtin_data(cfg: DataConfig) -> None:
+    """Generate the built-in dataset if it is configured and missing (call on one rank first)."""
     root = Path(cfg.root)
     if cfg.dataset == "synthetic" and not (root / "tasks.json").is_file():
         if not cfg.generate_if_missing:
             raise DataError(f"built-in dataset not found at {root} (data.generate_if_missing=false)")
         generate_synthetic(root, cfg.synthetic)
+
+
+def read_dataset(cfg: DataConfig) -> MultiTaskData:
+    """All splits of the configured dataset (and task subset), before few-shot sampling."""
+    if cfg.dataset not in _READERS:
+        raise ConfigError(f"data.dataset={cfg.dataset!r} is not available; known: {sorted(_READERS)}")
+    ensure_builtin_data(cfg)
     data = _READERS[cfg.dataset](cfg)
     if cfg.tasks:
         data = data.select_tasks(cfg.tasks)
@@ -137,5 +142,5 @@ def find_unreadable(splits: Dict[str, List[Sample]], workers: int = 0) -> List[t
 
 
 __all__ = ["DATASETS", "DataError", "MultiTaskData", "MultiTaskImageDataset", "Sample", "TaskGroup", "TaskSpec",
-           "check_files_exist", "find_unreadable", "fewshot_subset", "generate_synthetic", "load_data",
+           "check_files_exist", "ensure_builtin_data", "find_unreadable", "fewshot_subset", "generate_synthetic", "load_data",
            "read_dataset", "read_task_folders"]
