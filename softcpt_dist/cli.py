@@ -106,5 +106,15 @@ def _dispatch(args) -> int:
     raise ConfigError(f"unknown command {args.command}")
 
 
+def entry() -> None:
+    """Console-script / ``python -m`` entry: run, then leave the process group before the interpreter
+    exits (a live gloo group's threads can abort the process at shutdown)."""
+    rc = main()
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
