@@ -244,6 +244,12 @@ def validate(cfg: Config) -> None:
     for key in _NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)}")
+    if cfg.train.on_nonfinite == "skip" and cfg.engine.grad_accum_steps > 1:
+        raise ConfigError("train.on_nonfinite=skip needs engine.grad_accum_steps=1 (a skipped micro-batch would "
+                          "shift the accumulation boundaries)")
+    if cfg.train.resume and not cfg.train.run_name:
+        raise ConfigError("train.resume needs train.run_name: the run folder to resume in (the default name has a "
+                          "timestamp)")
     if cfg.method.name == "softcpt" and cfg.method.variant[:2] in ("CA", "CS") and cfg.prompt.n_class_ctx == 0:
         raise ConfigError(f"method.variant={cfg.method.variant} needs prompt.n_class_ctx > 0")
 

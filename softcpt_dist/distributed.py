@@ -4,9 +4,10 @@ Launchers and the variables they set:
 
 - ``torchrun`` and the ``deepspeed`` launcher: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
   ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``;
-- ``srun`` (one task per rank): ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``,
-  ``SLURM_NTASKS_PER_NODE`` and the node list; ``MASTER_ADDR`` comes from the environment (our
-  SLURM scripts export the first node) or else the first host of ``SLURM_JOB_NODELIST``;
+- ``srun`` (one task per rank): ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``,
+  ``SLURM_STEP_TASKS_PER_NODE`` and the node list (only inside an srun step: the batch script
+  itself also has ``SLURM_PROCID``); ``MASTER_ADDR`` comes from the environment (our SLURM scripts
+  export the first node) or else the first host of the step's node list;
 - nothing: one process, no launcher needed.
 
 ``RANK`` wins over ``SLURM_PROCID``: ``srun torchrun ...`` (one task per node) is a torchrun launch.
@@ -14,6 +15,7 @@ Launchers and the variables they set:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -62,14 +64,15 @@ def world_info_from_env(env: Optional[Mapping[str, str]] = None) -> WorldInfo:
         return WorldInfo(int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)),
                          int(env.get("LOCAL_WORLD_SIZE", world)), env.get("MASTER_ADDR", "127.0.0.1"), port,
                          "env")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
-        per_node = env.get("SLURM_NTASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1"))
+    # Inside an srun step (not the batch script itself, which also carries SLURM_PROCID/SLURM_NTASKS).
+    if "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1:
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_NTASKS_PER_NODE", "1"))
         local_world = int(re.match(r"\d+", per_node).group(0))
-        addr = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST",
-                                                                                                 "127.0.0.1")))
+        addr = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_STEP_NODELIST", env.get(
+            "SLURM_JOB_NODELIST", "127.0.0.1")))
         if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env:
-            port = 20000 + int(env["SLURM_JOB_ID"]) % 20000  # one port per job, same on every task
-        return WorldInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+            port = 20000 + int(env["SLURM_JOB_ID"]) % 10000  # per job, same on every task, below ephemeral ports
+        return WorldInfo(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0)),
                          local_world, addr, port, "slurm")
     return WorldInfo()
 
@@ -98,10 +101,6 @@ def init_distributed(info: WorldInfo, device: str, timeout_s: float, backend: st
         init_method = "env://"
     if device.startswith("cuda"):
         torch.cuda.set_device(info.local_rank)
-    # DeepSpeed reads these (srun and single-process runs do not set them).
-    for key, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank),
-                       ("LOCAL_WORLD_SIZE", info.local_world_size)):
-        os.environ.setdefault(key, str(value))
     dist.init_process_group(backend, init_method=init_method, rank=info.rank,
                             world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s))
     logger.info("process group: %s, rank %d of %d (launcher %s)", backend, info.rank, info.world_size,
@@ -121,10 +120,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if world_size() > 1:
-        dist.all_reduce(value, op=op)
-    return value
+    """All-reduce of a (small) tensor on whatever device the backend needs; returns it where it was."""
+    if world_size() == 1:
+        return value
+    out = value.to(_collective_device())
+    dist.all_reduce(out, op=op)
+    return out.to(value.device)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank."""
+    return bool(all_reduce(torch.tensor([float(flag)])).item() > 0)
 
 
 def all_gather_objects(obj: Any) -> List[Any]:
@@ -141,6 +155,24 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@contextlib.contextmanager
+def launcher_env(info: WorldInfo):
+    """``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` for libraries that read them
+    (DeepSpeed) while they are missing (single process, srun), removed again afterwards so that child
+    processes do not mistake themselves for launched ranks."""
+    added = []
+    for key, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank),
+                       ("LOCAL_WORLD_SIZE", info.local_world_size)):
+        if key not in os.environ:
+            os.environ[key] = str(value)
+            added.append(key)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def quiet_non_main_ranks(info: WorldInfo) -> None:

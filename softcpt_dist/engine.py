@@ -20,6 +20,7 @@ from typing import Dict, Optional
 import torch
 
 from softcpt_dist.config import Config, ConfigError
+from softcpt_dist.distributed import launcher_env, world_info_from_env
 from softcpt_dist.optim import EpochLRSchedule, build_optimizer, steps_per_update
 
 logger = logging.getLogger(__name__)
@@ -79,8 +80,9 @@ class TrainEngine:
         self.optimizer = build_optimizer(model.learnable_parameters().values(), cfg.optim)
         self.schedule = EpochLRSchedule(self.optimizer, cfg.optim)
         self.ds_config = deepspeed_config(cfg, world_size, micro_batch)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config,
-                                                    dist_init_required=False)
+        with launcher_env(world_info_from_env()):
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config,
+                                                        dist_init_required=False)
         self.zero3 = cfg.engine.zero_stage == 3
 
     def __call__(self, inputs, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -98,6 +100,15 @@ class TrainEngine:
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
+
+    def settings(self) -> Dict:
+        """What a training checkpoint's optimizer state depends on; resuming must match it."""
+        return {"zero_stage": self.cfg.engine.zero_stage, "grad_accum_steps": self.cfg.engine.grad_accum_steps,
+                "optimizer": self.cfg.optim.name, "official_steps": self.k}
+
+    def close(self) -> None:
+        """Release DeepSpeed's hooks and buffers (the frozen backbone outlives this engine)."""
+        self.engine.destroy()
 
     @property
     def module(self):

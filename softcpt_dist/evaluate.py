@@ -2,8 +2,9 @@
 
 Distributed: each rank predicts its own shard (samples ``rank::world``, nothing padded or
 repeated), and the predictions of all ranks are gathered, so metrics are exact at any world size.
-Ranks with a shorter shard run dummy forwards on their last batch (results dropped) so that every
-rank calls the model equally often, which ZeRO-3's collective parameter gathering requires.
+Under ZeRO-3, ranks with a shorter shard run dummy forwards on their last batch (results dropped)
+so that every rank calls the model equally often, as its collective parameter gathering requires.
+A split with fewer samples than ranks is not sharded: every rank evaluates all of it.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ from softcpt_dist.progress import progress
 
 @torch.no_grad()
 def predict(model, loader: DataLoader, group: TaskGroup, show_progress: bool = False, desc: str = "eval"):
-    """Within-task predictions of this rank's shard, gathered over ranks: ``(tasks, labels, preds)``."""
+    """Within-task predictions ``(tasks, labels, preds)`` of the loader's samples; for a sharded loader
+    (``loader.sharded``) those of all ranks' shards, gathered."""
     was_training = model.training
     model.eval()
     class_features = model.method()  # once per evaluation, not per batch
     device = class_features.device
     class_task = group.class_task().to(device)
     offsets = torch.as_tensor(group.offsets, device=device)
-    n_batches = int(D.all_reduce(torch.tensor([len(loader)]), op=torch.distributed.ReduceOp.MAX)[0])
+    sharded = getattr(loader, "sharded", False)
     parts, last = [], None
     for inputs, tasks, labels, _ in progress(loader, desc=desc, enabled=show_progress and D.rank() == 0):
         tasks = tasks.to(device)
@@ -36,21 +38,22 @@ def predict(model, loader: DataLoader, group: TaskGroup, show_progress: bool = F
         logits = logits.masked_fill(class_task.unsqueeze(0) != tasks.unsqueeze(1), float("-inf"))
         parts.append((tasks.cpu(), labels.cpu(), (logits.argmax(dim=1) - offsets[tasks]).cpu()))
         last = inputs
-    for _ in range(n_batches - len(loader)):
-        model(last if last is not None else _dummy_inputs(model, loader), class_features=class_features)
+    if sharded and _partitioned(model):
+        # ZeRO-3 gathers parameters collectively in every forward: all ranks must run as many.
+        n_batches = int(D.all_reduce(torch.tensor([len(loader)]), op=torch.distributed.ReduceOp.MAX)[0])
+        for _ in range(n_batches - len(loader)):
+            model(last, class_features=class_features)  # shards are never empty: `last` exists
     model.train(was_training)
-    local = tuple(torch.cat(x) if x else torch.empty(0, dtype=torch.long) for x in zip(*parts)) if parts else \
-        (torch.empty(0, dtype=torch.long),) * 3
+    local = tuple(torch.cat(x) for x in zip(*parts))
+    if not sharded:
+        return local
     gathered = D.all_gather_objects(local)
     return tuple(torch.cat([g[i] for g in gathered]) for i in range(3))
 
 
-def _dummy_inputs(model, loader):
-    """A one-sample input for a rank whose shard is empty (tiny test sets, many ranks)."""
-    sample = loader.dataset[0] if len(loader.dataset) else None
-    if sample is None:
-        raise ValueError("a rank has no evaluation samples and no input to run the collective forward with")
-    return sample[0].unsqueeze(0)
+def _partitioned(model) -> bool:
+    """Whether the model's parameters are ZeRO-3 partitioned (gathered inside forward)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def evaluate(model, loader: DataLoader, group: TaskGroup, show_progress: bool = False,

@@ -30,7 +30,8 @@ from softcpt_dist.metrics import markdown_table, merge_task_results
 from softcpt_dist.model import PromptClassifier
 from softcpt_dist.run_dir import RunDir
 from softcpt_dist import distributed as D
-from softcpt_dist.train import TrainingCheckpoints, make_loader, seed_everything, train_prompts
+from softcpt_dist.train import (Preempted, StopSignals, TrainingCheckpoints, make_loader, seed_everything,
+                                train_prompts)
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "prompt_checkpoint.pt"
@@ -90,11 +91,14 @@ class Inputs:
         samples, feats = self.data.splits[split], self.features.get(split)
         if scope is not None:
             samples, feats = scope.select(samples, feats)
-        if shard and D.world_size() > 1:
-            r, w = D.rank(), D.world_size()
+        r, w = D.rank(), D.world_size()
+        shard = shard and 1 < w <= len(samples)  # every shard non-empty (all ranks decide alike)
+        if shard:
             samples, feats = samples[r::w], (None if feats is None else feats[r::w])
-        return make_loader(samples, self.eval_transform, cfg.train.eval_batch_size, cfg.train.seed,
-                           cfg.data.num_workers, feats)
+        loader = make_loader(samples, self.eval_transform, cfg.train.eval_batch_size, cfg.train.seed,
+                             cfg.data.num_workers, feats)
+        loader.sharded = shard  # evaluate() gathers the shards' predictions
+        return loader
 
 
 def prepare_inputs(cfg: Config, backbone, data: MultiTaskData, splits: Sequence[str],
@@ -164,6 +168,8 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
     # Rank 0 names the run folder (the default name has a timestamp) and every rank uses it.
     name = D.broadcast_object(cfg.train.run_name or _default_run_name(cfg))
     run = RunDir(cfg, name, is_main=info.is_main, path=run_path)
+    # SIGTERM/SIGUSR1 from here on: training stops at the next step boundary, saves, and exits 75.
+    signals = StopSignals().__enter__()
     try:
         if cfg.train.resume:
             logger.info("resuming in run folder %s (train.resume=%s)", run.path, cfg.train.resume)
@@ -191,7 +197,7 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
             model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, group))
             results = _evaluate_scope(cfg, scopes(cfg, group)[0], model, prepare_inputs(cfg, backbone, data, (split,)))
         else:
-            results, history = _train_and_evaluate(cfg, backbone, data, run)
+            results, history = _train_and_evaluate(cfg, backbone, data, run, signals)
         run.write_json("results.json", {"method": label, "arch": cfg.model.arch, "split": split,
                                         "shots": cfg.data.shots, "seed": cfg.train.seed, **extra, **results})
         shots = f"{cfg.data.shots}-shot" if cfg.data.shots else "all training images"
@@ -200,6 +206,7 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
         log_results(results, split)
         return RunResult(run.path, results, history)
     finally:
+        signals.__exit__(None, None, None)
         run.close()
 
 
@@ -209,14 +216,21 @@ def _checkpoint_meta(cfg: Config, group: TaskGroup) -> Dict:
                             "meta_hidden": cfg.method.meta_hidden})
 
 
-def _train_and_evaluate(cfg: Config, backbone, data: MultiTaskData, run: RunDir):
+def _train_and_evaluate(cfg: Config, backbone, data: MultiTaskData, run: RunDir, signals: StopSignals):
     train_tf = train_transform(backbone.preprocess_cfg, cfg.data.train_augment)
     inputs = prepare_inputs(cfg, backbone, data, ("train", cfg.train.eval_split), train_tf)
     parts, states, history = [], {}, []
     run_scopes = scopes(cfg, data.group)
     if cfg.train.task_weights and len(run_scopes) > 1:
         logger.warning("train.task_weights has no effect when each task trains on its own")
-    for scope in run_scopes:
+    if cfg.train.resume not in (None, "latest") and len(run_scopes) > 1:
+        raise ConfigError("train.resume=<folder> names one scope's checkpoint; per-task training "
+                          f"({len(run_scopes)} scopes) resumes with train.resume=latest")
+    for i, scope in enumerate(run_scopes):
+        if i > 0 and cfg.engine.zero_stage == 3:
+            # A ZeRO-3 engine partitions and hooks the backbone it wraps: give each scope its own.
+            seed_everything(cfg.train.seed, cfg.train.deterministic)
+            backbone = build_backbone(cfg.model)
         seed_everything(cfg.train.seed, cfg.train.deterministic)  # each task's run independent of the others
         model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, scope.group))
         weights = scope.group.task_weights(cfg.train.task_weights) if scope.key == "joint" else None
@@ -225,11 +239,14 @@ def _train_and_evaluate(cfg: Config, backbone, data: MultiTaskData, run: RunDir)
                                           _checkpoint_meta(cfg, scope.group))
         scope_history, engine = train_prompts(cfg, model, scope.group, samples, train_tf, run, weights,
                                               tag="" if scope.key == "joint" else f"{scope.key}: ", features=feats,
-                                              checkpoints=checkpoints)
+                                              checkpoints=checkpoints, signals=signals)
         history += scope_history
         states[scope.key] = engine.learnable_state_dict()
         # Evaluate now so that per-task runs hold one model at a time.
         parts.append(_evaluate_scope(cfg, scope, engine.module, inputs))
+        engine.close()
+        if D.any_rank(signals.received is not None) and i + 1 < len(run_scopes):
+            raise Preempted(f"stop signal received after training {scope.key!r}: its checkpoint is saved")
     if run.is_main:
         save_prompt_checkpoint(run.path / CHECKPOINT_NAME, _checkpoint_meta(cfg, data.group), states)
     D.barrier()

@@ -97,7 +97,7 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-class _StopSignals:
+class StopSignals:
     """Remembers SIGTERM / SIGUSR1 (SLURM's warning signal) while installed."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -143,11 +143,13 @@ class TrainingCheckpoints:
     def __init__(self, folder: Path, keep: int, meta: Dict):
         self.folder, self.keep, self.meta = Path(folder), keep, meta
 
-    def save(self, engine: TrainEngine, step: int, client_state: Dict) -> None:
-        tag = f"step{step:09d}"
+    def save(self, engine: TrainEngine, tag: str, client_state: Dict) -> None:
+        """All ranks write ``tag``; ``latest`` moves to it only when every rank has finished."""
         if D.rank() == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
         D.barrier()
+        if latest_tag(self.folder) == tag:
+            return  # already saved (a resumed run at the same position): never rewrite what `latest` names
         engine.save(self.folder, tag, {})
         torch.save(_rng_state(), self.folder / tag / f"rng_rank{D.rank()}.pt")
         if D.rank() == 0:
@@ -169,6 +171,10 @@ class TrainingCheckpoints:
             raise CheckpointError(f"{where} has no {TRAIN_STATE}: not a complete training checkpoint")
         state = torch.load(state_file, map_location="cpu", weights_only=False)
         check_meta(state.get("meta", {}), self.meta, where)
+        for key, value in engine.settings().items():
+            if state["engine"].get(key) != value:
+                raise CheckpointError(f"{where} was made with {key}={state['engine'].get(key)!r}, this run has "
+                                      f"{key}={value!r}")
         sampler.load_state_dict(state["sampler"])  # refuses other data, sampler settings or world size
         engine.load(folder, tag)
         rng_file = folder / tag / f"rng_rank{D.rank()}.pt"
@@ -186,14 +192,18 @@ def _split_tag(path: Path):
 
 def train_prompts(cfg: Config, model, group: TaskGroup, train_samples: List[Sample], transform,
                   run=None, task_weights: Optional[torch.Tensor] = None, tag: str = "",
-                  features: Optional[torch.Tensor] = None, checkpoints: Optional[TrainingCheckpoints] = None
-                  ) -> Tuple[List[Dict], TrainEngine]:
+                  features: Optional[torch.Tensor] = None, checkpoints: Optional[TrainingCheckpoints] = None,
+                  signals: Optional["StopSignals"] = None) -> Tuple[List[Dict], TrainEngine]:
     """Train ``model.method`` on this rank's shards; returns the per-epoch records and the engine.
 
     ``features``: cached image features of ``train_samples`` (``[N, D]`` or ``[N, V, D]``); the
     image encoder is then skipped. With task-grouped micro-batches only the batch's tasks' class
-    prompts are encoded.
+    prompts are encoded. ``signals``: the run's stop-signal catcher (one is installed here if None).
     """
+    if signals is None:
+        with StopSignals() as own:
+            return train_prompts(cfg, model, group, train_samples, transform, run, task_weights, tag, features,
+                                 checkpoints, own)
     ocfg, world, rank = cfg.optim, D.world_size(), D.rank()
     micro = micro_batch_size(cfg, world)
     gas = cfg.engine.grad_accum_steps
@@ -208,106 +218,116 @@ def train_prompts(cfg: Config, model, group: TaskGroup, train_samples: List[Samp
                          f"engine.grad_accum_steps={gas}")
     scope = tag.strip(": ") or "joint"
     history: List[Dict] = []
-    start_epoch, step = 0, 0
+    start_epoch, step, skipped = 0, 0, 0
+    # Progress of the current epoch: loss sum, correct, samples (summed over ranks at the end), seconds.
+    carried = torch.zeros(3, dtype=torch.float64)
+    carried_seconds = 0.0
     if checkpoints is not None and cfg.train.resume:
         state = checkpoints.load_latest(engine, sampler, cfg.train.resume)
         if state is not None:
-            start_epoch, step, history = state["epoch"], state["step"], state["history"]
+            start_epoch, step, history, skipped = state["epoch"], state["step"], state["history"], state["skipped"]
             engine.schedule.steps = state["schedule_steps"]
             engine.schedule._apply()
+            if rank == 0:  # saved totals are global: count them once
+                carried = state["epoch_totals"]
+            carried_seconds = state["epoch_seconds"]
     mem = memory_report(engine.module, cfg.model.device)
     logger.info("%straining %s learnable parameters on %d %s of %d tasks: %d rank(s) x micro-batch %d x %d "
                 "accumulation = global batch %d, %d iterations/epoch (sampler %s%s), %d epochs, ZeRO stage %d; "
                 "rank 0 holds %.1f MiB frozen + %.2f MiB learnable parameters", tag,
                 f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.learnable_parameters().values()):,}",
-                len(train_samples),
-                "cached feature rows" if features is not None else "images", len(group), world, micro, gas,
-                micro * gas * world, steps_per_epoch // gas, cfg.data.sampler.mode,
+                len(train_samples), "cached feature rows" if features is not None else "images", len(group), world,
+                micro, gas, micro * gas * world, steps_per_epoch // gas, cfg.data.sampler.mode,
                 f", <= {cfg.data.sampler.tasks_per_batch} tasks/batch" if grouped else "", ocfg.epochs,
                 cfg.engine.zero_stage, mem["frozen_param_bytes"] / 2**20, mem["learnable_param_bytes"] / 2**20)
     engine.train()
 
-    def client_state(epoch: int, consumed: int) -> Dict:
-        return {"epoch": epoch, "step": step, "sampler": sampler.state_dict(consumed),
-                "schedule_steps": engine.schedule.steps, "history": history}
+    def save(epoch: int, consumed: int, totals: torch.Tensor, seconds: float, end_of_epoch: bool = False) -> None:
+        totals = D.all_reduce(totals.clone())  # global sums; on resume rank 0 carries them, other ranks start at 0
+        checkpoints.save(engine, f"step{step:09d}" + ("-end" if end_of_epoch else ""), {
+            "epoch": epoch, "step": step, "sampler": sampler.state_dict(consumed), "skipped": skipped,
+            "schedule_steps": engine.schedule.steps, "history": history, "epoch_totals": totals,
+            "epoch_seconds": seconds, "engine": engine.settings()})
 
-    skipped = 0
-    with _StopSignals() as signals:
-        for epoch in range(start_epoch, ocfg.epochs):
-            sampler.set_epoch(epoch)
-            if hasattr(loader.dataset, "set_epoch"):
-                loader.dataset.set_epoch(epoch)
-            lr = engine.schedule.lr
-            t0 = time.perf_counter()
-            totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples (this rank)
-            todo = steps_per_epoch - sampler.start_step
-            bar = progress(loader, desc=f"{tag}epoch {epoch + 1}/{ocfg.epochs}", enabled=cfg.train.progress and rank == 0,
-                           total=todo)
-            consumed = 0
-            for inputs, tasks, labels, _ in bar:
-                if consumed == todo:
-                    break
-                tasks = tasks.to(device)
-                targets = group.global_labels(tasks, labels.to(device))
-                batch_task = class_task
-                if grouped:
-                    class_index = batch_classes(group, tasks)
-                    position = torch.full((group.num_classes,), -1, dtype=torch.long, device=device)
-                    position[class_index] = torch.arange(len(class_index), device=device)
-                    logits = engine(inputs, class_index=class_index)
-                    targets, batch_task = position[targets], class_task[class_index]
-                else:
-                    logits = engine(inputs)
-                loss = multitask_cross_entropy(logits, tasks, targets, batch_task, task_weights)
-                # One collective per step: any rank's non-finite loss or stop signal concerns all ranks,
-                # and the logged loss is the global batch's (sum over ranks / global batch size).
-                finite = bool(torch.isfinite(loss))
-                flags = D.all_reduce(torch.tensor([float(not finite), float(signals.received is not None),
-                                                   loss.item() * inputs.shape[0] if finite else 0.0,
-                                                   float(inputs.shape[0])], dtype=torch.float64))
-                global_loss = float(flags[2] / flags[3])
-                consumed += 1
-                if flags[0] > 0:
-                    if cfg.train.on_nonfinite == "stop":
-                        raise FloatingPointError(f"{tag}non-finite loss (rank {rank}: {loss.item()}) at epoch "
-                                                 f"{epoch + 1}, step {step}; no checkpoint was written for it "
-                                                 "(train.on_nonfinite=skip skips such steps)")
-                    skipped += 1
-                    logger.warning("%sskipping a step with a non-finite loss at epoch %d, step %d", tag, epoch + 1, step)
-                else:
-                    engine.backward(loss)
-                    engine.step()
-                    with torch.no_grad():
-                        own = batch_task.unsqueeze(0) == tasks.unsqueeze(1)
-                        pred = logits.masked_fill(~own, float("-inf")).argmax(1)
-                        totals += torch.tensor([loss.item() * inputs.shape[0], float((pred == targets).sum()),
-                                                float(inputs.shape[0])], dtype=torch.float64)
-                step += 1
-                boundary = step % gas == 0
-                if run is not None and step % cfg.train.log_every == 0:
-                    run.log_metrics({"kind": "step", "scope": scope, "epoch": epoch + 1, "step": step,
-                                     "loss": global_loss, "lr": lr})
-                bar.set_postfix(loss=f"{global_loss:.4f}", lr=f"{lr:.2e}")
-                if checkpoints is not None and boundary and (flags[1] > 0 or (
-                        cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
-                    checkpoints.save(engine, step, client_state(epoch, consumed))
-                if flags[1] > 0 and boundary:
-                    raise Preempted(f"{tag}stop signal received: checkpoint saved at epoch {epoch + 1}, step {step}")
-            totals = D.all_reduce(totals)
-            for _ in range(engine.k):
-                engine.schedule.step()
-            elapsed = time.perf_counter() - t0
-            record = {"kind": "epoch", "scope": scope, "epoch": epoch + 1, "step": step,
-                      "loss": float(totals[0] / max(totals[2], 1)), "train_acc": float(100 * totals[1] / max(totals[2], 1)),
-                      "lr": lr, "samples_per_s": float(totals[2]) / elapsed if elapsed > 0 else float("nan")}
-            history.append(record)
-            if run is not None:
-                run.log_metrics(record)
-            logger.info("%sepoch %d/%d loss %.4f train acc %.1f%% lr %.3g %.1f samples/s", tag, epoch + 1, ocfg.epochs,
-                        record["loss"], record["train_acc"], lr, record["samples_per_s"])
-            if checkpoints is not None:
-                sampler.set_epoch(epoch + 1)
-                checkpoints.save(engine, step, client_state(epoch + 1, 0))
+    for epoch in range(start_epoch, ocfg.epochs):
+        sampler.set_epoch(epoch)
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        lr = engine.schedule.lr
+        t0 = time.perf_counter()
+        totals, carried = carried, torch.zeros(3, dtype=torch.float64)
+        prior_seconds, carried_seconds = carried_seconds, 0.0
+        todo = steps_per_epoch - sampler.start_step
+        bar = progress(loader, desc=f"{tag}epoch {epoch + 1}/{ocfg.epochs}", enabled=cfg.train.progress and rank == 0,
+                       total=todo)
+        consumed = 0
+        for inputs, tasks, labels, _ in (bar if todo > 0 else ()):
+            tasks = tasks.to(device)
+            targets = group.global_labels(tasks, labels.to(device))
+            batch_task = class_task
+            if grouped:
+                class_index = batch_classes(group, tasks)
+                position = torch.full((group.num_classes,), -1, dtype=torch.long, device=device)
+                position[class_index] = torch.arange(len(class_index), device=device)
+                logits = engine(inputs, class_index=class_index)
+                targets, batch_task = position[targets], class_task[class_index]
+            else:
+                logits = engine(inputs)
+            loss = multitask_cross_entropy(logits, tasks, targets, batch_task, task_weights)
+            # One collective per step: any rank's non-finite loss or stop signal concerns all ranks,
+            # and the logged loss is the global batch's (sum over ranks / global batch size).
+            finite = bool(torch.isfinite(loss))
+            flags = D.all_reduce(torch.tensor([float(not finite), float(signals.received is not None),
+                                               loss.item() * inputs.shape[0] if finite else 0.0,
+                                               float(inputs.shape[0])], dtype=torch.float64))
+            global_loss = float(flags[2] / flags[3])
+            consumed += 1
+            if flags[0] > 0:
+                if cfg.train.on_nonfinite == "stop":
+                    raise FloatingPointError(f"{tag}non-finite loss (rank {rank}: {loss.item()}) at epoch "
+                                             f"{epoch + 1}, step {step}; no checkpoint was written for it "
+                                             "(train.on_nonfinite=skip skips such steps)")
+                skipped += 1
+                logger.warning("%sskipping a step with a non-finite loss at epoch %d, step %d", tag, epoch + 1, step)
+            else:
+                engine.backward(loss)
+                engine.step()
+                with torch.no_grad():
+                    own = batch_task.unsqueeze(0) == tasks.unsqueeze(1)
+                    pred = logits.masked_fill(~own, float("-inf")).argmax(1)
+                    totals += torch.tensor([loss.item() * inputs.shape[0], float((pred == targets).sum()),
+                                            float(inputs.shape[0])], dtype=torch.float64)
+            step += 1
+            boundary = step % gas == 0
+            if run is not None and step % cfg.train.log_every == 0:
+                run.log_metrics({"kind": "step", "scope": scope, "epoch": epoch + 1, "step": step,
+                                 "loss": global_loss, "lr": lr})
+            bar.set_postfix(loss=f"{global_loss:.4f}", lr=f"{lr:.2e}")
+            stop = flags[1] > 0
+            if checkpoints is not None and boundary and consumed < todo and (stop or (
+                    cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
+                save(epoch, consumed, totals, prior_seconds + time.perf_counter() - t0)
+            if stop and boundary and consumed < todo:
+                raise Preempted(f"{tag}stop signal received: checkpoint saved at epoch {epoch + 1}, step {step}")
+            if consumed == todo:
+                break
+        totals = D.all_reduce(totals)
+        for _ in range(engine.k):
+            engine.schedule.step()
+        elapsed = prior_seconds + time.perf_counter() - t0
+        record = {"kind": "epoch", "scope": scope, "epoch": epoch + 1, "step": step,
+                  "loss": float(totals[0] / max(totals[2], 1)), "train_acc": float(100 * totals[1] / max(totals[2], 1)),
+                  "lr": lr, "samples_per_s": float(totals[2]) / elapsed if elapsed > 0 else float("nan")}
+        history.append(record)
+        if run is not None:
+            run.log_metrics(record)
+        logger.info("%sepoch %d/%d loss %.4f train acc %.1f%% lr %.3g %.1f samples/s", tag, epoch + 1, ocfg.epochs,
+                    record["loss"], record["train_acc"], lr, record["samples_per_s"])
+        if checkpoints is not None:
+            sampler.set_epoch(epoch + 1)
+            save(epoch + 1, 0, torch.zeros(3, dtype=torch.float64), 0.0, end_of_epoch=True)
+        if D.any_rank(signals.received is not None):
+            raise Preempted(f"{tag}stop signal received: checkpoint saved at the end of epoch {epoch + 1}")
     if skipped:
         logger.warning("%s%d step(s) with a non-finite loss were skipped", tag, skipped)
     per_rank = D.all_gather_objects(memory_report(engine.module, cfg.model.device))

@@ -66,11 +66,14 @@ def test_world_info_is_a_pure_function_of_the_environment():
     torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "n1",
                 "MASTER_PORT": "1234", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}
     assert world_info_from_env(torchrun) == WorldInfo(3, 8, 1, 2, "n1", 1234, "env")
-    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4",
-             "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
+             "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}
     assert world_info_from_env(slurm) == WorldInfo(5, 8, 1, 4, "gpu07", 24242, "slurm")
     assert world_info_from_env({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "29400"}).master_addr == "head"
     assert world_info_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == WorldInfo()
+    # The batch script itself (no srun step) is one process, whatever --ntasks the job has.
+    batch_script = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "4242"}
+    assert world_info_from_env(batch_script) == WorldInfo()
     assert first_slurm_host("node[03-05,9],gpu1") == "node03" and first_slurm_host("solo") == "solo"
 
 
@@ -156,6 +159,19 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(single_run, small_da
         torch.testing.assert_close(wa[name], wb[name], **TOL)
     assert json.loads((tmp_path / "killed" / "results.json").read_text())["tasks"] == \
         json.loads((single_run / "results.json").read_text())["tasks"]
+    # Epoch records too: the resumed epoch counts the steps before the kill (saved with the checkpoint).
+    for key in ("loss", "train_acc"):
+        assert [r[key] for r in _epochs(tmp_path / "killed")] == pytest.approx([r[key] for r in _epochs(single_run)],
+                                                                               rel=TOL["rtol"], abs=TOL["atol"])
+
+
+def _epochs(run):
+    """The last record of each epoch (a resumed run logs an interrupted epoch's record once, after resuming)."""
+    records = {}
+    for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()):
+        if r["kind"] == "epoch":
+            records[r["epoch"]] = r
+    return [records[e] for e in sorted(records)]
 
 
 def _launch_like_srun(nproc, args):
@@ -163,9 +179,9 @@ def _launch_like_srun(nproc, args):
     port = _free_port()
     procs = []
     for rank in range(nproc):
-        env = {**_env(), "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(nproc), "SLURM_LOCALID": str(rank),
-               "SLURM_NTASKS_PER_NODE": str(nproc), "SLURM_JOB_NODELIST": "localhost", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}
+        env = {**_env(), "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(nproc), "SLURM_STEP_NUM_TASKS": str(nproc),
+               "SLURM_LOCALID": str(rank), "SLURM_STEP_TASKS_PER_NODE": str(nproc), "SLURM_JOB_NODELIST": "localhost",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen([sys.executable, "-m", "softcpt_dist.cli", *args], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     return procs

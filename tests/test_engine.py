@@ -71,7 +71,7 @@ def test_non_finite_loss_stops_without_touching_checkpoints(small_data_root, tmp
                       "train.resume=latest")) == 1
     after = (ckpts / "latest").read_text()
     # The finite step after resuming was checkpointed; nothing after the NaN was.
-    assert int(after.strip()[4:]) == int(before.strip()[4:]) + 1
+    assert int(after.strip()[4:13]) == int(before.strip()[4:13]) + 1
 
 
 def test_non_finite_steps_can_be_skipped(small_data_root, tmp_path, monkeypatch, caplog):
@@ -80,11 +80,16 @@ def test_non_finite_steps_can_be_skipped(small_data_root, tmp_path, monkeypatch,
     assert "step(s) with a non-finite loss were skipped" in caplog.text
 
 
-def test_resume_refuses_a_checkpoint_of_another_method(small_data_root, tmp_path, caplog):
+def test_resume_refuses_a_checkpoint_of_another_method_or_engine(small_data_root, tmp_path, caplog):
     assert main(_args(small_data_root, tmp_path, "mm", "optim.epochs=1")) == 0
     assert main(_args(small_data_root, tmp_path, "mm", "optim.epochs=1", "method.variant=NATS",
                       "train.resume=latest")) == 2
     assert "was made for method='softcpt-NATA', this run has method='softcpt-NATS'" in caplog.text
+    assert main(_args(small_data_root, tmp_path, "mm", "optim.epochs=1", "engine.zero_stage=2",
+                      "train.resume=latest")) == 2
+    assert "was made with zero_stage=0, this run has zero_stage=2" in caplog.text
+    with pytest.raises(ConfigError, match="train.resume needs train.run_name"):
+        load_config([], ["train.resume=latest"])
 
 
 def test_keep_last_n_checkpoints_and_memory_report(small_data_root, tmp_path):
