@@ -99,3 +99,11 @@ def test_keep_last_n_checkpoints_and_memory_report(small_data_root, tmp_path):
     assert len(tags) == 2 and (ckpts / "latest").read_text().strip() == tags[-1]
     memory = json.loads((tmp_path / "keep" / "memory_joint.json").read_text())
     assert memory["ranks"][0]["frozen_param_bytes"] > 0 and memory["ranks"][0]["learnable_param_bytes"] > 0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_clip_trains_with_fp32_prompts(small_data_root, tmp_path, precision):
+    assert main(_args(small_data_root, tmp_path, precision, f"model.precision={precision}", "optim.epochs=1",
+                      "engine.activation_checkpointing=true")) == 0
+    weights = torch.load(tmp_path / precision / "prompt_checkpoint.pt", weights_only=True)["states"]["joint"]
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
