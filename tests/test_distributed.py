@@ -215,3 +215,43 @@ def test_a_dead_rank_ends_the_whole_job(small_data_root, tmp_path):
     os.kill(int(workers[-1]), signal.SIGKILL)
     proc.communicate(timeout=90)
     assert proc.returncode != 0 and time.time() - t0 < 60
+
+
+def _slurm_cluster_up() -> bool:
+    import shutil
+    if shutil.which("srun") is None or shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout
+    return any(state in out for state in ("idle", "mixed", "allocated"))
+
+
+needs_slurm = pytest.mark.skipif(not _slurm_cluster_up(), reason="no SLURM cluster (.ci/run starts a local one: "
+                                                                 "slurm/local_cluster.sh)")
+
+
+def _srun(args, ntasks=2):
+    cmd = ["srun", f"--ntasks={ntasks}", "--kill-on-bad-exit=1", "--job-name=softcpt-test", sys.executable, "-m",
+           "softcpt_dist.cli", *args]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@needs_slurm
+def test_srun_on_a_real_slurm_cluster_matches_one_rank(single_run, small_data_root, tmp_path):
+    proc = _srun(_args(small_data_root, tmp_path, "srun", "engine.zero_stage=2"))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "2 rank(s), launcher slurm" in out
+    _assert_same_training(tmp_path / "srun", single_run)
+
+
+@needs_slurm
+def test_slurm_warning_signal_saves_and_exits_75(small_data_root, tmp_path):
+    proc = _srun(_args(small_data_root, tmp_path, "usr1", "optim.epochs=50"))
+    _wait_for(tmp_path / "usr1" / "checkpoints" / "joint" / "latest", proc)
+    jobs = subprocess.run(["squeue", "-h", "-n", "softcpt-test", "-o", "%i"], capture_output=True, text=True)
+    job_ids = jobs.stdout.split()
+    assert job_ids, "the srun job is not in the queue"
+    subprocess.run(["scancel", "--signal=USR1", job_ids[-1]], check=True)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out
+    assert "stop signal received" in out
