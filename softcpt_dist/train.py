@@ -123,7 +123,10 @@ class StopSignals:
 
 
 def _rng_state() -> Dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states in types that ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      cached), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -131,7 +134,8 @@ def _rng_state() -> Dict:
 
 def _set_rng_state(state: Dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -169,7 +173,7 @@ class TrainingCheckpoints:
         state_file = folder / tag / TRAIN_STATE
         if not state_file.is_file():
             raise CheckpointError(f"{where} has no {TRAIN_STATE}: not a complete training checkpoint")
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
         check_meta(state.get("meta", {}), self.meta, where)
         for key, value in engine.settings().items():
             if state["engine"].get(key) != value:
@@ -179,7 +183,7 @@ class TrainingCheckpoints:
         engine.load(folder, tag)
         rng_file = folder / tag / f"rng_rank{D.rank()}.pt"
         if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            _set_rng_state(torch.load(rng_file, weights_only=True))
         logger.info("resumed from %s: epoch %d, step %d", where, state["epoch"] + 1, state["step"])
         return state
 

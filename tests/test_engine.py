@@ -107,3 +107,14 @@ def test_half_precision_clip_trains_with_fp32_prompts(small_data_root, tmp_path,
                       "engine.activation_checkpointing=true")) == 0
     weights = torch.load(tmp_path / precision / "prompt_checkpoint.pt", weights_only=True)["states"]["joint"]
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+
+
+def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    torch.save(train_module._rng_state(), tmp_path / "rng.pt")
+    first = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    train_module._set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == first
