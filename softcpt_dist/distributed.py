@@ -159,12 +159,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 @contextlib.contextmanager
 def launcher_env(info: WorldInfo):
-    """``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` for libraries that read them
-    (DeepSpeed) while they are missing (single process, srun), removed again afterwards so that child
-    processes do not mistake themselves for launched ranks."""
+    """Launcher variables for libraries that read them (DeepSpeed) when no launcher set them
+    (single process, srun). ``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` stay set for the whole process
+    (ZeRO-3 reads ``LOCAL_RANK`` in every forward); ``RANK``/``WORLD_SIZE`` are removed again
+    afterwards, so child processes never mistake themselves for launched ranks."""
+    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(info.local_world_size))
     added = []
-    for key, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank),
-                       ("LOCAL_WORLD_SIZE", info.local_world_size)):
+    for key, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size)):
         if key not in os.environ:
             os.environ[key] = str(value)
             added.append(key)

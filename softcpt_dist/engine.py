@@ -123,9 +123,9 @@ class TrainEngine:
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
             return {n: p.detach().cpu().clone() for n, p in params.items()}
 
-    def save(self, folder: Path, tag: str, client_state: Dict) -> None:
+    def save(self, folder: Path, tag: str) -> None:
         """DeepSpeed checkpoint (learnable module state, optimizer) into ``folder/tag``; all ranks call it."""
-        self.engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False,
+        self.engine.save_checkpoint(str(folder), tag=tag, save_latest=False,
                                     exclude_frozen_parameters=True)
 
     def load(self, folder: Path, tag: str) -> None:

@@ -168,8 +168,6 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
     # Rank 0 names the run folder (the default name has a timestamp) and every rank uses it.
     name = D.broadcast_object(cfg.train.run_name or _default_run_name(cfg))
     run = RunDir(cfg, name, is_main=info.is_main, path=run_path)
-    # SIGTERM/SIGUSR1 from here on: training stops at the next step boundary, saves, and exits 75.
-    signals = StopSignals().__enter__()
     try:
         if cfg.train.resume:
             logger.info("resuming in run folder %s (train.resume=%s)", run.path, cfg.train.resume)
@@ -197,7 +195,9 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
             model = PromptClassifier(backbone, build_prompt_method(cfg, backbone, group))
             results = _evaluate_scope(cfg, scopes(cfg, group)[0], model, prepare_inputs(cfg, backbone, data, (split,)))
         else:
-            results, history = _train_and_evaluate(cfg, backbone, data, run, signals)
+            # SIGTERM/SIGUSR1 during training: stop at the next step boundary, save, exit 75.
+            with StopSignals() as signals:
+                results, history = _train_and_evaluate(cfg, backbone, data, run, signals)
         run.write_json("results.json", {"method": label, "arch": cfg.model.arch, "split": split,
                                         "shots": cfg.data.shots, "seed": cfg.train.seed, **extra, **results})
         shots = f"{cfg.data.shots}-shot" if cfg.data.shots else "all training images"
@@ -206,7 +206,6 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
         log_results(results, split)
         return RunResult(run.path, results, history)
     finally:
-        signals.__exit__(None, None, None)
         run.close()
 
 
@@ -219,6 +218,8 @@ def _checkpoint_meta(cfg: Config, group: TaskGroup) -> Dict:
 def _train_and_evaluate(cfg: Config, backbone, data: MultiTaskData, run: RunDir, signals: StopSignals):
     train_tf = train_transform(backbone.preprocess_cfg, cfg.data.train_augment)
     inputs = prepare_inputs(cfg, backbone, data, ("train", cfg.train.eval_split), train_tf)
+    if D.any_rank(signals.received is not None):  # e.g. during a long feature-cache build
+        raise Preempted("stop signal received before training started (cached features are kept)")
     parts, states, history = [], {}, []
     run_scopes = scopes(cfg, data.group)
     if cfg.train.task_weights and len(run_scopes) > 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 import math
 import os
@@ -48,12 +49,15 @@ class RunDir:
         """A reused run name starts over: drop the metrics and evaluations of the previous run."""
         if not self.is_main:
             return
-        stale = [self.path / "metrics.jsonl", *self.path.glob("eval_*.json"), *self.path.glob("eval_*.md")]
+        stale = [self.path / "metrics.jsonl", *self.path.glob("eval_*.json"), *self.path.glob("eval_*.md"),
+                 *self.path.glob("memory_*.json"), self.path / "checkpoints"]
         stale = [p for p in stale if p.exists()]
         if stale:
-            logging.getLogger(__name__).warning("run folder %s exists: replacing its previous results", self.path)
+            logging.getLogger(__name__).warning("run folder %s exists: replacing its previous results and "
+                                                "training checkpoints (train.resume=latest continues instead)",
+                                                self.path)
             for p in stale:
-                p.unlink()
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def save_config(self, cfg: Config, filename: str = "config.yaml") -> None:
         if self.is_main:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -38,6 +39,8 @@ from softcpt_dist.progress import progress
 logger = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved, requeue and resume
 TRAIN_STATE = "train_state.pt"  # epoch, step, sampler position, schedule, history, meta (rank 0 writes)
+STATE_KEYS = ("epoch", "step", "sampler", "skipped", "schedule_steps", "history", "epoch_totals", "epoch_seconds",
+              "engine", "meta")
 
 
 class Preempted(RuntimeError):
@@ -152,9 +155,9 @@ class TrainingCheckpoints:
         if D.rank() == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
         D.barrier()
-        if latest_tag(self.folder) == tag:
-            return  # already saved (a resumed run at the same position): never rewrite what `latest` names
-        engine.save(self.folder, tag, {})
+        if D.broadcast_object(latest_tag(self.folder) if D.rank() == 0 else None) == tag:
+            return  # this exact state is saved already (resumed there): never rewrite what `latest` names
+        engine.save(self.folder, tag)
         torch.save(_rng_state(), self.folder / tag / f"rng_rank{D.rank()}.pt")
         if D.rank() == 0:
             torch.save({**client_state, "meta": self.meta}, self.folder / tag / TRAIN_STATE)
@@ -165,7 +168,10 @@ class TrainingCheckpoints:
 
     def load_latest(self, engine: TrainEngine, sampler: TaskBalancedBatchSampler, source: str) -> Optional[Dict]:
         """Check the saved state against this run (meta, sampler settings incl. world size), then load it."""
-        folder, tag = (self.folder, latest_tag(self.folder)) if source == "latest" else _split_tag(Path(source))
+        if source == "latest":  # rank 0 reads `latest` and tells the others: all load the same state
+            folder, tag = self.folder, D.broadcast_object(latest_tag(self.folder) if D.rank() == 0 else None)
+        else:
+            folder, tag = _split_tag(Path(source))
         if tag is None:
             logger.info("train.resume=latest: no checkpoint in %s, starting fresh", self.folder)
             return None
@@ -174,7 +180,10 @@ class TrainingCheckpoints:
         if not state_file.is_file():
             raise CheckpointError(f"{where} has no {TRAIN_STATE}: not a complete training checkpoint")
         state = torch.load(state_file, map_location="cpu", weights_only=True)
-        check_meta(state.get("meta", {}), self.meta, where)
+        missing = sorted(set(STATE_KEYS) - set(state))
+        if missing:
+            raise CheckpointError(f"{where} lacks {missing}: it is incomplete or from an older version")
+        check_meta(state["meta"], self.meta, where)
         for key, value in engine.settings().items():
             if state["engine"].get(key) != value:
                 raise CheckpointError(f"{where} was made with {key}={state['engine'].get(key)!r}, this run has "
@@ -184,6 +193,14 @@ class TrainingCheckpoints:
         rng_file = folder / tag / f"rng_rank{D.rank()}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=True))
+        if folder == self.folder and source != "latest":
+            # Resumed from an older tag: the newer ones belong to the abandoned continuation.
+            D.barrier()
+            if D.rank() == 0:
+                for newer in (p for p in self.folder.iterdir() if p.is_dir() and p.name > tag):
+                    shutil.rmtree(newer, ignore_errors=True)
+                mark_latest(self.folder, tag, self.keep)
+            D.barrier()
         logger.info("resumed from %s: epoch %d, step %d", where, state["epoch"] + 1, state["step"])
         return state
 
@@ -312,7 +329,8 @@ def train_prompts(cfg: Config, model, group: TaskGroup, train_samples: List[Samp
                     cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
                 save(epoch, consumed, totals, prior_seconds + time.perf_counter() - t0)
             if stop and boundary and consumed < todo:
-                raise Preempted(f"{tag}stop signal received: checkpoint saved at epoch {epoch + 1}, step {step}")
+                raise Preempted(f"{tag}stop signal received: " + (f"checkpoint saved at epoch {epoch + 1}, step {step}"
+                                                                   if checkpoints is not None else "no checkpointing"))
             if consumed == todo:
                 break
         totals = D.all_reduce(totals)
@@ -330,8 +348,9 @@ def train_prompts(cfg: Config, model, group: TaskGroup, train_samples: List[Samp
         if checkpoints is not None:
             sampler.set_epoch(epoch + 1)
             save(epoch + 1, 0, torch.zeros(3, dtype=torch.float64), 0.0, end_of_epoch=True)
-        if D.any_rank(signals.received is not None):
-            raise Preempted(f"{tag}stop signal received: checkpoint saved at the end of epoch {epoch + 1}")
+        if epoch + 1 < ocfg.epochs and D.any_rank(signals.received is not None):
+            raise Preempted(f"{tag}stop signal received: " + (f"checkpoint saved at the end of epoch {epoch + 1}"
+                                                               if checkpoints is not None else "no checkpointing"))
     if skipped:
         logger.warning("%s%d step(s) with a non-finite loss were skipped", tag, skipped)
     per_rank = D.all_gather_objects(memory_report(engine.module, cfg.model.device))

@@ -237,7 +237,7 @@ def _srun(args, ntasks=2):
 
 @needs_slurm
 def test_srun_on_a_real_slurm_cluster_matches_one_rank(single_run, small_data_root, tmp_path):
-    proc = _srun(_args(small_data_root, tmp_path, "srun", "engine.zero_stage=2"))
+    proc = _srun(_args(small_data_root, tmp_path, "srun", "engine.zero_stage=3"))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "2 rank(s), launcher slurm" in out

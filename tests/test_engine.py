@@ -118,3 +118,17 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
     first = (random.random(), float(np.random.rand()), torch.rand(1).item())
     train_module._set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == first
+
+
+def test_zero3_in_a_single_process_without_a_launcher(small_data_root, tmp_path):
+    assert main(_args(small_data_root, tmp_path, "z3", "engine.zero_stage=3", "optim.epochs=1")) == 0
+    assert (tmp_path / "z3" / "results.json").is_file()
+
+
+def test_a_fresh_run_under_an_old_name_drops_its_checkpoints(small_data_root, tmp_path):
+    assert main(_args(small_data_root, tmp_path, "again", "optim.epochs=1")) == 0
+    old = (tmp_path / "again" / "checkpoints" / "joint" / "latest").read_text()
+    state = tmp_path / "again" / "checkpoints" / "joint" / old.strip() / "train_state.pt"
+    before = state.stat().st_mtime_ns
+    assert main(_args(small_data_root, tmp_path, "again", "optim.epochs=1", "optim.lr=0.5")) == 0
+    assert state.stat().st_mtime_ns != before  # written by the new run, not kept from the old one
