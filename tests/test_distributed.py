@@ -97,6 +97,13 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batch(single_run, small_d
         assert rank["frozen_param_bytes"] == pytest.approx(expected, rel=0.01)
 
 
+def test_zero3_in_a_single_process_without_a_launcher(single_run, small_data_root, tmp_path):
+    """In a subprocess: ZeRO-3 patches torch.nn.functional.linear for the rest of the process."""
+    rc, log = _run(1, _args(small_data_root, tmp_path, "z3", "engine.zero_stage=3"))
+    assert rc == 0, log
+    _assert_same_training(tmp_path / "z3", single_run)
+
+
 def test_gradient_accumulation_matches_the_full_batch(single_run, small_data_root, tmp_path):
     """Also the torchrun path with a single rank."""
     rc, log = _run(1, _args(small_data_root, tmp_path, "gas", "engine.grad_accum_steps=2"), torchrun=True)

@@ -120,11 +120,6 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
     assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == first
 
 
-def test_zero3_in_a_single_process_without_a_launcher(small_data_root, tmp_path):
-    assert main(_args(small_data_root, tmp_path, "z3", "engine.zero_stage=3", "optim.epochs=1")) == 0
-    assert (tmp_path / "z3" / "results.json").is_file()
-
-
 def test_a_fresh_run_under_an_old_name_drops_its_checkpoints(small_data_root, tmp_path):
     assert main(_args(small_data_root, tmp_path, "again", "optim.epochs=1")) == 0
     old = (tmp_path / "again" / "checkpoints" / "joint" / "latest").read_text()
