@@ -120,9 +120,12 @@ class StopSignals:
     def _handle(self, signum, frame):
         self.received = signum
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # Leaving on Preempted: the job is exiting with EXIT_PREEMPTED. A late SIGTERM (srun's
+            # --kill-on-bad-exit reacts to another rank's exit 75) must not turn that into 143.
+            preempted = exc_type is not None and issubclass(exc_type, Preempted)
+            signal.signal(sig, signal.SIG_IGN if preempted else handler)
 
 
 def _rng_state() -> Dict:
