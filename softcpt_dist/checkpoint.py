@@ -13,6 +13,8 @@ from typing import Dict
 
 import torch
 
+from softcpt_dist.run_dir import atomic_write_text
+
 FORMAT_VERSION = 1
 
 
@@ -90,9 +92,7 @@ def mark_latest(folder: Path, tag: str, keep: int) -> None:
     """Point ``latest`` at ``tag`` (atomically), then delete all but the newest ``keep`` tags (main rank)."""
     import shutil
     folder = Path(folder)
-    tmp = folder / f"{LATEST}.tmp"
-    tmp.write_text(tag + "\n")
-    os.replace(tmp, folder / LATEST)
+    atomic_write_text(folder / LATEST, tag + "\n")
     tags = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step"))
     for old in tags[:-keep] if keep > 0 else []:
         if old.name != tag:

@@ -7,6 +7,7 @@ import shutil
 import logging
 import math
 import os
+import uuid
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -17,7 +18,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """Write via a temporary file unique to this writer, then rename: readers never see half a file,
+    and concurrent writers (other jobs sharing a folder) never clobber each other's temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 

@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from softcpt_dist import distributed as D
 from softcpt_dist.data.dataset import Sample, load_image, seeded_call
 from softcpt_dist.progress import progress
+from softcpt_dist.run_dir import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class FeatureCache:
                  show_progress: bool = False):
         self.backbone, self.batch_size, self.num_workers = backbone, batch_size, num_workers
         self.show_progress = show_progress
-        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+        self.rank, self.world_size = D.rank(), D.world_size()
         fingerprint = weights_fingerprint(backbone.image_encoder)
         self.identity = {"arch": backbone.arch, "weights": backbone.weights, "weights_sha256": fingerprint,
                          "precision": precision, "preprocess": backbone.preprocess_cfg}
@@ -84,8 +85,8 @@ class FeatureCache:
             self.dir.mkdir(parents=True, exist_ok=True)
             meta = self.dir / "meta.json"
             if not meta.is_file():
-                _atomic_json(meta, self.identity)
-        _barrier()
+                atomic_write_text(meta, json.dumps(self.identity, indent=2, sort_keys=True, default=str))
+        D.barrier()
         self._lock = None
 
     def features(self, samples: List[Sample], transform: Callable, views: int = 0, seed: int = 0,
@@ -115,8 +116,7 @@ class FeatureCache:
             decision = [not path.is_file(), uuid.uuid4().hex[:12]]
             if not decision[0]:
                 self._release()
-        if _distributed():
-            dist.broadcast_object_list(decision, src=0)
+        decision = D.broadcast_object(decision)
         self._token = decision[1]  # names this job's part and temp files
         return decision[0]
 
@@ -142,7 +142,7 @@ class FeatureCache:
         part = lambda r: path.with_name(f"{path.stem}.{self._token}.part{r}")  # noqa: E731
         if self.world_size > 1:
             torch.save(local, part(self.rank))
-            _barrier()
+            D.barrier()
         if self.rank == 0:
             if self.world_size > 1:
                 merged = None
@@ -158,7 +158,7 @@ class FeatureCache:
             torch.save({"paths": paths, "features": features}, tmp)
             os.replace(tmp, path)
             logger.info("cached %d feature rows in %s", features.shape[0], path)
-        _barrier()
+        D.barrier()
 
 
 def _set_key(paths: List[str], views: int, seed: int, augment: str) -> str:
@@ -193,21 +193,6 @@ class CachedFeatureDataset(Dataset):
             digest = hashlib.sha256(f"{self.seed}:{self.epoch}:{i}".encode()).digest()
             f = f[int.from_bytes(digest[:4], "little") % f.shape[0]]
         return f, s.task, s.label, i
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
-def _atomic_json(path: Path, payload) -> None:
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 def open_cache(cfg, backbone, show_progress: bool = False) -> Optional[FeatureCache]:
