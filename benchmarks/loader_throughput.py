@@ -26,13 +26,12 @@ from pathlib import Path
 import softcpt_dist  # noqa: F401  (torchvision shim before open_clip)
 import torch
 
-from softcpt_dist.clip_backbone import build_backbone
 from softcpt_dist.config import ModelConfig, SyntheticDataConfig, load_config
 from softcpt_dist.data import generate_synthetic, read_task_folders
 from softcpt_dist.data.features import FeatureCache
+from softcpt_dist.data.loaders import make_train_loader
 from softcpt_dist.data.transforms import train_transform
-from softcpt_dist.model import encode_images
-from softcpt_dist.train import make_train_loader
+from softcpt_dist.model import build_backbone, encode_images
 
 
 def _timed_epoch(loader, sampler, epoch, consume) -> float:
@@ -88,7 +87,8 @@ def main(argv=None) -> int:
     tf = train_transform(backbone.preprocess_cfg, "paper")
     rows = []
 
-    loader, sampler = make_train_loader(cfg, samples, tf)
+    loader, sampler = make_train_loader(samples, tf, cfg.optim.batch_size, seed=cfg.train.seed, sampler=cfg.data.sampler,
+                                        num_workers=cfg.data.num_workers)
     loader_only = _measure("images: loader only", loader, sampler, lambda x: None, args.repeats, rows)
     with torch.no_grad():
         with_encoder = _measure("images: loader+encoder", loader, sampler, lambda x: encode_images(backbone, x),
@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     _sync()
     build = len(samples) * args.views / (time.perf_counter() - t0)
     rows.append(("cache: build (once)", build, build, build))
-    loader, sampler = make_train_loader(cfg, samples, tf, features=feats)
+    loader, sampler = make_train_loader(samples, tf, cfg.optim.batch_size, seed=cfg.train.seed, sampler=cfg.data.sampler,
+                                        num_workers=cfg.data.num_workers, features=feats)
     cached = _measure("cache: features", loader, sampler, lambda x: encode_images(backbone, x), args.repeats, rows)
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"

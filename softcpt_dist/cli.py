@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from softcpt_dist.config import ConfigError, load_config
-from softcpt_dist.run_dir import setup_console_logging
+from softcpt_dist.training.run_dir import setup_console_logging
 
 logger = logging.getLogger("softcpt_dist")
 
@@ -52,7 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.overrides = [c for c in args.config if "=" in c] + list(args.overrides)
         args.config = [c for c in args.config if "=" not in c]
     setup_console_logging()
-    from softcpt_dist.train import EXIT_PREEMPTED, Preempted
+    from softcpt_dist.training.signals import EXIT_PREEMPTED, Preempted
     try:
         return _dispatch(args)
     except Preempted as err:
@@ -65,9 +65,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.error("%s", err)
         return 2
     except Exception as err:  # errors about data, weights or checkpoints name the culprit
-        from softcpt_dist.checkpoint import CheckpointError
-        from softcpt_dist.clip_backbone import WeightsError
-        from softcpt_dist.data import DataError
+        from softcpt_dist.data.tasks import DataError
+        from softcpt_dist.model.weights import WeightsError
+        from softcpt_dist.training.checkpoint import CheckpointError
         if isinstance(err, (CheckpointError, WeightsError, DataError)):
             logger.error("%s", err)
             return 2
@@ -76,11 +76,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _dispatch(args) -> int:
     if args.command == "train":
-        from softcpt_dist.experiment import run_train
-        run_train(load_config(args.config, args.overrides))
+        from softcpt_dist.training import run
+        run(load_config(args.config, args.overrides))
         return 0
     if args.command == "eval":
-        from softcpt_dist.experiment import CHECKPOINT_NAME, run_eval
+        from softcpt_dist.training import run_eval
+        from softcpt_dist.training.checkpoint import CHECKPOINT_NAME
         if args.run is not None:
             cfg_file = args.run / "config.yaml"
             if not cfg_file.is_file():
@@ -100,7 +101,7 @@ def _dispatch(args) -> int:
         return 1 if report.problems else 0
     if args.command == "data" and args.data_command == "generate":
         from softcpt_dist.config import SyntheticDataConfig
-        from softcpt_dist.data import generate_synthetic
+        from softcpt_dist.data.synthetic import generate_synthetic
         generate_synthetic(args.root, SyntheticDataConfig())
         return 0
     raise ConfigError(f"unknown command {args.command}")

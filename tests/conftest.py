@@ -7,7 +7,7 @@ import softcpt_dist  # noqa: E402,F401  (the torchvision shim must run before op
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from softcpt_dist.clip_backbone import build_backbone  # noqa: E402
+from softcpt_dist.model.backbone import build_backbone  # noqa: E402
 from softcpt_dist.config import ModelConfig, SyntheticDataConfig  # noqa: E402
 from softcpt_dist.data import generate_synthetic, read_task_folders  # noqa: E402
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import List
 
 from softcpt_dist.config import Config
-from softcpt_dist.data import VAL_SHOTS_MAX, check_files_exist, find_unreadable, read_dataset
+from softcpt_dist.data.loading import VAL_SHOTS_MAX, check_files_exist, find_unreadable, read_dataset
 from softcpt_dist.data.fewshot import fewshot_subset
 from softcpt_dist.data.tasks import DataError
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from softcpt_dist.data.tasks import DataError, TaskGroup, TaskSpec
+from softcpt_dist.seeding import seeded_call
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -89,15 +88,6 @@ def load_image(path: str) -> Image.Image:
         raise DataError(f"image file not found: {path}") from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DataError(f"cannot decode image file {path}: {err}") from err
-
-
-def seeded_call(fn: Callable, *key):
-    """``fn()`` with the torch RNG seeded by ``key`` (restored afterwards): random augmentation that
-    depends only on the key, not on workers, batch composition, ranks or restarts."""
-    digest = hashlib.sha256(":".join(map(str, key)).encode()).digest()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-        return fn()
 
 
 class MultiTaskImageDataset(Dataset):

@@ -33,9 +33,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from softcpt_dist import distributed as D
-from softcpt_dist.data.dataset import Sample, load_image, seeded_call
+from softcpt_dist.config import FeatureCacheConfig
+from softcpt_dist.data.dataset import Sample, load_image
+from softcpt_dist.files import atomic_torch_save, atomic_write_text
 from softcpt_dist.progress import progress
-from softcpt_dist.run_dir import atomic_write_text
+from softcpt_dist.seeding import keyed_seed, seeded_call
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +156,7 @@ class FeatureCache:
                     part(r).unlink()
                 local = merged
             features = local.view(len(paths), views, -1) if views else local
-            tmp = path.with_name(f"{path.stem}.{self._token}.tmp")
-            torch.save({"paths": paths, "features": features}, tmp)
-            os.replace(tmp, path)
+            atomic_torch_save({"paths": paths, "features": features}, path)
             logger.info("cached %d feature rows in %s", features.shape[0], path)
         D.barrier()
 
@@ -190,14 +190,13 @@ class CachedFeatureDataset(Dataset):
     def __getitem__(self, i: int):
         s, f = self.samples[i], self.features[i]
         if f.dim() == 2:
-            digest = hashlib.sha256(f"{self.seed}:{self.epoch}:{i}".encode()).digest()
-            f = f[int.from_bytes(digest[:4], "little") % f.shape[0]]
+            f = f[keyed_seed(self.seed, self.epoch, i, bits=32) % f.shape[0]]
         return f, s.task, s.label, i
 
 
-def open_cache(cfg, backbone, show_progress: bool = False) -> Optional[FeatureCache]:
-    """The run's feature cache, or None when ``data.cache.enabled`` is false."""
-    if not cfg.data.cache.enabled:
+def open_cache(cfg: FeatureCacheConfig, backbone, precision: str, num_workers: int = 0,
+               show_progress: bool = False) -> Optional[FeatureCache]:
+    """The run's feature cache (``data.cache``), or None when it is not enabled."""
+    if not cfg.enabled:
         return None
-    return FeatureCache(Path(cfg.data.cache.dir).expanduser(), backbone, cfg.model.precision,
-                        cfg.data.cache.batch_size, cfg.data.num_workers, show_progress)
+    return FeatureCache(Path(cfg.dir).expanduser(), backbone, precision, cfg.batch_size, num_workers, show_progress)

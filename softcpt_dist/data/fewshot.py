@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import random
 from collections import defaultdict
 from typing import Dict, List, Tuple
 
 from softcpt_dist.data.dataset import Sample
 from softcpt_dist.data.tasks import TaskGroup
+from softcpt_dist.seeding import keyed_random
 
 
 def fewshot_subset(samples: List[Sample], shots: int, seed: int,
@@ -28,8 +27,7 @@ def fewshot_subset(samples: List[Sample], shots: int, seed: int,
     for key in sorted(by_class):
         pool = sorted(by_class[key], key=lambda s: s.path)
         task = group.tasks[key[0]]
-        digest = hashlib.sha256(f"{seed}:{shots}:{task.key}:{task.classnames[key[1]]}".encode()).digest()
-        rng = random.Random(int.from_bytes(digest[:8], "little"))
+        rng = keyed_random(seed, shots, task.key, task.classnames[key[1]])
         if len(pool) < shots:
             short[key] = len(pool)
             chosen.extend(pool)

@@ -37,14 +37,8 @@ from typing import Dict, Iterator, List, Sequence
 
 import torch
 
-from softcpt_dist.config import ConfigError
-
-MODES = ("union", "balanced", "temperature")
-
-
-def _generator(*key) -> torch.Generator:
-    digest = hashlib.sha256(":".join(map(str, key)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+from softcpt_dist.config import ConfigError, SamplerConfig, choices
+from softcpt_dist.seeding import keyed_generator
 
 
 def task_probabilities(task_sizes: Sequence[int], mode: str, temperature: float = 1.0) -> torch.Tensor:
@@ -59,7 +53,7 @@ def task_probabilities(task_sizes: Sequence[int], mode: str, temperature: float 
             raise ConfigError(f"data.sampler.temperature must be > 0, got {temperature}")
         logits = sizes.log() / temperature
     else:
-        raise ConfigError(f"data.sampler.mode={mode!r} is not one of {list(MODES)}")
+        raise ConfigError(f"data.sampler.mode={mode!r} is not one of {list(choices(SamplerConfig, 'mode'))}")
     return torch.softmax(logits, dim=0)
 
 
@@ -132,7 +126,7 @@ class TaskBalancedBatchSampler:
     # -- the global order -----------------------------------------------------------------------
     def epoch_batches(self, epoch: int) -> torch.Tensor:
         """All ranks' micro-batches of ``epoch``, ``[steps * world_size, batch_size]`` (same on every rank)."""
-        g = _generator("sampler", self.seed, epoch)
+        g = keyed_generator("sampler", self.seed, epoch)
         n_batches = self.steps_per_epoch * self.world_size
         if self.mode == "union" and self.tasks_per_batch == 0:
             order = torch.randperm(len(self.sample_tasks), generator=g)

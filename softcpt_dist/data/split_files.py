@@ -7,15 +7,14 @@ and the class / task names the file carries; every malformed entry is an error n
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from softcpt_dist.data.tasks import DataError
 from softcpt_dist.data.tasks import clean_classname as clean
+from softcpt_dist.seeding import keyed_random
 
 SPLITS = ("train", "val", "test")
 Items = List[Tuple[str, int]]
@@ -192,8 +191,7 @@ def random_split(items: Items, key: str, fractions=(0.5, 0.2, 0.3)) -> Dict[str,
         by_label.setdefault(item[1], []).append(item)
     out: Dict[str, Items] = {s: [] for s in SPLITS}
     for label, group in sorted(by_label.items()):
-        digest = hashlib.sha256(f"{key}:{label}".encode()).digest()
-        random.Random(int.from_bytes(digest[:8], "little")).shuffle(group)
+        keyed_random(key, label).shuffle(group)
         n_train = max(1, round(fractions[0] * len(group)))
         n_val = round(fractions[1] * len(group))
         out["train"] += group[:n_train]

@@ -1,0 +1,51 @@
+"""Cosine logits and the multi-task loss of SoftCPT (paper Eq. 8).
+
+Each sample is classified only among its own task's classes: softmax cross-entropy over that
+task's columns, summed over the batch (i.e. over tasks) and divided by the batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def cosine_logits(image_features: torch.Tensor, class_features: torch.Tensor,
+                  logit_scale: torch.Tensor) -> torch.Tensor:
+    """``exp(logit_scale) * cos(image, class)``, ``[B, C]`` in fp32."""
+    img = F.normalize(image_features.float(), dim=-1)
+    txt = F.normalize(class_features.float(), dim=-1)
+    return logit_scale.float().exp() * img @ txt.t()
+
+
+def within_task_mask(tasks: torch.Tensor, class_task: torch.Tensor) -> torch.Tensor:
+    """``[B, C]``: True where column c belongs to sample b's task (the only columns it is scored on)."""
+    return class_task.unsqueeze(0) == tasks.unsqueeze(1)
+
+
+def within_task_argmax(logits: torch.Tensor, tasks: torch.Tensor, class_task: torch.Tensor) -> torch.Tensor:
+    """Predicted column of every sample, among its own task's columns only."""
+    return logits.masked_fill(~within_task_mask(tasks, class_task), float("-inf")).argmax(dim=1)
+
+
+def multitask_cross_entropy(logits: torch.Tensor, tasks: torch.Tensor, targets: torch.Tensor,
+                            class_task: torch.Tensor, task_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-task softmax cross-entropy, summed over samples and divided by the batch size.
+
+    logits ``[B, C]`` over columns whose tasks are ``class_task`` ``[C]``; ``targets`` ``[B]`` are
+    column indices (each inside its sample's task); ``task_weights`` ``[T]`` optionally scales
+    each task's terms. Columns of other tasks are masked out of each sample's softmax, which is
+    exactly a softmax over the sample's own task.
+    """
+    if logits.shape[0] == 0:
+        raise ValueError("empty batch")
+    own = within_task_mask(tasks, class_task)
+    if not bool(own.gather(1, targets.unsqueeze(1)).all()):
+        raise ValueError("a target column does not belong to its sample's task")
+    masked = logits.float().masked_fill(~own, float("-inf"))
+    per_sample = F.cross_entropy(masked, targets, reduction="none")
+    if task_weights is not None:
+        per_sample = per_sample * task_weights.to(per_sample.device)[tasks]
+    return per_sample.sum() / logits.shape[0]

@@ -1,0 +1,46 @@
+"""Methods: SoftCPT, CoOp (CA / CS / MT), zero-shot CLIP and the linear probe, behind one interface.
+
+``METHODS`` is the registry (``method.name`` -> class); adding a method is one new file with a
+``Method`` subclass plus its line here.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Type
+
+from softcpt_dist.config import ConfigError, MethodConfig, PromptConfig
+from softcpt_dist.data.tasks import TaskGroup
+from softcpt_dist.model.methods.base import Method
+from softcpt_dist.model.methods.coop import CoOp
+from softcpt_dist.model.methods.linear_probe import LinearProbe
+from softcpt_dist.model.methods.softcpt import SoftCPT
+from softcpt_dist.model.methods.zeroshot import ZeroShotCLIP
+
+METHODS: Dict[str, Type[Method]] = {m.name: m for m in (SoftCPT, CoOp, ZeroShotCLIP, LinearProbe)}
+
+
+def method_class(cfg: MethodConfig) -> Type[Method]:
+    """The class registered as ``method.name``."""
+    if cfg.name not in METHODS:
+        raise ConfigError(f"method.name={cfg.name!r} is not one of {list(METHODS)}")
+    return METHODS[cfg.name]
+
+
+def method_label(cfg: MethodConfig) -> str:
+    """Short name used in run names and reports, e.g. softcpt-NATA, coop-CS."""
+    return method_class(cfg).label(cfg)
+
+
+def build_method(backbone, group: TaskGroup, method: Optional[MethodConfig] = None,
+                 prompt: Optional[PromptConfig] = None) -> Method:
+    """The prompt model of ``method`` (default: SoftCPT NATA) for ``group`` on ``backbone``'s device
+    (the backbone is shared, not a submodule)."""
+    method, prompt = method or MethodConfig(), prompt or PromptConfig()
+    cls = method_class(method)
+    if cls.fits:
+        raise ConfigError(f"method.name={method.name!r} has no prompt model ({method.name} trains no prompts)")
+    return cls(backbone, group, prompt, method).to(backbone.device)
+
+
+__all__ = ["METHODS", "CoOp", "LinearProbe", "Method", "SoftCPT", "ZeroShotCLIP", "build_method", "method_class",
+           "method_label"]

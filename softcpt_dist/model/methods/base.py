@@ -1,0 +1,50 @@
+"""The interface every method implements, so that training and evaluation never ask for a method by name.
+
+A method says how it is trained and evaluated:
+
+- ``trains_prompts``: its learnable tensors are trained by the training loop (SoftCPT, CoOp);
+  otherwise it is evaluated as built (zero-shot) or ``fits`` its own classifier (linear probe);
+- ``per_task(cfg)``: with ``train.mode=auto``, whether each task trains on its own (CoOp CA/CS);
+- ``official_module_count``: modules the official code registers with one optimizer (see optim.py).
+
+A prompt method is an ``nn.Module`` whose ``forward(class_index=None)`` returns the raw text
+feature of every class of its task group (or of the selected global classes); the classifier turns
+them into cosine logits.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from softcpt_dist.config import MethodConfig, PromptConfig
+from softcpt_dist.data.tasks import TaskGroup
+
+
+class Method(nn.Module):
+    name: ClassVar[str]
+    trains_prompts: ClassVar[bool] = True
+    fits: ClassVar[bool] = False  # fits a classifier on frozen image features instead of using prompts
+    official_module_count: int = 1
+
+    def __init__(self, backbone, group: TaskGroup, prompt: PromptConfig, method: MethodConfig):
+        super().__init__()
+        # The backbone is shared, not owned: keep it out of this module's parameters and state dict.
+        self.__dict__["backbone"] = backbone
+
+    @classmethod
+    def label(cls, cfg: MethodConfig) -> str:
+        """Short name for run names and reports, e.g. softcpt-NATA, coop-CS."""
+        return cls.name.replace("_", "-")
+
+    @classmethod
+    def per_task(cls, cfg: MethodConfig) -> bool:
+        return False
+
+    def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def learnable_parameters(self) -> Dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}

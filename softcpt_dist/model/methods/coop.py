@@ -1,0 +1,45 @@
+"""CoOp baselines on the multi-task harness.
+
+CA: one learnable context per task (trained per task, as CoOp is); CS: one per class;
+MT: a single context shared by every class of every task, trained jointly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from softcpt_dist.config import MethodConfig, PromptConfig
+from softcpt_dist.data.tasks import TaskGroup
+from softcpt_dist.model.meta_net import context_vectors
+from softcpt_dist.model.methods.base import Method
+from softcpt_dist.model.prompts import ContextPromptBank
+
+
+class CoOp(Method):
+    name = "coop"
+
+    def __init__(self, backbone, group: TaskGroup, prompt: PromptConfig, method: MethodConfig):
+        super().__init__(backbone, group, prompt, method)
+        self.mode = mode = method.coop_mode
+        n_groups = {"CA": len(group), "CS": group.num_classes, "MT": 1}[mode]
+        self.ctx = context_vectors(n_groups, prompt.n_ctx, backbone.ctx_dim, prompt.init_std)
+        self.class_prompts = ContextPromptBank(group.classnames, prompt.n_ctx, backbone,
+                                               prompt.class_token_position)
+        owner = {"CA": group.class_task(), "CS": torch.arange(group.num_classes),
+                 "MT": torch.zeros(group.num_classes, dtype=torch.long)}[mode]
+        self.register_buffer("ctx_owner", owner.to(backbone.device), persistent=False)
+
+    @classmethod
+    def label(cls, cfg: MethodConfig) -> str:
+        return f"coop-{cfg.coop_mode}"
+
+    @classmethod
+    def per_task(cls, cfg: MethodConfig) -> bool:
+        return cfg.coop_mode in ("CA", "CS")  # CoOp trains one dataset at a time
+
+    def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        owner = self.ctx_owner if class_index is None else self.ctx_owner[class_index]
+        emb, eot = self.class_prompts(self.ctx[owner], class_index)
+        return self.backbone.text_encoder(emb, eot)

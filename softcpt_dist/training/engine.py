@@ -1,0 +1,167 @@
+"""The training engine: the prompt classifier on DeepSpeed (ZeRO 0-3), on one process or many.
+
+Only learnable tensors reach the optimizer (our SGD/AdamW, handed to DeepSpeed as a client
+optimizer); the frozen CLIP is part of the wrapped module, so under ZeRO-3 its weights are
+partitioned across ranks and gathered inside each submodule's ``forward()``. The same engine runs
+a single process without any launcher (a private one-process group), so there is one code path.
+
+Precision: the frozen CLIP runs in ``model.precision``; learnable tensors, gradients and optimizer
+state stay fp32 (DeepSpeed's own bf16/fp16 sections can still be passed through ``engine.deepspeed``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from softcpt_dist.config import ConfigError, EngineConfig, OptimConfig
+from softcpt_dist.distributed import WorldInfo, launcher_env
+from softcpt_dist.training.optim import EpochLRSchedule, build_optimizer, steps_per_update
+
+logger = logging.getLogger(__name__)
+
+
+def import_deepspeed():
+    """DeepSpeed, with its CPU accelerator selected on machines without CUDA (set before import)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+def micro_batch_size(optim: OptimConfig, engine: EngineConfig, world_size: int) -> int:
+    """Per-rank micro-batch: the global ``optim.batch_size`` split over ranks and accumulation steps."""
+    parts = world_size * engine.grad_accum_steps
+    if optim.batch_size % parts:
+        raise ConfigError(f"optim.batch_size={optim.batch_size} (the global batch) is not divisible by "
+                          f"world_size x engine.grad_accum_steps = {world_size} x {engine.grad_accum_steps}")
+    return optim.batch_size // parts
+
+
+def _merge(base: Dict, extra: Dict) -> Dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(ecfg: EngineConfig, world_size: int, micro_batch: int) -> Dict:
+    base = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": ecfg.grad_accum_steps,
+        "train_batch_size": micro_batch * ecfg.grad_accum_steps * world_size,
+        "zero_optimization": {"stage": ecfg.zero_stage},
+        "gradient_clipping": ecfg.grad_clip,
+        "zero_allow_untested_optimizer": True,  # our SGD/AdamW as client optimizer
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(base, dict(ecfg.deepspeed or {}))
+
+
+class TrainEngine:
+    """forward / backward / step for the learnable prompts, plus their state for checkpoints."""
+
+    def __init__(self, model, optim: OptimConfig, ecfg: EngineConfig, world: WorldInfo, micro_batch: int):
+        self.model, self.optim_cfg, self.ecfg = model, optim, ecfg
+        self.k = steps_per_update(optim, model.method)
+        if self.k > 1 and (ecfg.zero_stage > 0 or ecfg.grad_clip > 0 or ecfg.grad_accum_steps > 1):
+            raise ConfigError("optim.official_stepping repeats optimizer steps on one gradient: it needs "
+                              "engine.zero_stage=0, engine.grad_clip=0 and engine.grad_accum_steps=1")
+        model.backbone.set_grad_checkpointing(ecfg.activation_checkpointing)
+        deepspeed = import_deepspeed()
+        self.optimizer = build_optimizer(model.learnable_parameters().values(), optim)
+        self.schedule = EpochLRSchedule(self.optimizer, optim)
+        self.ds_config = deepspeed_config(ecfg, world.world_size, micro_batch)
+        with launcher_env(world):
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config,
+                                                        dist_init_required=False)
+        self.zero3 = ecfg.zero_stage == 3
+
+    def __call__(self, inputs, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.engine(inputs, class_index=class_index)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        """Optimizer step at an accumulation boundary (``k`` steps under official stepping)."""
+        if self.k > 1:
+            for _ in range(self.k - 1):  # same reduced gradient, as the official code does
+                self.engine.optimizer.step()
+        self.engine.step()
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def settings(self) -> Dict:
+        """What a training checkpoint's optimizer state depends on; resuming must match it."""
+        return {"zero_stage": self.ecfg.zero_stage, "grad_accum_steps": self.ecfg.grad_accum_steps,
+                "optimizer": self.optim_cfg.name, "official_steps": self.k}
+
+    def close(self) -> None:
+        """Release DeepSpeed's hooks and buffers (the frozen backbone outlives this engine)."""
+        self.engine.destroy()
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def num_learnable(self) -> int:
+        """Elements of the learnable tensors (their full size, also when ZeRO-3 partitions them)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.learnable_parameters().values())
+
+    def learnable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Full (gathered) learnable tensors on CPU, identical on every rank."""
+        params = self.model.learnable_parameters()
+        if not self.zero3:
+            return {n: p.detach().cpu().clone() for n, p in params.items()}
+        deepspeed = import_deepspeed()
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            return {n: p.detach().cpu().clone() for n, p in params.items()}
+
+    def save(self, folder: Path, tag: str) -> None:
+        """DeepSpeed checkpoint (learnable module state, optimizer) into ``folder/tag``; all ranks call it."""
+        self.engine.save_checkpoint(str(folder), tag=tag, save_latest=False,
+                                    exclude_frozen_parameters=True)
+
+    def load(self, folder: Path, tag: str) -> bool:
+        """Load DeepSpeed's part of ``folder/tag``; whether DeepSpeed found it."""
+        path, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        return path is not None
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are ZeRO-3 partitioned (gathered collectively inside every forward)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def memory_report(model) -> Dict[str, float]:
+    """Per-rank bytes of frozen and learnable parameters held locally (ZeRO-3: this rank's partition),
+    and peak accelerator memory where there is one (peak RSS on CPU)."""
+    frozen = learnable = 0
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        local = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        size = local.numel() * local.element_size()
+        if p.requires_grad:
+            learnable += size
+        else:
+            frozen += size
+    out = {"frozen_param_bytes": float(frozen), "learnable_param_bytes": float(learnable)}
+    if model.backbone.device.type == "cuda":
+        out["peak_allocated_bytes"] = float(torch.cuda.max_memory_allocated())
+    else:
+        import resource
+        out["peak_rss_bytes"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return out

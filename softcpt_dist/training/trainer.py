@@ -1,0 +1,82 @@
+"""Training one scope's prompts: loader and engine, resume from a checkpoint, the loop, memory report."""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from softcpt_dist import distributed as D
+from softcpt_dist.config import DataConfig, EngineConfig, OptimConfig, TrainConfig
+from softcpt_dist.data.dataset import Sample
+from softcpt_dist.data.loaders import make_train_loader
+from softcpt_dist.data.tasks import TaskGroup
+from softcpt_dist.distributed import WorldInfo, world_info_from_env
+from softcpt_dist.training.checkpoint import TrainingCheckpoints
+from softcpt_dist.training.engine import TrainEngine, memory_report, micro_batch_size
+from softcpt_dist.training.loop import LoopState, TrainLoop
+from softcpt_dist.training.signals import StopSignals
+
+logger = logging.getLogger(__name__)
+
+
+def train_prompts(model, group: TaskGroup, samples: List[Sample], transform, *, optim: OptimConfig,
+                  train: TrainConfig, engine: EngineConfig, data: DataConfig, world: Optional[WorldInfo] = None,
+                  run=None, task_weights: Optional[torch.Tensor] = None, scope: str = "joint",
+                  features: Optional[torch.Tensor] = None, checkpoints: Optional[TrainingCheckpoints] = None,
+                  signals: Optional[StopSignals] = None) -> Tuple[List[Dict], TrainEngine]:
+    """Train ``model.method`` on this rank's shards; returns the per-epoch records and the engine.
+
+    ``features``: cached image features of ``samples`` (``[N, D]`` or ``[N, V, D]``); the image
+    encoder is then skipped. ``signals``: the run's stop-signal catcher (one is installed here if
+    None). ``world``: the launch's world information (read from the environment if None).
+    """
+    if signals is None:
+        with StopSignals() as own:
+            return train_prompts(model, group, samples, transform, optim=optim, train=train, engine=engine,
+                                 data=data, world=world, run=run, task_weights=task_weights, scope=scope,
+                                 features=features, checkpoints=checkpoints, signals=own)
+    world_size, rank = D.world_size(), D.rank()
+    micro = micro_batch_size(optim, engine, world_size)
+    gas = engine.grad_accum_steps
+    loader, sampler = make_train_loader(samples, transform, micro, seed=train.seed, sampler=data.sampler,
+                                        num_workers=data.num_workers, features=features, rank=rank,
+                                        world_size=world_size)
+    tengine = TrainEngine(model, optim, engine, world or world_info_from_env(), micro)
+    tag = "" if scope == "joint" else f"{scope}: "
+    steps_per_epoch = sampler.steps_per_epoch - sampler.steps_per_epoch % gas  # whole optimizer steps only
+    if steps_per_epoch == 0:
+        raise ValueError(f"{tag}an epoch has {sampler.steps_per_epoch} micro-batches per rank, fewer than "
+                         f"engine.grad_accum_steps={gas}")
+    state = LoopState()
+    if checkpoints is not None and train.resume:
+        saved = checkpoints.resume(tengine, sampler, train.resume)
+        if saved is not None:
+            state = LoopState.from_checkpoint(saved, rank)
+    mem = memory_report(tengine.module)
+    logger.info("%straining %s learnable parameters on %d %s of %d tasks: %d rank(s) x micro-batch %d x %d "
+                "accumulation = global batch %d, %d iterations/epoch (sampler %s%s), %d epochs, ZeRO stage %d; "
+                "rank 0 holds %.1f MiB frozen + %.2f MiB learnable parameters", tag, f"{tengine.num_learnable():,}",
+                len(samples), "cached feature rows" if features is not None else "images", len(group), world_size,
+                micro, gas, micro * gas * world_size, steps_per_epoch // gas, data.sampler.mode,
+                f", <= {data.sampler.tasks_per_batch} tasks/batch" if sampler.tasks_per_batch else "", optim.epochs,
+                engine.zero_stage, mem["frozen_param_bytes"] / 2**20, mem["learnable_param_bytes"] / 2**20)
+    tengine.train()
+    history = TrainLoop(tengine, loader, sampler, group, train, epochs=optim.epochs, steps_per_epoch=steps_per_epoch,
+                        grad_accum_steps=gas, signals=signals, run=run, task_weights=task_weights, scope=scope,
+                        checkpoints=checkpoints).run(state)
+    _report_memory(tengine, tag, scope, run, engine.zero_stage)
+    tengine.train(False)
+    return history, tengine
+
+
+def _report_memory(engine: TrainEngine, tag: str, scope: str, run, zero_stage: int) -> None:
+    """Every rank's parameter bytes and peak memory: logged, and written to ``memory_<scope>.json``."""
+    per_rank = D.all_gather_objects(memory_report(engine.module))
+    for r, mem in enumerate(per_rank):
+        logger.info("%smemory rank %d: frozen params %.1f MiB, learnable params %.2f MiB, peak %.1f MiB", tag, r,
+                    mem["frozen_param_bytes"] / 2**20, mem["learnable_param_bytes"] / 2**20,
+                    mem.get("peak_allocated_bytes", mem.get("peak_rss_bytes", 0)) / 2**20)
+    if run is not None:
+        run.write_json(f"memory_{scope}.json", {"zero_stage": zero_stage, "ranks": per_rank})

@@ -1,0 +1,58 @@
+"""Config files, overrides and their errors; choices are declared once, at their fields."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from softcpt_dist.cli import main
+from softcpt_dist.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_yaml_inheritance_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.1\n  epochs: 7\nmethod:\n  variant: NATS\n")
+    (tmp_path / "exp.yaml").write_text("_base_: base.yaml\noptim:\n  epochs: 9\n")
+    cfg = load_config([tmp_path / "exp.yaml"], ["optim.batch_size=4", "train.task_weights={colour: 2.0}"])
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.batch_size) == (0.1, 9, 4)
+    assert cfg.method.variant == "NATS" and cfg.train.task_weights == {"colour": 2.0}
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optim.lrr=0.1", "optim.lrr"),
+    ("nonsense=1", "nonsense"),
+    ("optim.lr=fast", "optim.lr"),
+    ("method.variant=XYZ", "method.variant"),
+    ("optim.batch_size=0", "optim.batch_size"),
+    ("optim.lr", "key=value"),
+])
+def test_bad_config_entries_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config([], [override])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_config([tmp_path / "bad.yaml"])
+
+
+def test_cli_reports_config_errors_with_exit_code_2(capsys):
+    assert main(["train", "optim.lrr=1"]) == 2
+
+
+def test_bad_saved_run_config_names_the_file(tmp_path, caplog):
+    (tmp_path / "config.yaml").write_text("optim:\n  epochs: abc\n")
+    assert main(["eval", "--run", str(tmp_path)]) == 2
+    assert "config.yaml" in caplog.text and "optim.epochs" in caplog.text
+
+
+def test_shipped_configs_load():
+    files = sorted(f for f in (REPO / "configs").rglob("*.yaml") if f.parent.name != "task_groups")
+    assert files
+    for f in files:
+        load_config([f])
+    # Task-group files (data.group_file) are not experiment configs: they list tasks.
+    for f in (REPO / "configs" / "task_groups").glob("*.yaml"):
+        assert OmegaConf.load(f).tasks
