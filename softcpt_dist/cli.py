@@ -1,8 +1,9 @@
 """Command line: ``softcpt-dist train|eval|data`` with ``--config`` files and ``key=value`` overrides.
 
-Exit codes: 0 success; 1 ``data check`` found problems, or training stopped on a non-finite loss;
-2 a bad config, data, weights or checkpoint (the message names it); 75 stopped by SIGTERM/SIGUSR1
-after saving a checkpoint (requeue and resume with ``train.resume=latest``).
+Exit codes: 0 success; 1 ``data check`` found problems, training stopped on a non-finite loss, or a
+file could not be written (a full disk; the message names the file); 2 a bad config, data, weights or
+checkpoint, or a run folder another live run holds (the message names it); 75 stopped by
+SIGTERM/SIGUSR1 after saving a checkpoint (requeue and resume with ``train.resume=latest``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from softcpt_dist.config import ConfigError, load_config
+from softcpt_dist.files import WriteError
 from softcpt_dist.training.run_dir import setup_console_logging
 
 logger = logging.getLogger("softcpt_dist")
@@ -34,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", nargs="*", default=[], help="YAML files (without --run)")
     ev.add_argument("--checkpoint", type=Path, help="prompt checkpoint (default: the run's)")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.eval_split=val")
+    sub.add_parser("setup", help="build DeepSpeed's JIT ops for this machine now (else built on first use)")
     da = sub.add_parser("data", help="dataset utilities")
     da_sub = da.add_subparsers(dest="data_command", required=True)
     gen = da_sub.add_parser("generate", help="write the built-in synthetic dataset")
@@ -58,19 +61,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Preempted as err:
         logger.warning("%s; exiting with code %d (requeue and rerun with train.resume=latest)", err, EXIT_PREEMPTED)
         return EXIT_PREEMPTED
-    except FloatingPointError as err:
+    except (FloatingPointError, WriteError) as err:
         logger.error("%s", err)
         return 1
     except (ConfigError, FileNotFoundError) as err:
         logger.error("%s", err)
         return 2
-    except Exception as err:  # errors about data, weights or checkpoints name the culprit
+    except Exception as err:  # errors about data, weights, checkpoints or the run folder name the culprit
         from softcpt_dist.data.tasks import DataError
         from softcpt_dist.model.weights import WeightsError
         from softcpt_dist.training.checkpoint import CheckpointError
-        if isinstance(err, (CheckpointError, WeightsError, DataError)):
+        from softcpt_dist.training.engine import StaleBuildLock
+        from softcpt_dist.training.run_lock import RunFolderBusy
+        if isinstance(err, (CheckpointError, WeightsError, DataError, RunFolderBusy, StaleBuildLock)):
             logger.error("%s", err)
-            return 2
+            return 1 if isinstance(err, StaleBuildLock) else 2
         raise
 
 
@@ -94,9 +99,15 @@ def _dispatch(args) -> int:
             checkpoint = args.checkpoint
         run_eval(cfg, checkpoint, out_dir=args.run)
         return 0
+    if args.command == "setup":
+        from softcpt_dist.training.engine import prebuild_ops
+        built = prebuild_ops()
+        print("\n".join(f"built {name} in {where}" for name, where in built.items()) or "nothing to build here")
+        return 0
     if args.command == "data" and args.data_command == "check":
         from softcpt_dist.data.check import check_data
-        report = check_data(load_config(args.config, args.overrides), decode=not args.no_decode)
+        cfg = load_config(args.config, args.overrides)
+        report = check_data(cfg.data, cfg.train.seed, decode=not args.no_decode)
         print(report.text())
         return 1 if report.problems else 0
     if args.command == "data" and args.data_command == "generate":

@@ -241,7 +241,8 @@ def validate_section(section, prefix: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Check choices and ranges that the type system cannot express, and rules across sections."""
+    """Check choices and ranges that the type system cannot express, and rules across sections (a method's
+    own rules are checked by its class, ``Method.check``, when a run starts)."""
     for f in fields(cfg):
         validate_section(getattr(cfg, f.name), f.name)
     if cfg.train.on_nonfinite == "skip" and cfg.engine.grad_accum_steps > 1:
@@ -250,8 +251,6 @@ def validate(cfg: Config) -> None:
     if cfg.train.resume and not cfg.train.run_name:
         raise ConfigError("train.resume needs train.run_name: the run folder to resume in (the default name has a "
                           "timestamp)")
-    if cfg.method.name == "softcpt" and cfg.method.variant[:2] in ("CA", "CS") and cfg.prompt.n_class_ctx == 0:
-        raise ConfigError(f"method.variant={cfg.method.variant} needs prompt.n_class_ctx > 0")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from softcpt_dist.config import Config
-from softcpt_dist.data.loading import VAL_SHOTS_MAX, check_files_exist, find_unreadable, read_dataset
+from softcpt_dist.config import DataConfig
+from softcpt_dist.data.loading import (VAL_SHOTS_MAX, check_files_exist, empty_classes, fewshot_seed, find_unreadable,
+                                       read_dataset)
 from softcpt_dist.data.fewshot import fewshot_subset
 from softcpt_dist.data.tasks import DataError
 
@@ -31,13 +32,13 @@ class CheckReport:
         return "\n".join(out)
 
 
-def check_data(cfg: Config, decode: bool = True) -> CheckReport:
-    dcfg = cfg.data
+def check_data(dcfg: DataConfig, seed: int, decode: bool = True) -> CheckReport:
+    """The data check of ``data`` for a run seeded ``seed`` (few-shot subsets depend on it)."""
     data = read_dataset(dcfg)
     report = CheckReport(notes=list(data.problems))
     group, shots = data.group, dcfg.shots
     counts = {s: data.counts(s) for s in ("train", "val", "test")}
-    fs_seed = cfg.train.seed if dcfg.fewshot_seed is None else dcfg.fewshot_seed
+    fs_seed = fewshot_seed(dcfg, seed)
     _, short = fewshot_subset(data.splits["train"], shots, fs_seed, group) if shots else ([], {})
     report.lines.append(f"dataset {dcfg.dataset} at {dcfg.root}: {len(group)} tasks, {group.num_classes} classes"
                         + (f", {shots}-shot (val {min(shots, VAL_SHOTS_MAX)}), few-shot seed {fs_seed}" if shots else ""))
@@ -49,13 +50,9 @@ def check_data(cfg: Config, decode: bool = True) -> CheckReport:
         fs_va = sum(min(n, min(shots, VAL_SHOTS_MAX)) for n in va) if shots else sum(va)
         report.lines.append(f"{task.key:<22} {task.num_classes:>7} {sum(tr):>7} {sum(va):>6} {sum(te):>7} "
                             f"{fs_tr:>8} {fs_va:>6}  {task.name}")
-        for split, per_class in (("train", tr), ("test", te)):
-            empty = [task.classnames[c] for c, n in enumerate(per_class) if n == 0]
-            if empty:
-                report.problems.append(f"task {task.key}: {len(empty)} class(es) without {split} images: "
-                                       f"{empty[:5]}")
         if not sum(va):
             report.notes.append(f"task {task.key}: no validation images (linear-probe C search needs them)")
+    report.problems += [p for split in ("train", "test") for p in empty_classes(data, split)]
     for (t, c), n in sorted(short.items()):
         report.notes.append(f"task {group.tasks[t].key}: class {group.tasks[t].classnames[c]!r} has {n} training "
                             f"images (< {shots} shots)")

@@ -71,6 +71,11 @@ def read_dataset(cfg: DataConfig) -> MultiTaskData:
     return data
 
 
+def fewshot_seed(cfg: DataConfig, seed: int) -> int:
+    """``data.fewshot_seed``, or the run's seed when it is null."""
+    return seed if cfg.fewshot_seed is None else cfg.fewshot_seed
+
+
 def load_data(cfg: DataConfig, seed: int, eval_split: str = "test") -> MultiTaskData:
     """Read the dataset, cut its few-shot training/validation subsets and check the files it uses.
 
@@ -80,7 +85,7 @@ def load_data(cfg: DataConfig, seed: int, eval_split: str = "test") -> MultiTask
     data = read_dataset(cfg)
     report: Dict = {"dataset": cfg.dataset, "shots": cfg.shots, "short_classes": [], "skipped_images": []}
     if cfg.shots > 0:
-        fs_seed = seed if cfg.fewshot_seed is None else cfg.fewshot_seed
+        fs_seed = fewshot_seed(cfg, seed)
         val_shots = min(cfg.shots, VAL_SHOTS_MAX)
         train, short = fewshot_subset(data.splits["train"], cfg.shots, fs_seed, data.group)
         val, short_val = fewshot_subset(data.splits["val"], val_shots, fs_seed, data.group)
@@ -112,10 +117,23 @@ def load_data(cfg: DataConfig, seed: int, eval_split: str = "test") -> MultiTask
         if empty:
             why = " (data.skip_bad_images skipped the rest)" if report["skipped_images"] else ""
             raise DataError(f"task(s) {empty} have no {split} images{why}")
+        problems = empty_classes(data, split)
+        if problems:  # as `softcpt-dist data check` reports them
+            raise DataError("; ".join(problems) + " (a class without images cannot be learned or scored)")
     report["train"] = [[s.path, data.group.tasks[s.task].key, s.label] for s in data.splits["train"]]
     report["val"] = [[s.path, data.group.tasks[s.task].key, s.label] for s in data.splits["val"]]
     data.report = report
     return data
+
+
+def empty_classes(data: MultiTaskData, split: str) -> List[str]:
+    """One line per task that has classes without ``split`` images, naming them."""
+    out = []
+    for task, per_class in zip(data.group.tasks, data.counts(split)):
+        empty = [task.classnames[c] for c, n in enumerate(per_class) if n == 0]
+        if empty:
+            out.append(f"task {task.key}: {len(empty)} class(es) without {split} images: {empty[:5]}")
+    return out
 
 
 def check_files_exist(splits: Dict[str, List[Sample]]) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from softcpt_dist.config import ConfigError
+from softcpt_dist.config import ConfigError, DataConfig, choices
 from softcpt_dist.data.dataset import IMAGE_EXTENSIONS, MultiTaskData, assemble
 from softcpt_dist.data.split_files import (TaskSplits, random_split, read_fgvc_aircraft, read_split_dk,
                                            read_split_zhou, read_task_info)
@@ -34,7 +34,6 @@ from softcpt_dist.data.tasks import DataError, TaskSpec, clean_classname
 logger = logging.getLogger(__name__)
 
 MEAN_PC, OVERALL = "mean_per_class_accuracy", "accuracy"
-SPLIT_FORMATS = ("auto", "split_dk", "split_zhou")
 
 
 @dataclass(frozen=True)
@@ -144,8 +143,9 @@ def _drop_classes(parts: TaskSplits, ignored: Tuple[str, ...]) -> TaskSplits:
 
 def read_benchmark(name: str, root: str | Path, split_format: str = "auto") -> MultiTaskData:
     """General-10 or Plant-6 from ``root`` (the folder holding the datasets' folders)."""
-    if split_format not in SPLIT_FORMATS:
-        raise ConfigError(f"data.split_format={split_format!r} is not one of {list(SPLIT_FORMATS)}")
+    if split_format not in choices(DataConfig, "split_format"):
+        raise ConfigError(f"data.split_format={split_format!r} is not one of "
+                          f"{list(choices(DataConfig, 'split_format'))}")
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data root not found: {root}")

@@ -12,27 +12,90 @@ state stay fp32 (DeepSpeed's own bf16/fp16 sections can still be passed through 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
 from softcpt_dist.config import ConfigError, EngineConfig, OptimConfig
+from softcpt_dist import distributed as D
 from softcpt_dist.distributed import WorldInfo, launcher_env
+from softcpt_dist.training.checkpoint import read_state_file
 from softcpt_dist.training.optim import EpochLRSchedule, build_optimizer, steps_per_update
 
 logger = logging.getLogger(__name__)
 
 
+class StaleBuildLock(RuntimeError):
+    """A JIT op build of DeepSpeed's is locked and nobody is building: the message names the lock."""
+
+
+def extensions_dir() -> Path:
+    """Where DeepSpeed JIT-builds its ops: a folder of this installation's own (``TORCH_EXTENSIONS_DIR``
+    unless set), so that environments sharing ``~/.cache/torch_extensions`` never rebuild each other's."""
+    own = Path(sys.prefix) / "var" / "softcpt_dist" / "torch_extensions"
+    if os.access(sys.prefix, os.W_OK):
+        return own
+    digest = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "softcpt_dist" / f"torch_extensions-{digest}"
+
+
+def _someone_builds_in(folder: Path) -> bool:
+    """Whether a process works in ``folder`` (torch runs ninja there while it builds)."""
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if cwd.resolve() == folder.resolve():
+                return True
+        except OSError:
+            continue
+    return not Path("/proc/self/cwd").exists()  # no /proc: cannot tell, assume a build runs
+
+
+def clear_stale_build_locks(root: Path, wait_s: float = 120.0, min_age_s: float = 10.0) -> None:
+    """Wait (bounded) for op builds in ``root`` that hold a lock; remove a lock that a killed build left
+    behind (older than ``min_age_s``, nobody building); else, after ``wait_s``, fail naming the lock."""
+    deadline = time.monotonic() + wait_s
+    for lock in sorted(Path(root).glob("*/lock")):  # <root>/<op name>/lock, as torch builds there
+        while lock.exists():
+            if time.time() - lock.stat().st_mtime > min_age_s and not _someone_builds_in(lock.parent):
+                lock.unlink(missing_ok=True)
+                logger.warning("removed the stale build lock %s (an interrupted DeepSpeed op build left it)", lock)
+            elif time.monotonic() > deadline:
+                raise StaleBuildLock(f"DeepSpeed's op build in {lock.parent} has held {lock} for over {wait_s:.0f} s; "
+                                     "if no build is running, delete that file and rerun")
+            else:
+                time.sleep(1.0)
+
+
 def import_deepspeed():
-    """DeepSpeed, with its CPU accelerator selected on machines without CUDA (set before import)."""
+    """DeepSpeed, with its CPU accelerator selected on machines without CUDA and its JIT builds in this
+    installation's own folder, free of stale locks (all set before import)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    clear_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
     import deepspeed
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     return deepspeed
+
+
+def prebuild_ops() -> Dict[str, str]:
+    """Build ahead of time the ops DeepSpeed would JIT-build on first use here (on CPU: its shared-memory
+    communication op); ``{op name: build folder}``."""
+    import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+    built = {}
+    if get_accelerator().device_name() == "cpu":
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None and builder.is_compatible():
+            builder.load(verbose=False)
+            built[builder.NAME] = os.environ["TORCH_EXTENSIONS_DIR"]
+    return built
 
 
 def micro_batch_size(optim: OptimConfig, engine: EngineConfig, world_size: int) -> int:
@@ -78,11 +141,25 @@ class TrainEngine:
         deepspeed = import_deepspeed()
         self.optimizer = build_optimizer(model.learnable_parameters().values(), optim)
         self.schedule = EpochLRSchedule(self.optimizer, optim)
-        self.ds_config = deepspeed_config(ecfg, world.world_size, micro_batch)
+        self.ds_config = deepspeed_config(ecfg, D.world_size(), micro_batch)  # the process group's, as the loader's
         with launcher_env(world):
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config,
                                                         dist_init_required=False)
+        # DeepSpeed reads its checkpoint files with weights_only=False, which would run any code a file
+        # carries: every file it reads goes through our weights-only reader instead.
+        self.engine.checkpoint_engine.load = self._read_file
         self.zero3 = ecfg.zero_stage == 3
+
+    @staticmethod
+    def state_classes() -> list:
+        """The plain state classes DeepSpeed's checkpoint files hold besides tensors and containers."""
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+        return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    def _read_file(self, path, map_location=None):
+        return read_state_file(path, self.state_classes(), map_location)
 
     def __call__(self, inputs, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.engine(inputs, class_index=class_index)
@@ -96,6 +173,13 @@ class TrainEngine:
             for _ in range(self.k - 1):  # same reduced gradient, as the official code does
                 self.engine.optimizer.step()
         self.engine.step()
+
+    def apply_optimizer_settings(self) -> None:
+        """Set this run's momentum and weight decay on the optimizer (a restored one keeps the saved ones)."""
+        for group in self.optimizer.param_groups:
+            if "momentum" in group:
+                group["momentum"] = self.optim_cfg.momentum
+            group["weight_decay"] = self.optim_cfg.weight_decay
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
@@ -136,6 +220,11 @@ class TrainEngine:
         path, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         return path is not None
+
+
+def partitions_its_module(ecfg: EngineConfig) -> bool:
+    """A ZeRO-3 engine partitions and hooks the module it wraps for good: the next engine needs a fresh one."""
+    return ecfg.zero_stage == 3
 
 
 def is_partitioned(model: torch.nn.Module) -> bool:

@@ -22,11 +22,12 @@ from softcpt_dist.model import PromptClassifier, build_backbone, build_method, m
 from softcpt_dist.seeding import seed_everything
 from softcpt_dist.training.checkpoint import (CHECKPOINT_NAME, CheckpointError, TrainingCheckpoints,
                                               checkpoint_meta, load_learnable, load_prompt_checkpoint,
-                                              save_prompt_checkpoint)
+                                              resume_settings, save_prompt_checkpoint)
+from softcpt_dist.training.engine import partitions_its_module
 from softcpt_dist.training.evaluate import evaluate
 from softcpt_dist.training.inputs import Inputs, prepare_inputs
 from softcpt_dist.training.resolved import ResolvedRun, start_run
-from softcpt_dist.training.run_dir import RunDir
+from softcpt_dist.training.run_dir import LogBuffer, RunDir
 from softcpt_dist.training.scopes import Scope, scopes
 from softcpt_dist.training.signals import Preempted, StopSignals
 from softcpt_dist.training.trainer import train_prompts
@@ -63,20 +64,22 @@ def _evaluate_scope(cfg: Config, scope: Scope, model: PromptClassifier, inputs: 
 
 
 def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
-    method = method_class(cfg.method)
-    ctx = start_run(cfg, run_path, name_folder=True)
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
-    run = RunDir(ctx.path, is_main=ctx.world.is_main)
+    """Train (or fit) and evaluate; the run folder is touched only once config, weights and data are checked."""
+    method = method_class(cfg.method, cfg.prompt)
+    early_log, run = LogBuffer(), None
     try:
-        if cfg.train.resume:
-            logger.info("resuming in run folder %s (train.resume=%s)", run.path, cfg.train.resume)
-        else:
-            run.start_fresh()
-        run.save_config(ctx.saved_config(cfg))
-        logger.info("run folder: %s (%d rank(s), launcher %s)", run.path, ctx.world.world_size, ctx.world.launcher)
+        ctx = start_run(cfg, run_path, name_folder=True)
+        seed_everything(cfg.train.seed, cfg.train.deterministic)
         backbone = build_backbone(cfg.model, ctx.device)
         data = _load_data_once(ctx.data, cfg.train)
-        run.write_json(FEWSHOT_RECORD, data.report)
+        run = RunDir(ctx.path, is_main=ctx.world.is_main)
+        run.open(fresh=not cfg.train.resume, replay=early_log)
+        if cfg.train.resume:
+            logger.info("resuming in run folder %s (train.resume=%s)", run.path, cfg.train.resume)
+        logger.info("run folder: %s (%d rank(s), launcher %s)", run.path, ctx.world.world_size, ctx.world.launcher)
+        record = _RunRecord(run, ctx.saved_config(cfg), data.report)
+        if not (cfg.train.resume and method.trains_prompts):
+            record()  # a resumed run records its settings once its checkpoint has accepted them
         group, split, extra, history = data.group, cfg.train.eval_split, {}, []
         logger.info("tasks: %s", ", ".join(f"{t.key} ({t.num_classes} classes)" for t in group.tasks))
         logger.info("splits: %s", ", ".join(f"{k} {len(v)}" for k, v in data.splits.items()))
@@ -93,12 +96,27 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
         else:
             # SIGTERM/SIGUSR1 during training: stop at the next step boundary, save, exit 75.
             with StopSignals() as signals:
-                results, history = _train_and_evaluate(cfg, ctx, backbone, data, run, signals)
+                results, history = _train_and_evaluate(cfg, ctx, backbone, data, run, signals, record)
         _write_results(run, cfg, results, extra)
         log_results(results, split)
         return RunResult(run.path, results, history)
     finally:
-        run.close()
+        early_log.close()
+        if run is not None:
+            run.close()
+
+
+class _RunRecord:
+    """Writes the run's config.yaml and few-shot record, once."""
+
+    def __init__(self, run: RunDir, cfg: Config, fewshot: Dict):
+        self.run, self.cfg, self.fewshot, self.done = run, cfg, fewshot, False
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.run.save_config(self.cfg)
+            self.run.write_json(FEWSHOT_RECORD, self.fewshot)
+            self.done = True
 
 
 def _write_results(run: RunDir, cfg: Config, results: Dict, extra: Dict) -> None:
@@ -111,7 +129,7 @@ def _write_results(run: RunDir, cfg: Config, results: Dict, extra: Dict) -> None
 
 
 def _train_and_evaluate(cfg: Config, ctx: ResolvedRun, backbone, data: MultiTaskData, run: RunDir,
-                        signals: StopSignals):
+                        signals: StopSignals, record: "_RunRecord"):
     train_tf = train_transform(backbone.preprocess_cfg, cfg.data.train_augment)
     inputs = prepare_inputs(backbone, data, ("train", cfg.train.eval_split), ctx.data, cfg.train, cfg.model.precision,
                             train_tf)
@@ -125,8 +143,7 @@ def _train_and_evaluate(cfg: Config, ctx: ResolvedRun, backbone, data: MultiTask
         raise ConfigError("train.resume=<folder> names one scope's checkpoint; per-task training "
                           f"({len(run_scopes)} scopes) resumes with train.resume=latest")
     for i, scope in enumerate(run_scopes):
-        if i > 0 and cfg.engine.zero_stage == 3:
-            # A ZeRO-3 engine partitions and hooks the backbone it wraps: give each scope its own.
+        if i > 0 and partitions_its_module(cfg.engine):  # each scope's engine gets a backbone of its own
             seed_everything(cfg.train.seed, cfg.train.deterministic)
             backbone = build_backbone(cfg.model, ctx.device)
         seed_everything(cfg.train.seed, cfg.train.deterministic)  # each task's run independent of the others
@@ -134,7 +151,8 @@ def _train_and_evaluate(cfg: Config, ctx: ResolvedRun, backbone, data: MultiTask
         weights = scope.group.task_weights(cfg.train.task_weights) if scope.key == "joint" else None
         samples, feats = scope.select(data.splits["train"], inputs.features.get("train"))
         checkpoints = TrainingCheckpoints(run.path / "checkpoints" / scope.key, cfg.train.keep_checkpoints,
-                                          checkpoint_meta(cfg.model, cfg.method, cfg.prompt, scope.group))
+                                          checkpoint_meta(cfg.model, cfg.method, cfg.prompt, scope.group),
+                                          resume_settings(cfg.optim, ctx.data, cfg.train), on_resumed=record)
         scope_history, engine = train_prompts(model, scope.group, samples, train_tf, optim=cfg.optim, train=cfg.train,
                                               engine=cfg.engine, data=ctx.data, world=ctx.world, run=run,
                                               task_weights=weights, scope=scope.key, features=feats,
@@ -146,6 +164,7 @@ def _train_and_evaluate(cfg: Config, ctx: ResolvedRun, backbone, data: MultiTask
         engine.close()
         if D.any_rank(signals.received is not None) and i + 1 < len(run_scopes):
             raise Preempted(f"stop signal received after training {scope.key!r}: its checkpoint is saved")
+    record()
     if run.is_main:
         save_prompt_checkpoint(run.path / CHECKPOINT_NAME, checkpoint_meta(cfg.model, cfg.method, cfg.prompt,
                                                                            data.group), states)
@@ -155,7 +174,7 @@ def _train_and_evaluate(cfg: Config, ctx: ResolvedRun, backbone, data: MultiTask
 
 def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = None) -> Dict:
     """Evaluate a trained prompt checkpoint (or zero-shot CLIP) on ``cfg.train.eval_split``."""
-    method, label = method_class(cfg.method), method_label(cfg.method)
+    method, label = method_class(cfg.method, cfg.prompt), method_label(cfg.method)
     if method.fits:
         raise ConfigError(f"eval: method {label} keeps no checkpoint; rerun `train` with method.name={cfg.method.name}")
     if method.trains_prompts and checkpoint is None:
@@ -170,6 +189,8 @@ def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = 
         states = load_prompt_checkpoint(checkpoint, checkpoint_meta(cfg.model, cfg.method, cfg.prompt, data.group))
     # Eval logs join the run's log (rank 0 writes).
     run = RunDir(out_dir, is_main=ctx.world.is_main) if out_dir is not None else None
+    if run is not None:
+        run.open(fresh=False, lock=False)
     try:
         results = _evaluate_checkpoint(cfg, ctx, backbone, data, states, checkpoint)
         log_results(results, split)

@@ -19,11 +19,6 @@ class Scope:
     task_indices: List[int]
     group: TaskGroup
 
-    @property
-    def tag(self) -> str:
-        """Log-line prefix: empty for the joint scope."""
-        return "" if self.key == "joint" else f"{self.key}: "
-
     def indices(self, samples: List[Sample]) -> List[int]:
         """Positions of this scope's samples in ``samples``."""
         tasks = set(self.task_indices)

@@ -54,6 +54,8 @@ def train_prompts(model, group: TaskGroup, samples: List[Sample], transform, *, 
         saved = checkpoints.resume(tengine, sampler, train.resume)
         if saved is not None:
             state = LoopState.from_checkpoint(saved, rank)
+        if run is not None:  # what the killed run logged after its checkpoint is done again: drop it
+            run.cut_metrics(scope, state.step)
     mem = memory_report(tengine.module)
     logger.info("%straining %s learnable parameters on %d %s of %d tasks: %d rank(s) x micro-batch %d x %d "
                 "accumulation = global batch %d, %d iterations/epoch (sampler %s%s), %d epochs, ZeRO stage %d; "

@@ -19,10 +19,12 @@ from softcpt_dist.model.methods.zeroshot import ZeroShotCLIP
 METHODS: Dict[str, Type[Method]] = {m.name: m for m in (SoftCPT, CoOp, ZeroShotCLIP, LinearProbe)}
 
 
-def method_class(cfg: MethodConfig) -> Type[Method]:
-    """The class registered as ``method.name``."""
+def method_class(cfg: MethodConfig, prompt: Optional[PromptConfig] = None) -> Type[Method]:
+    """The class registered as ``method.name``; with ``prompt``, its settings are checked too."""
     if cfg.name not in METHODS:
         raise ConfigError(f"method.name={cfg.name!r} is not one of {list(METHODS)}")
+    if prompt is not None:
+        METHODS[cfg.name].check(cfg, prompt)
     return METHODS[cfg.name]
 
 
@@ -36,7 +38,7 @@ def build_method(backbone, group: TaskGroup, method: Optional[MethodConfig] = No
     """The prompt model of ``method`` (default: SoftCPT NATA) for ``group`` on ``backbone``'s device
     (the backbone is shared, not a submodule)."""
     method, prompt = method or MethodConfig(), prompt or PromptConfig()
-    cls = method_class(method)
+    cls = method_class(method, prompt)
     if cls.fits:
         raise ConfigError(f"method.name={method.name!r} has no prompt model ({method.name} trains no prompts)")
     return cls(backbone, group, prompt, method).to(backbone.device)

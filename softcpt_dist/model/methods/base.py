@@ -43,6 +43,10 @@ class Method(nn.Module):
     def per_task(cls, cfg: MethodConfig) -> bool:
         return False
 
+    @classmethod
+    def check(cls, method: MethodConfig, prompt: PromptConfig) -> None:
+        """Refuse settings this method cannot run with (``ConfigError``), before a run touches anything."""
+
     def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from softcpt_dist.config import MethodConfig, PromptConfig
+from softcpt_dist.config import ConfigError, MethodConfig, PromptConfig
 from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.model.meta_net import MetaNet, context_vectors
 from softcpt_dist.model.methods.base import Method
@@ -47,6 +47,11 @@ class SoftCPT(Method):
     @classmethod
     def label(cls, cfg: MethodConfig) -> str:
         return f"softcpt-{cfg.variant}"
+
+    @classmethod
+    def check(cls, method: MethodConfig, prompt: PromptConfig) -> None:
+        if method.variant[:2] in ("CA", "CS") and prompt.n_class_ctx == 0:
+            raise ConfigError(f"method.variant={method.variant} needs prompt.n_class_ctx > 0")
 
     @property
     def official_module_count(self) -> int:

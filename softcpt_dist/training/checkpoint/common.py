@@ -1,0 +1,110 @@
+"""What every checkpoint shares: errors, the weights-only reader, the meta a checkpoint must agree on,
+the settings a resume is checked against, and the ``latest`` marker of training checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, Sequence
+
+import torch
+
+from softcpt_dist.config import DataConfig, MethodConfig, ModelConfig, OptimConfig, PromptConfig, TrainConfig
+from softcpt_dist.data.tasks import TaskGroup
+from softcpt_dist.files import atomic_write_text
+from softcpt_dist.model.methods import method_label
+
+logger = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+CHECKPOINT_NAME = "prompt_checkpoint.pt"
+LATEST = "latest"
+TRAIN_STATE = "train_state.pt"  # epoch, step, sampler position, schedule, history, meta (rank 0 writes)
+STATE_KEYS = ("epoch", "step", "sampler", "skipped", "schedule_steps", "history", "epoch_totals", "epoch_seconds",
+              "engine", "meta")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or made for a different setup."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A checkpoint file holds objects whose unpickling could run code; it is never loaded."""
+
+
+def read_state_file(path: Path, allowed: Sequence[type] = (), map_location="cpu", mmap: bool = False):
+    """``torch.load(weights_only=True)``: tensors, plain containers and the ``allowed`` state classes only,
+    so no file can run code; any failure is a ``CheckpointError`` naming the file."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:  # truncated zip archives, EOFError, refused globals, ...
+        if "Weights only load failed" in str(err):
+            raise UnsafeCheckpoint(f"refusing {path}: it holds objects other than tensors and plain containers, "
+                                   f"and loading them could run code ({str(err).splitlines()[-1][:200]})") from err
+        raise CheckpointError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+
+
+# Changed on resume, these take effect from the resume point on (the schedule is recomputed from them,
+# momentum and weight decay are set on the restored optimizer), and the log says so. Every other
+# recorded setting shapes the data or the loss, or the restored state itself: a change is refused.
+APPLIED_ON_RESUME = ("optim.lr", "optim.epochs", "optim.schedule", "optim.warmup_epochs", "optim.warmup_type",
+                     "optim.warmup_lr", "optim.momentum", "optim.weight_decay")
+
+
+def resume_settings(optim: OptimConfig, data: DataConfig, train: TrainConfig) -> Dict:
+    """Settings recorded with a training checkpoint and compared on resume (besides meta, engine and
+    sampler settings): the optimizer and schedule, and what shapes the data and the loss."""
+    return {**{f"optim.{k}": v for k, v in asdict(optim).items()}, "data.train_augment": data.train_augment,
+            "data.cache.train_views": data.cache.train_views if data.cache.enabled else 0,
+            "train.task_weights": dict(train.task_weights) if train.task_weights else None}
+
+
+def checkpoint_meta(model: ModelConfig, method: MethodConfig, prompt: PromptConfig, group: TaskGroup) -> Dict:
+    """What a checkpoint must agree on to be loaded: backbone, method, prompt settings, task list."""
+    return {"format": FORMAT_VERSION, "arch": model.arch, "method": method_label(method),
+            "prompt": {**asdict(prompt), "meta_net": method.meta_net, "meta_hidden": method.meta_hidden},
+            "tasks": [{"key": t.key, "name": t.name, "classes": list(t.classnames)} for t in group.tasks]}
+
+
+def latest_tag(folder: Path):
+    """The newest complete checkpoint tag in ``folder``, or None."""
+    marker = Path(folder) / LATEST
+    if not marker.is_file():
+        return None
+    tag = marker.read_text().strip()
+    if not (Path(folder) / tag).is_dir():
+        raise CheckpointError(f"{marker} names checkpoint {tag!r}, which does not exist in {folder}")
+    return tag
+
+
+def mark_latest(folder: Path, tag: str, keep: int) -> None:
+    """Point ``latest`` at ``tag`` (atomically), then delete all but the newest ``keep`` tags (main rank)."""
+    folder = Path(folder)
+    atomic_write_text(folder / LATEST, tag + "\n")
+    tags = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step"))
+    for old in tags[:-keep] if keep > 0 else []:
+        if old.name != tag:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_meta(saved: Dict, expected: Dict, where: str) -> None:
+    """Refuse state made for another backbone, method, prompt setting or task list, naming the difference."""
+    for key in ("arch", "method"):
+        if saved.get(key) != expected[key]:
+            raise CheckpointError(f"{where} was made for {key}={saved.get(key)!r}, this run has {key}={expected[key]!r}")
+    got_prompt, want_prompt = saved.get("prompt") or {}, expected["prompt"]
+    for key in sorted(set(got_prompt) | set(want_prompt)):
+        if got_prompt.get(key) != want_prompt.get(key):
+            raise CheckpointError(f"{where} was made with prompt setting {key}={got_prompt.get(key)!r}, "
+                                  f"this run has {key}={want_prompt.get(key)!r}")
+    got, want = saved.get("tasks", []), expected["tasks"]
+    if [t["key"] for t in got] != [t["key"] for t in want]:
+        raise CheckpointError(f"{where} was made for tasks {[t['key'] for t in got]}, "
+                              f"this run has {[t['key'] for t in want]}")
+    for g, w in zip(got, want):
+        if g != w:
+            field = next(k for k in ("name", "classes") if g.get(k) != w.get(k))
+            raise CheckpointError(f"{where}: task {w['key']!r} differs in its {field}: "
+                                  f"{g.get(field)!r} vs {w.get(field)!r}")
