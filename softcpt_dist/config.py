@@ -56,6 +56,15 @@ class PromptConfig:
 
 
 @dataclass
+class TextConfig:
+    """How class and task prompts go through the frozen text encoder; both paths are exact."""
+
+    # shared_prefix: each shared leading run of prompt positions encoded once, the rest packed without
+    # padding | dense: every prompt padded to the longest (the reference)
+    path: str = one_of("shared_prefix", "dense")
+
+
+@dataclass
 class MethodConfig:
     name: str = "softcpt"  # a registered method (softcpt_dist.model.methods): softcpt | coop | zeroshot | linear_probe
     variant: str = one_of("NATA", "NATS", "CATA", "CSTA", "CATS", "CSTS")  # softcpt
@@ -165,6 +174,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import softcpt_dist  # noqa: F401  (applies the torchvision import shim before open_clip)
 import open_clip
 
-from softcpt_dist.config import ConfigError, ModelConfig, validate_section
+from softcpt_dist.config import ConfigError, ModelConfig, TextConfig, validate_section
 from softcpt_dist.model.text_encoder import TextEncoder, text_tower
 from softcpt_dist.model.weights import WeightsError, load_into, local_weights
 
@@ -50,7 +50,7 @@ class CLIPBackbone(nn.Module):
     """Frozen CLIP in eval mode: image encoder, text encoder, token embedding, tokenizer, logit scale."""
 
     def __init__(self, model: nn.Module, tokenizer, arch: str, weights: Optional[str],
-                 logit_scale: Optional[torch.Tensor] = None):
+                 logit_scale: Optional[torch.Tensor] = None, text_path: str = "shared_prefix"):
         super().__init__()
         tower = text_tower(model)
         self.arch = arch
@@ -61,7 +61,7 @@ class CLIPBackbone(nn.Module):
                 raise ConfigError(f"{arch}: tokenizer {type(tokenizer).__name__} has no {attr!r}; "
                                   "only CLIP BPE tokenizers are supported")
         self.image_encoder = ImageEncoder(model.visual)
-        self.text_encoder = TextEncoder(model)
+        self.text_encoder = TextEncoder(model, text_path)
         self.token_embedding = tower.token_embedding
         # logit_scale is kept as a plain buffer: it is frozen, and DeepSpeed rejects 0-dim parameters.
         if logit_scale is None:
@@ -97,12 +97,12 @@ class CLIPBackbone(nn.Module):
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute the text transformer's blocks in backward (exact: the same gradients, less memory)."""
-        self.text_encoder.transformer.grad_checkpointing = enabled
+        self.text_encoder.grad_checkpointing = enabled
 
 
-def build_backbone(cfg: ModelConfig, device: Optional[str] = None) -> CLIPBackbone:
+def build_backbone(cfg: ModelConfig, device: Optional[str] = None, text: Optional[TextConfig] = None) -> CLIPBackbone:
     """The frozen CLIP named by ``cfg.arch`` with weights from a tag, a local file, or none, on
-    ``device`` (default ``cfg.device``)."""
+    ``device`` (default ``cfg.device``); ``text`` chooses the text encoding path (default shared prefix)."""
     validate_section(cfg, "model")
     ensure_builtin_configs()
     if cfg.arch not in open_clip.list_models():
@@ -127,7 +127,7 @@ def build_backbone(cfg: ModelConfig, device: Optional[str] = None) -> CLIPBackbo
     logit_scale = model.logit_scale.detach().float().reshape(()).clone()  # before any low-precision cast
     model = model.to(device=device or cfg.device, dtype=_DTYPES[cfg.precision])
     tokenizer = open_clip.get_tokenizer(cfg.arch)
-    return CLIPBackbone(model, tokenizer, cfg.arch, pretrained, logit_scale)
+    return CLIPBackbone(model, tokenizer, cfg.arch, pretrained, logit_scale, (text or TextConfig()).path)
 
 
 def _quick_gelu(cfg: ModelConfig, path: Optional[Path], fmt: Optional[str]) -> bool:

@@ -1,10 +1,9 @@
-"""Tokenized prompts with learnable-context slots, and their assembly into token embeddings.
+"""Tokenized prompts with learnable-context slots, handed to the text encoder as ``PromptBatch``es.
 
-A prompt ``X X ... X <name>.`` is tokenized once; its frozen token embeddings are stored as
-buffers and the ``X`` slots are replaced by context vectors at every step (CoOp's scheme). All
-stored sequences are cut after the longest EOT among the prompts: CLIP's causal mask makes the
-tokens after a prompt's EOT irrelevant to its EOT feature, so encoding the padded 77 positions
-is wasted work.
+A prompt ``X X ... X <name>.`` is tokenized once into a template: each position is a frozen token
+(a row of the bank's token-embedding table) or a context slot, which takes a row of the context
+tensor at every step (CoOp's scheme). Prompts end at their EOT: CLIP's causal mask makes later
+tokens irrelevant to the EOT feature, so encoding the padded 77 positions is wasted work.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from softcpt_dist.config import ConfigError, PromptConfig, choices
+from softcpt_dist.model.prompt_layout import PromptBatch
 
 PLACEHOLDER = "X"
 
@@ -33,29 +33,72 @@ def tokenize(tokenizer, texts: Sequence[str], context_length: int) -> tuple[torc
     return ids, eot
 
 
-class TextPromptBank(nn.Module):
-    """Fixed prompts (no learnable slots), e.g. zero-shot templates: embeddings + EOT positions."""
+class _PromptTemplates(nn.Module):
+    """Prompts as position templates: a token (a row of the frozen ``tokens`` table) or context slot ``j``."""
 
-    def __init__(self, texts: Sequence[str], backbone, device=None):
+    def _store(self, backbone, ids: torch.Tensor, eot: torch.Tensor, slots: torch.Tensor) -> None:
+        """``ids [P, C]`` token ids with ``slots [P, C]`` >= 0 where a context slot stands instead."""
+        causal = backbone.text_encoder.causal
+        length = int(eot.max()) + 1 if causal else backbone.context_length
+        ids, slots = ids[:, :length], slots[:, :length]
+        used, token_index = torch.unique(ids[slots < 0], return_inverse=True)
+        tokens = torch.full_like(ids, -1)
+        tokens[slots < 0] = token_index
+        with torch.no_grad():
+            table = backbone.token_embedding(used.to(backbone.device))
+        self.register_buffer("tokens", table, persistent=False)
+        self.register_buffer("token_of", tokens.to(backbone.device), persistent=False)
+        self.register_buffer("slot_of", slots.to(backbone.device), persistent=False)
+        self.register_buffer("eot", eot.to(backbone.device), persistent=False)
+        # Causal towers read each prompt up to its EOT; others need the whole context.
+        lengths = eot + 1 if causal else torch.full_like(eot, length)
+        self.register_buffer("length", lengths.to(backbone.device), persistent=False)
+
+    def __len__(self) -> int:
+        return self.eot.shape[0]
+
+    def batch(self, ctx: torch.Tensor, n_ctx: int, owner: Optional[torch.Tensor],
+              index: Optional[torch.Tensor]) -> PromptBatch:
+        token_of, slot_of, length, eot = self.token_of, self.slot_of, self.length, self.eot
+        if index is not None:
+            token_of, slot_of, length, eot = token_of[index], slot_of[index], length[index], eot[index]
+        width = int(length.max())
+        token_of, slot_of = token_of[:, :width], slot_of[:, :width]
+        source = token_of
+        if n_ctx:
+            groups = ctx.shape[0]
+            if owner is None:
+                if groups not in (1, len(token_of)):
+                    raise ValueError(f"{groups} contexts for {len(token_of)} prompts: say which prompt uses which")
+                owner = torch.zeros(len(token_of), dtype=torch.long, device=ctx.device) if groups == 1 \
+                    else torch.arange(groups, device=ctx.device)
+            rows = owner.to(slot_of.device).unsqueeze(1) * n_ctx + slot_of
+            source = torch.where(slot_of >= 0, -1 - rows, token_of)
+            ctx = ctx.reshape(groups * n_ctx, -1)
+        else:
+            ctx = self.tokens.new_zeros(0, self.tokens.shape[1])
+        return PromptBatch(self.tokens, ctx, source, length, eot)
+
+
+class TextPromptBank(_PromptTemplates):
+    """Fixed prompts (no learnable slots), e.g. zero-shot templates."""
+
+    def __init__(self, texts: Sequence[str], backbone):
         super().__init__()
         ids, eot = tokenize(backbone.tokenizer, texts, backbone.context_length)
-        length = int(eot.max()) + 1 if backbone.text_encoder.causal else backbone.context_length
-        device = device or backbone.device
-        with torch.no_grad():
-            emb = backbone.token_embedding(ids[:, :length].to(device))
-        self.register_buffer("embeddings", emb, persistent=False)
-        self.register_buffer("eot", eot.to(device), persistent=False)
+        self._store(backbone, ids, eot, torch.full_like(ids, -1))
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.embeddings, self.eot
+    def forward(self, index: Optional[torch.Tensor] = None) -> PromptBatch:
+        return self.batch(self.tokens.new_zeros(0), 0, None, index)
 
 
-class ContextPromptBank(nn.Module):
-    """Prompts ``X×n_ctx <name>.`` whose ``X`` slots take context vectors.
+class ContextPromptBank(_PromptTemplates):
+    """Prompts ``X×n_ctx <name>.`` whose ``X`` slots take context vectors (CoOp's scheme).
 
-    ``forward(ctx, index)`` returns the token embeddings ``[P', L, D]`` of the selected prompts
-    (all by default), with ``ctx`` of shape ``[P', n_ctx, D]``, and their EOT positions; ``L`` is
-    the longest selected EOT + 1.
+    ``forward(ctx, owner, index)``: ``ctx [G, n_ctx, D]`` holds G contexts (``[n_ctx, D]``: one for
+    all) and ``owner [P']`` says which one each selected prompt (``index``, default all) uses; by
+    default one context for all prompts, or one each. Prompts that share a context share their
+    leading positions, which the shared-prefix text path encodes once.
     """
 
     def __init__(self, names: Sequence[str], n_ctx: int, backbone, position: str = "end"):
@@ -63,49 +106,27 @@ class ContextPromptBank(nn.Module):
         if position not in choices(PromptConfig, "class_token_position"):
             raise ConfigError(f"prompt.class_token_position={position!r} is not one of "
                               f"{list(choices(PromptConfig, 'class_token_position'))}")
-        self.n_ctx = n_ctx
-        self.position = position
+        self.n_ctx, self.position = n_ctx, position
         prefix = " ".join([PLACEHOLDER] * n_ctx)
         texts = [f"{prefix} {name}." if n_ctx else f"{name}." for name in names]
         ids, eot = tokenize(backbone.tokenizer, texts, backbone.context_length)
-        self.full_length = backbone.context_length
-        self.truncate = backbone.text_encoder.causal
-        length = int(eot.max()) + 1 if self.truncate else self.full_length
-        device = backbone.device
-        with torch.no_grad():
-            emb = backbone.token_embedding(ids[:, :length].to(device))
-        # name_lens: tokens of "<name>" (without the period), needed for middle/front placement.
-        name_lens = torch.tensor([len(backbone.tokenizer.encode(n)) for n in names], dtype=torch.long)
-        self.register_buffer("prefix", emb[:, :1], persistent=False)  # SOS
-        self.register_buffer("suffix", emb[:, 1 + n_ctx:], persistent=False)  # name . EOT pad
-        self.register_buffer("eot", eot.to(device), persistent=False)
-        self.register_buffer("name_lens", name_lens.to(device), persistent=False)
+        slots = torch.full_like(ids, -1)
+        slots[:, 1:1 + n_ctx] = torch.arange(n_ctx)
+        if position != "end" and n_ctx:
+            for i, name in enumerate(names):  # move the name tokens before (front) or among (middle) the slots
+                ids[i], slots[i] = self._place(ids[i], slots[i], len(backbone.tokenizer.encode(name)))
+        self._store(backbone, ids, eot, slots)
 
-    def __len__(self) -> int:
-        return self.eot.shape[0]
+    def _place(self, ids: torch.Tensor, slots: torch.Tensor, name_len: int):
+        n, lead = self.n_ctx, (0 if self.position == "front" else self.n_ctx // 2)
+        name = slice(1 + n, 1 + n + name_len)
+        order = torch.cat([torch.arange(0, 1 + lead), torch.arange(name.start, name.stop),
+                           torch.arange(1 + lead, 1 + n), torch.arange(name.stop, len(ids))])
+        return ids[order], slots[order]
 
-    def forward(self, ctx: torch.Tensor, index: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        prefix, suffix, eot, name_lens = self.prefix, self.suffix, self.eot, self.name_lens
-        if index is not None:
-            prefix, suffix, eot, name_lens = prefix[index], suffix[index], eot[index], name_lens[index]
-        if ctx.dim() == 2:
-            ctx = ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
-        if ctx.shape[:2] != (prefix.shape[0], self.n_ctx):
-            raise ValueError(f"context of shape {tuple(ctx.shape)} for {prefix.shape[0]} prompts "
-                             f"with {self.n_ctx} slots")
-        ctx = ctx.to(prefix.dtype)
-        if self.position == "end" or self.n_ctx == 0:
-            emb = torch.cat([prefix, ctx, suffix], dim=1)
-        else:
-            emb = torch.stack([self._place(prefix[i], ctx[i], suffix[i], int(name_lens[i]))
-                               for i in range(prefix.shape[0])])
-        if self.truncate:
-            emb = emb[:, : int(eot.max()) + 1]
-        return emb, eot
-
-    def _place(self, prefix, ctx, suffix, name_len):
-        name, rest = suffix[:name_len], suffix[name_len:]
-        if self.position == "front":
-            return torch.cat([prefix, name, ctx, rest], dim=0)
-        half = self.n_ctx // 2
-        return torch.cat([prefix, ctx[:half], name, ctx[half:], rest], dim=0)
+    def forward(self, ctx: torch.Tensor, owner: Optional[torch.Tensor] = None,
+                index: Optional[torch.Tensor] = None) -> PromptBatch:
+        ctx = ctx.unsqueeze(0) if ctx.dim() == 2 else ctx
+        if ctx.shape[1:2] != (self.n_ctx,):
+            raise ValueError(f"context of shape {tuple(ctx.shape)} for prompts with {self.n_ctx} slots")
+        return self.batch(ctx, self.n_ctx, owner, index)

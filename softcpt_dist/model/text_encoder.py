@@ -1,14 +1,28 @@
-"""The frozen CLIP text transformer, applied to token embeddings that prompts assemble.
+"""The frozen CLIP text transformer, applied to prompts that mix token embeddings and context vectors.
 
 Taking embeddings (not token ids) is what lets learnable context vectors stand in prompt slots.
+Two exact paths (``text.path``): ``dense`` runs every prompt as a padded sequence (cut after the
+longest EOT); ``shared_prefix`` encodes each shared leading run of positions once and the rest
+packed without padding (``prompt_layout.py`` says why that is exact). Both run the same blocks:
+the open_clip block's own modules, with its attention projections taken over by ``Attention`` so
+that every weight is used inside the ``forward()`` of the module that owns it (ZeRO-3 gathers
+partitioned weights only there).
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Optional, Union
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from softcpt_dist.config import ConfigError
+from softcpt_dist.config import ConfigError, TextConfig, choices
+from softcpt_dist.model.prompt_layout import LayoutCache, PromptBatch, SharedPrefixLayout
+
+logger = logging.getLogger(__name__)
 
 
 def text_tower(model: nn.Module) -> nn.Module:
@@ -24,37 +38,117 @@ def text_tower(model: nn.Module) -> nn.Module:
     return tower
 
 
-class TextEncoder(nn.Module):
-    """Frozen CLIP text transformer applied to given token embeddings.
+class Attention(nn.Module):
+    """Multi-head self-attention with the weights of an ``nn.MultiheadAttention``, over padded sequences
+    ``[B, L, D]`` (causal) or over the packed node rows of a shared-prefix layout."""
 
-    ``forward(embeddings, eot_positions)`` returns the raw (unnormalized) projected feature at
-    each sequence's EOT token. Sequences may be shorter than the context length: under CLIP's
-    causal mask, tokens after the EOT cannot change the EOT feature, so callers pass only the
-    first ``max(eot) + 1`` positions.
+    def __init__(self, mha: nn.MultiheadAttention, causal: bool = True):
+        super().__init__()
+        if not mha._qkv_same_embed_dim or mha.in_proj_bias is None or mha.bias_k is not None:
+            raise ConfigError("text attention with separate or bias-free q/k/v projections is not supported")
+        self.in_proj_weight, self.in_proj_bias, self.out_proj = mha.in_proj_weight, mha.in_proj_bias, mha.out_proj
+        self.heads, self.causal = mha.num_heads, causal
+
+    def forward(self, x: torch.Tensor, layout: Optional[SharedPrefixLayout] = None) -> torch.Tensor:
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        width = x.shape[-1]
+        if layout is None:  # [B, L, D], causal
+            b, length = x.shape[:2]
+            q, k, v = qkv.view(b, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            return self.out_proj(out.transpose(1, 2).reshape(b, length, width))
+        # One gather each for all queries (bucket order), keys and values: a few large copies (each
+        # backward is one index_add), after which every bucket is a contiguous slice.
+        q, k, v = (t.contiguous() for t in qkv.chunk(3, dim=-1))
+        queries = q.index_select(0, layout.query_rows).split(layout.query_sizes)
+        keys = k.index_select(0, layout.key_rows).split(layout.key_sizes)
+        values = v.index_select(0, layout.key_rows).split(layout.key_sizes)
+        parts = []
+        for bucket, qb, kb, vb in zip(layout.buckets, queries, keys, values):
+            n, length = bucket.queries.shape
+            qb, kb, vb = (t.view(n, -1, self.heads, width // self.heads).transpose(1, 2) for t in (qb, kb, vb))
+            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bucket.mask)  # [n, H, len, dh]
+            parts.append(out.transpose(1, 2).reshape(n * length, width))
+        return self.out_proj(torch.cat(parts).index_select(0, layout.order))
+
+
+class TextBlock(nn.Module):
+    """One open_clip ``ResidualAttentionBlock`` (its layer norms, MLP and layer scales) with ``Attention``."""
+
+    def __init__(self, block: nn.Module, causal: bool = True):
+        super().__init__()
+        if hasattr(block, "ln_1_kv") or not isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
+            raise ConfigError(f"text block {type(block).__name__} is not a plain CLIP attention block")
+        self.ln_1, self.attn, self.ls_1 = block.ln_1, Attention(block.attn, causal), block.ls_1
+        self.ln_2, self.mlp, self.ls_2 = block.ln_2, block.mlp, block.ls_2
+
+    def forward(self, x: torch.Tensor, layout: Optional[SharedPrefixLayout] = None) -> torch.Tensor:
+        x = x + self.ls_1(self.attn(self.ln_1(x), layout))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+class TextEncoder(nn.Module):
+    """Frozen CLIP text transformer; returns the raw (unnormalized) projected feature at each prompt's EOT.
+
+    ``forward(batch)`` takes a ``PromptBatch`` and encodes it by ``path``; ``forward(embeddings,
+    eot_positions)`` takes padded token embeddings ``[B, L, D]`` (L at most the context length;
+    under the causal mask, tokens after the EOT cannot change the EOT feature, so callers may pass
+    only the first ``max(eot) + 1`` positions).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, path: str = "shared_prefix"):
         super().__init__()
+        if path not in choices(TextConfig, "path"):
+            raise ConfigError(f"text.path={path!r} is not one of {list(choices(TextConfig, 'path'))}")
         tower = text_tower(model)
-        self.transformer = tower.transformer
+        self.causal = getattr(tower, "attn_mask", None) is not None
+        self.blocks = nn.ModuleList(TextBlock(block, self.causal) for block in tower.transformer.resblocks)
+        self.grad_checkpointing = False
         self.positional_embedding = tower.positional_embedding
         self.ln_final = tower.ln_final
         self.text_projection = tower.text_projection
-        mask = getattr(tower, "attn_mask", None)
-        self.causal = mask is not None
-        self.register_buffer("attn_mask", mask, persistent=False)
+        if path == "shared_prefix" and not self.causal:
+            logger.info("text tower without a causal mask: text.path=dense (shared prefixes need causal attention)")
+            path = "dense"
+        self.path = path
         self.context_length = self.positional_embedding.shape[0]
         self.width = self.positional_embedding.shape[1]
         if isinstance(self.text_projection, nn.Linear):
             self.output_dim = self.text_projection.out_features
         else:
             self.output_dim = self.text_projection.shape[1]
+        self._layouts = LayoutCache()
 
     @property
     def dtype(self) -> torch.dtype:
         return self.positional_embedding.dtype
 
-    def forward(self, embeddings: torch.Tensor, eot_positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, prompts: Union[PromptBatch, torch.Tensor],
+                eot_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if isinstance(prompts, PromptBatch):
+            if self.path == "shared_prefix":
+                return self._shared_prefix(prompts)
+            prompts, eot_positions = prompts.dense()
+        return self._dense(prompts, eot_positions)
+
+    def layout(self, prompts: PromptBatch) -> SharedPrefixLayout:
+        return self._layouts.get(prompts.source, prompts.length, prompts.source.device)
+
+    def _run_blocks(self, x: torch.Tensor, layout: Optional[SharedPrefixLayout]) -> torch.Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, layout, use_reentrant=False)
+            else:
+                x = block(x, layout)
+        return x
+
+    def _shared_prefix(self, prompts: PromptBatch) -> torch.Tensor:
+        layout = self.layout(prompts)
+        dtype = self.dtype
+        x = prompts.rows(layout.node_source).to(dtype) + self.positional_embedding[layout.node_depth].to(dtype)
+        return self._project(self._run_blocks(x, layout)[layout.eot_nodes])
+
+    def _dense(self, embeddings: torch.Tensor, eot_positions: torch.Tensor) -> torch.Tensor:
         batch, length, width = embeddings.shape
         if width != self.width:
             raise ValueError(f"text embeddings have width {width}, the text encoder expects {self.width}")
@@ -63,11 +157,11 @@ class TextEncoder(nn.Module):
         if not self.causal and length != self.context_length:
             raise ValueError("this text encoder has no causal mask: sequences must span the full context")
         dtype = self.dtype
-        x = embeddings.to(dtype) + self.positional_embedding[:length].to(dtype)
-        mask = self.attn_mask[:length, :length] if self.causal else None
-        x = self.transformer(x, attn_mask=mask)
+        x = self._run_blocks(embeddings.to(dtype) + self.positional_embedding[:length].to(dtype), None)
         # LayerNorm acts per token, so pooling first and normalizing one token is exact and cheaper.
-        x = x[torch.arange(batch, device=x.device), eot_positions.to(x.device)]
+        return self._project(x[torch.arange(batch, device=x.device), eot_positions.to(x.device)])
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ln_final(x)
         if isinstance(self.text_projection, nn.Linear):
             return self.text_projection(x)

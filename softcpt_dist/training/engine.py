@@ -98,6 +98,13 @@ def prebuild_ops() -> Dict[str, str]:
     return built
 
 
+def check_repeated_steps(k: int, ecfg: EngineConfig) -> None:
+    """``k`` optimizer steps per gradient (official stepping) need a plain, unpartitioned optimizer."""
+    if k > 1 and (ecfg.zero_stage > 0 or ecfg.grad_clip > 0 or ecfg.grad_accum_steps > 1):
+        raise ConfigError("optim.official_stepping repeats optimizer steps on one gradient: it needs "
+                          "engine.zero_stage=0, engine.grad_clip=0 and engine.grad_accum_steps=1")
+
+
 def micro_batch_size(optim: OptimConfig, engine: EngineConfig, world_size: int) -> int:
     """Per-rank micro-batch: the global ``optim.batch_size`` split over ranks and accumulation steps."""
     parts = world_size * engine.grad_accum_steps
@@ -134,9 +141,7 @@ class TrainEngine:
     def __init__(self, model, optim: OptimConfig, ecfg: EngineConfig, world: WorldInfo, micro_batch: int):
         self.model, self.optim_cfg, self.ecfg = model, optim, ecfg
         self.k = steps_per_update(optim, model.method)
-        if self.k > 1 and (ecfg.zero_stage > 0 or ecfg.grad_clip > 0 or ecfg.grad_accum_steps > 1):
-            raise ConfigError("optim.official_stepping repeats optimizer steps on one gradient: it needs "
-                              "engine.zero_stage=0, engine.grad_clip=0 and engine.grad_accum_steps=1")
+        check_repeated_steps(self.k, ecfg)
         model.backbone.set_grad_checkpointing(ecfg.activation_checkpointing)
         deepspeed = import_deepspeed()
         self.optimizer = build_optimizer(model.learnable_parameters().values(), optim)

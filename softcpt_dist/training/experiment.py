@@ -30,7 +30,7 @@ from softcpt_dist.training.resolved import ResolvedRun, start_run
 from softcpt_dist.training.run_dir import LogBuffer, RunDir
 from softcpt_dist.training.scopes import Scope, scopes
 from softcpt_dist.training.signals import Preempted, StopSignals
-from softcpt_dist.training.trainer import train_prompts
+from softcpt_dist.training.trainer import check_training_setup, train_prompts
 
 logger = logging.getLogger(__name__)
 FEWSHOT_RECORD = "fewshot_split.json"  # the exact few-shot subsets, for audit
@@ -70,8 +70,10 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
     try:
         ctx = start_run(cfg, run_path, name_folder=True)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
-        backbone = build_backbone(cfg.model, ctx.device)
+        backbone = build_backbone(cfg.model, ctx.device, cfg.text)
         data = _load_data_once(ctx.data, cfg.train)
+        if method.trains_prompts:
+            _check_training(cfg, ctx, data, method)
         run = RunDir(ctx.path, is_main=ctx.world.is_main)
         run.open(fresh=not cfg.train.resume, replay=early_log)
         if cfg.train.resume:
@@ -104,6 +106,21 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
         early_log.close()
         if run is not None:
             run.close()
+
+
+def _check_training(cfg: Config, ctx: ResolvedRun, data: MultiTaskData, method) -> None:
+    """What training would refuse, refused now, before the run folder is touched."""
+    run_scopes = scopes(cfg.train, cfg.method, data.group)
+    steps = method.official_modules(cfg.method) if cfg.optim.official_stepping else 1
+    check_training_setup({s.key: s.select(data.splits["train"])[0] for s in run_scopes}, cfg.optim, cfg.engine,
+                         ctx.data, cfg.train, ctx.world.world_size, steps)
+    saved = ctx.path / "checkpoints"
+    other = sorted({p.name for p in saved.iterdir() if p.is_dir()} - {s.key for s in run_scopes}) \
+        if cfg.train.resume and saved.is_dir() else []
+    if other:
+        raise ConfigError(f"train.resume: run folder {ctx.path} holds training checkpoints of {other}, not of this "
+                          f"run's {[s.key for s in run_scopes]}: was method.name, method.coop_mode or train.mode "
+                          "different? (resume with those, or use another train.run_name)")
 
 
 class _RunRecord:
@@ -145,14 +162,15 @@ def _train_and_evaluate(cfg: Config, ctx: ResolvedRun, backbone, data: MultiTask
     for i, scope in enumerate(run_scopes):
         if i > 0 and partitions_its_module(cfg.engine):  # each scope's engine gets a backbone of its own
             seed_everything(cfg.train.seed, cfg.train.deterministic)
-            backbone = build_backbone(cfg.model, ctx.device)
+            backbone = build_backbone(cfg.model, ctx.device, cfg.text)
         seed_everything(cfg.train.seed, cfg.train.deterministic)  # each task's run independent of the others
         model = PromptClassifier(backbone, build_method(backbone, scope.group, cfg.method, cfg.prompt))
         weights = scope.group.task_weights(cfg.train.task_weights) if scope.key == "joint" else None
         samples, feats = scope.select(data.splits["train"], inputs.features.get("train"))
         checkpoints = TrainingCheckpoints(run.path / "checkpoints" / scope.key, cfg.train.keep_checkpoints,
                                           checkpoint_meta(cfg.model, cfg.method, cfg.prompt, scope.group),
-                                          resume_settings(cfg.optim, ctx.data, cfg.train), on_resumed=record)
+                                          resume_settings(cfg.model, cfg.optim, ctx.data, cfg.train, samples),
+                                          on_resumed=record)
         scope_history, engine = train_prompts(model, scope.group, samples, train_tf, optim=cfg.optim, train=cfg.train,
                                               engine=cfg.engine, data=ctx.data, world=ctx.world, run=run,
                                               task_weights=weights, scope=scope.key, features=feats,
@@ -181,7 +199,7 @@ def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = 
         raise ConfigError(f"eval: method {label} needs a prompt checkpoint (--run or --checkpoint)")
     ctx = start_run(cfg, out_dir)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    backbone = build_backbone(cfg.model, ctx.device)
+    backbone = build_backbone(cfg.model, ctx.device, cfg.text)
     data = _load_data_once(ctx.data, cfg.train)
     split = cfg.train.eval_split
     states = None

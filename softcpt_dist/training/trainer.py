@@ -8,13 +8,14 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from softcpt_dist import distributed as D
-from softcpt_dist.config import DataConfig, EngineConfig, OptimConfig, TrainConfig
+from softcpt_dist.config import ConfigError, DataConfig, EngineConfig, OptimConfig, TrainConfig
 from softcpt_dist.data.dataset import Sample
 from softcpt_dist.data.loaders import make_train_loader
+from softcpt_dist.data.sampler import TaskBalancedBatchSampler
 from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.distributed import WorldInfo, world_info_from_env
 from softcpt_dist.training.checkpoint import TrainingCheckpoints
-from softcpt_dist.training.engine import TrainEngine, memory_report, micro_batch_size
+from softcpt_dist.training.engine import TrainEngine, check_repeated_steps, memory_report, micro_batch_size
 from softcpt_dist.training.loop import LoopState, TrainLoop
 from softcpt_dist.training.signals import StopSignals
 
@@ -45,10 +46,7 @@ def train_prompts(model, group: TaskGroup, samples: List[Sample], transform, *, 
                                         world_size=world_size)
     tengine = TrainEngine(model, optim, engine, world or world_info_from_env(), micro)
     tag = "" if scope == "joint" else f"{scope}: "
-    steps_per_epoch = sampler.steps_per_epoch - sampler.steps_per_epoch % gas  # whole optimizer steps only
-    if steps_per_epoch == 0:
-        raise ValueError(f"{tag}an epoch has {sampler.steps_per_epoch} micro-batches per rank, fewer than "
-                         f"engine.grad_accum_steps={gas}")
+    steps_per_epoch = _whole_steps(sampler, gas, tag)
     state = LoopState()
     if checkpoints is not None and train.resume:
         saved = checkpoints.resume(tengine, sampler, train.resume)
@@ -71,6 +69,28 @@ def train_prompts(model, group: TaskGroup, samples: List[Sample], transform, *, 
     _report_memory(tengine, tag, scope, run, engine.zero_stage)
     tengine.train(False)
     return history, tengine
+
+
+def _whole_steps(sampler, gas: int, tag: str) -> int:
+    """Micro-batches per epoch that make whole optimizer steps; none is an error."""
+    steps = sampler.steps_per_epoch - sampler.steps_per_epoch % gas
+    if steps == 0:
+        raise ConfigError(f"{tag}an epoch has {sampler.steps_per_epoch} micro-batches per rank, fewer than "
+                          f"engine.grad_accum_steps={gas}")
+    return steps
+
+
+def check_training_setup(scopes: Dict[str, List[Sample]], optim: OptimConfig, engine: EngineConfig,
+                         data: DataConfig, train: TrainConfig, world_size: int, official_steps: int) -> None:
+    """Refuse, before a run folder is touched, every engine and batch setting the training would refuse:
+    ``scopes`` maps each scope to its training samples."""
+    micro = micro_batch_size(optim, engine, world_size)
+    check_repeated_steps(official_steps, engine)
+    for scope, samples in scopes.items():
+        sampler = TaskBalancedBatchSampler([s.task for s in samples], micro, seed=train.seed, mode=data.sampler.mode,
+                                           temperature=data.sampler.temperature,
+                                           tasks_per_batch=data.sampler.tasks_per_batch, world_size=world_size)
+        _whole_steps(sampler, engine.grad_accum_steps, "" if scope == "joint" else f"{scope}: ")
 
 
 def _report_memory(engine: TrainEngine, tag: str, scope: str, run, zero_stage: int) -> None:

@@ -54,7 +54,7 @@ def test_prompt_bank_assembly_matches_literal_prompt(tiny_backbone, position, li
     x_id = tiny_backbone.tokenizer.encode("X")[0]
     x_emb = tiny_backbone.token_embedding(torch.tensor([x_id]))[0]
     ctx = x_emb.expand(len(names), 4, -1)
-    emb, eot = bank(ctx)
+    emb, eot = bank(ctx).dense()
     ids, ref_eot = tokenize(tiny_backbone.tokenizer, [literal.format(n) for n in names], 77)
     assert torch.equal(eot, ref_eot)
     assert emb.shape[1] == int(eot.max()) + 1  # truncated, never the padded 77
@@ -68,8 +68,8 @@ def test_prompt_bank_subset_truncates_to_selected(tiny_backbone):
     names = ["a", "a very long class name with many many words indeed"]
     bank = ContextPromptBank(names, 2, tiny_backbone)
     ctx = torch.zeros(1, 2, tiny_backbone.ctx_dim)
-    emb, eot = bank(ctx, torch.tensor([0]))
-    assert emb.shape[1] == int(eot.max()) + 1 < len(bank.suffix[0]) + 3
+    emb, eot = bank(ctx, index=torch.tensor([0])).dense()
+    assert emb.shape[1] == int(eot.max()) + 1 < bank.token_of.shape[1]
 
 
 def test_overlong_prompt_is_a_clear_error(tiny_backbone):

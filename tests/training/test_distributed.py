@@ -97,6 +97,21 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batch(single_run, small_d
         assert rank["frozen_param_bytes"] == pytest.approx(expected, rel=0.01)
 
 
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_dense_text_path_on_two_zero3_ranks_matches_the_shared_prefix_path(single_run, small_data_root, tmp_path,
+                                                                           activation_checkpointing):
+    """The shared-prefix path (single_run, the default) under ZeRO-3's parameter gathering: the same training
+    as the dense reference path, partitioned over 2 ranks."""
+    rc, log = _run(2, _args(small_data_root, tmp_path, "dense", "engine.zero_stage=3", "text.path=dense",
+                            f"engine.activation_checkpointing={str(activation_checkpointing).lower()}"))
+    assert rc == 0, log
+    _assert_same_training(tmp_path / "dense", single_run)
+    rc, log = _run(2, _args(small_data_root, tmp_path, "shared", "engine.zero_stage=3",
+                            f"engine.activation_checkpointing={str(activation_checkpointing).lower()}"))
+    assert rc == 0, log
+    _assert_same_training(tmp_path / "shared", single_run)
+
+
 def test_zero3_in_a_single_process_without_a_launcher(single_run, small_data_root, tmp_path):
     """In a subprocess: ZeRO-3 patches torch.nn.functional.linear for the rest of the process."""
     rc, log = _run(1, _args(small_data_root, tmp_path, "z3", "engine.zero_stage=3"))

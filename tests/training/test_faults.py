@@ -63,7 +63,10 @@ def test_bad_input_under_an_existing_run_name_leaves_that_run_intact(small_data_
     assert main(_args(small_data_root, tmp_path, "keep", "optim.epochs=1", "train.checkpoint_every=1")) == 0
     before = _snapshot(tmp_path / "keep")
     for bad in (["data.tasks=[colour,nosuch]"], ["model.pretrained=/no/such/weights.pt"],
-                ["method.name=nosuch"], ["method.variant=CATA", "prompt.n_class_ctx=0"]):
+                ["method.name=nosuch"], ["method.variant=CATA", "prompt.n_class_ctx=0"],
+                ["engine.grad_accum_steps=3"], ["optim.official_stepping=true", "engine.zero_stage=1"],
+                ["optim.batch_size=32", "engine.grad_accum_steps=16"],
+                ["train.resume=latest", "method.name=coop", "method.coop_mode=CA"]):
         assert main(_args(small_data_root, tmp_path, "keep", "optim.epochs=1", *bad)) == 2
         assert _snapshot(tmp_path / "keep") == before, bad
     # A valid fresh run under the name moves the old run aside, whole.
@@ -112,9 +115,11 @@ def test_changed_settings_on_resume_are_refused_or_applied_never_half(small_data
     assert main(args) == 0
     config = (tmp_path / "chg" / "config.yaml").read_text()
     for key, value, saved in (("data.train_augment", "none", "'paper'"), ("train.task_weights", "{colour: 2.0}", "None"),
-                              ("optim.batch_size", "4", None), ("optim.name", "adamw", "'sgd'")):
+                              ("optim.batch_size", "4", None), ("optim.name", "adamw", "'sgd'"),
+                              ("model.precision", "bf16", "'fp32'"), ("data.fewshot_seed", "5", None)):
         assert main(args + ["optim.epochs=2", "train.resume=latest", f"{key}={value}"]) == 2
-        named = key.split(".")[-1] if saved is None else f"{'optimizer' if key == 'optim.name' else key}={saved}"
+        named = {"optim.batch_size": "batch_size", "data.fewshot_seed": "data.train_images="}.get(key) if saved is None \
+            else f"{'optimizer' if key == 'optim.name' else key}={saved}"
         assert named in caplog.text, key
         assert (tmp_path / "chg" / "config.yaml").read_text() == config  # not recorded either
     assert main(args + ["optim.epochs=2", "train.resume=latest", "optim.momentum=0.5", "optim.weight_decay=0.0"]) == 0
@@ -209,3 +214,40 @@ def test_deepspeed_builds_in_the_installation_folder_and_survives_a_stale_lock(s
                          text=True, timeout=300, env={**env, "TORCH_EXTENSIONS_DIR": str(ext)})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "removed the stale build lock" in run.stderr
+
+
+def test_a_lost_or_damaged_latest_marker_and_damaged_files_fall_back(small_data_root, tmp_path, caplog):
+    args = _args(small_data_root, tmp_path, "lost", "optim.epochs=1", "train.checkpoint_every=1",
+                 "train.keep_checkpoints=5")
+    assert main(args) == 0
+    folder = tmp_path / "lost" / "checkpoints" / "joint"
+    newest = (folder / "latest").read_text().strip()
+    (folder / "latest").unlink()  # lost: the newest complete tag is found, not a fresh start
+    assert main(args + ["train.resume=latest"]) == 0
+    assert "looking for the newest complete checkpoint" in caplog.text and f"{newest}: epoch" in caplog.text
+    caplog.clear()
+    state = folder / newest / "train_state.pt"  # damaged bytes mid-file: unreadable, not "unsafe"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    state.write_bytes(bytes(data))
+    (folder / "step000000002" / "rng_rank0.pt").unlink()  # and an older one that a rank never finished
+    assert main(args + ["train.resume=latest"]) == 0
+    assert "refusing" not in caplog.text and "lacks ['rng_rank0.pt']" in caplog.text
+    assert "resuming from the older checkpoint step000000001" in caplog.text
+    caplog.clear()
+    (folder / "step000000001" / "mp_rank_00_model_states.pt").unlink()
+    assert main(args + [f"train.resume={folder / 'step000000001'}"]) == 2
+    assert "DeepSpeed could not load the training checkpoint" in caplog.text
+
+
+def test_resuming_an_older_tag_by_another_spelling_of_its_path_discards_the_newer_ones(small_data_root, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = _args(small_data_root, "runs", "rel", "optim.epochs=1", "train.checkpoint_every=1",
+                 "train.keep_checkpoints=5")
+    assert main(args) == 0
+    folder = tmp_path / "runs" / "rel" / "checkpoints" / "joint"
+    assert main(args + [f"train.resume={(folder / 'step000000001').resolve()}", "optim.lr=0.01"]) == 0
+    latest = (folder / "latest").read_text().strip()
+    assert latest == "step000000003-end"  # written again by the resumed run, not kept from the abandoned one
+    assert torch.load(folder / latest / "train_state.pt", weights_only=True)["settings"]["optim.lr"] == 0.01

@@ -40,7 +40,8 @@ def test_old_prompt_checkpoint_evaluates_to_the_old_results(old_run, small_data_
 
 
 def test_old_training_checkpoint_resumes_to_the_old_final_weights(old_run, small_data_root):
-    """Resuming the old run after its first epoch retrains epoch 2 to the same weights and loss."""
+    """Resuming the old run after its first epoch retrains epoch 2 to the same weights and loss (within fp32
+    rounding: the old code encoded text with open_clip's attention, ours sums in another order)."""
     final = _states(old_run / "prompt_checkpoint.pt")
     old_epochs = [json.loads(r) for r in (old_run / "metrics.jsonl").read_text().splitlines()]
     shutil.copy(old_run / "prompt_checkpoint.pt", old_run.parent / "final.pt")
@@ -50,9 +51,9 @@ def test_old_training_checkpoint_resumes_to_the_old_final_weights(old_run, small
     resumed = _states(old_run / "prompt_checkpoint.pt")
     assert resumed.keys() == final.keys()
     for name in final:
-        torch.testing.assert_close(resumed[name], final[name], rtol=0, atol=0)
+        torch.testing.assert_close(resumed[name], final[name], rtol=1e-4, atol=1e-6)
     new_epochs = [json.loads(r) for r in (old_run / "metrics.jsonl").read_text().splitlines()]
-    assert new_epochs[-1]["epoch"] == 2 and new_epochs[-1]["loss"] == old_epochs[-1]["loss"]
+    assert new_epochs[-1]["epoch"] == 2 and new_epochs[-1]["loss"] == pytest.approx(old_epochs[-1]["loss"], rel=1e-5)
 
 
 def test_old_checkpoints_refuse_another_setup_by_name(old_run, small_data_root, caplog):

@@ -27,12 +27,20 @@ class Method(nn.Module):
     name: ClassVar[str]
     trains_prompts: ClassVar[bool] = True
     fits: ClassVar[bool] = False  # fits a classifier on frozen image features instead of using prompts
-    official_module_count: int = 1
-
     def __init__(self, backbone, group: TaskGroup, prompt: PromptConfig, method: MethodConfig):
         super().__init__()
         # The backbone is shared, not owned: keep it out of this module's parameters and state dict.
         self.__dict__["backbone"] = backbone
+        self.method_cfg = method
+
+    @classmethod
+    def official_modules(cls, cfg: MethodConfig) -> int:
+        """Modules the official code registers with one shared optimizer (see optim.py)."""
+        return 1
+
+    @property
+    def official_module_count(self) -> int:
+        return self.official_modules(self.method_cfg)
 
     @classmethod
     def label(cls, cfg: MethodConfig) -> str:

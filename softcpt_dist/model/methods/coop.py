@@ -41,5 +41,4 @@ class CoOp(Method):
 
     def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         owner = self.ctx_owner if class_index is None else self.ctx_owner[class_index]
-        emb, eot = self.class_prompts(self.ctx[owner], class_index)
-        return self.backbone.text_encoder(emb, eot)
+        return self.backbone.text_encoder(self.class_prompts(self.ctx, owner, class_index))

@@ -8,7 +8,7 @@ context is shared by all tasks (TA) or task-specific (TS).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -53,32 +53,32 @@ class SoftCPT(Method):
         if method.variant[:2] in ("CA", "CS") and prompt.n_class_ctx == 0:
             raise ConfigError(f"method.variant={method.variant} needs prompt.n_class_ctx > 0")
 
-    @property
-    def official_module_count(self) -> int:
-        """Modules the official code registers with one shared optimizer (see optim.py)."""
-        return 4 if self.class_aware else 3
+    @classmethod
+    def official_modules(cls, cfg: MethodConfig) -> int:
+        return 4 if cfg.variant[:2] in ("CA", "CS") else 3  # + the class prompt learner
 
     def task_features(self) -> torch.Tensor:
         """Raw text feature of every task prompt ``[T, E]``; recomputed each step (u learns)."""
-        ctx = self.task_ctx.expand(len(self.task_prompts), -1, -1)
-        emb, eot = self.task_prompts(ctx)
-        return self.backbone.text_encoder(emb, eot)
+        return self.backbone.text_encoder(self.task_prompts(self.task_ctx))
 
-    def contexts(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Context vectors of the selected global classes ``[C', N, D]``."""
+    def context_groups(self, class_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The distinct context vectors ``[G, N, D]`` and which one each selected global class uses ``[C']``:
+        one per task (NA), one per class (CA/CS)."""
         class_task = self.class_task if class_index is None else self.class_task[class_index]
         task_feat = self.task_features().float()
         if not self.class_aware:
-            return self.meta_net(task_feat)[class_task]
-        n = len(self.class_prompts) if class_index is None else class_index.shape[0]
-        class_ctx = self.class_ctx if self.class_specific else self.class_ctx.expand(len(self.class_prompts), -1, -1)
-        if class_index is not None:
-            class_ctx = class_ctx[class_index]
-        emb, eot = self.class_feature_prompts(class_ctx.expand(n, -1, -1), class_index)
-        class_feat = self.backbone.text_encoder(emb, eot).float()
+            return self.meta_net(task_feat), class_task
+        owner = class_index if self.class_specific else None  # CS: each class's own row; CA: one for all
+        class_feat = self.backbone.text_encoder(self.class_feature_prompts(self.class_ctx, owner, class_index))
         # Official order: class feature first, then the feature of the class's task.
-        return self.meta_net(torch.cat([class_feat, task_feat[class_task]], dim=1))
+        ctx = self.meta_net(torch.cat([class_feat.float(), task_feat[class_task]], dim=1))
+        return ctx, torch.arange(ctx.shape[0], device=ctx.device)
+
+    def contexts(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Context vectors of the selected global classes ``[C', N, D]``."""
+        ctx, owner = self.context_groups(class_index)
+        return ctx[owner]
 
     def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        emb, eot = self.class_prompts(self.contexts(class_index), class_index)
-        return self.backbone.text_encoder(emb, eot)
+        ctx, owner = self.context_groups(class_index)
+        return self.backbone.text_encoder(self.class_prompts(ctx, owner, class_index))

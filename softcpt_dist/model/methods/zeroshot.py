@@ -22,9 +22,4 @@ class ZeroShotCLIP(Method):
         self.prompts = TextPromptBank(texts, backbone)
 
     def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        emb, eot = self.prompts()
-        if class_index is not None:
-            emb, eot = emb[class_index], eot[class_index]
-            if self.backbone.text_encoder.causal:
-                emb = emb[:, : int(eot.max()) + 1]
-        return self.backbone.text_encoder(emb, eot)
+        return self.backbone.text_encoder(self.prompts(class_index))

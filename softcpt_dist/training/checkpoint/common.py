@@ -3,6 +3,7 @@ the settings a resume is checked against, and the ``latest`` marker of training 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from dataclasses import asdict
@@ -40,7 +41,7 @@ def read_state_file(path: Path, allowed: Sequence[type] = (), map_location="cpu"
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # truncated zip archives, EOFError, refused globals, ...
-        if "Weights only load failed" in str(err):
+        if "Unsupported global" in str(err):  # a class or callable to import: refused (a damaged stream is not)
             raise UnsafeCheckpoint(f"refusing {path}: it holds objects other than tensors and plain containers, "
                                    f"and loading them could run code ({str(err).splitlines()[-1][:200]})") from err
         raise CheckpointError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
@@ -53,11 +54,16 @@ APPLIED_ON_RESUME = ("optim.lr", "optim.epochs", "optim.schedule", "optim.warmup
                      "optim.warmup_lr", "optim.momentum", "optim.weight_decay")
 
 
-def resume_settings(optim: OptimConfig, data: DataConfig, train: TrainConfig) -> Dict:
+def resume_settings(model: ModelConfig, optim: OptimConfig, data: DataConfig, train: TrainConfig,
+                    train_samples: Sequence) -> Dict:
     """Settings recorded with a training checkpoint and compared on resume (besides meta, engine and
-    sampler settings): the optimizer and schedule, and what shapes the data and the loss."""
-    return {**{f"optim.{k}": v for k, v in asdict(optim).items()}, "data.train_augment": data.train_augment,
+    sampler settings): the frozen weights, the optimizer and schedule, and what shapes the data and the
+    loss -- down to the exact training images (few-shot subsets depend on the seed)."""
+    digest = hashlib.sha256("\n".join(f"{s.path}\x1f{s.task}\x1f{s.label}" for s in train_samples).encode())
+    return {"model.pretrained": model.pretrained, "model.precision": model.precision,
+            **{f"optim.{k}": v for k, v in asdict(optim).items()}, "data.train_augment": data.train_augment,
             "data.cache.train_views": data.cache.train_views if data.cache.enabled else 0,
+            "data.train_images": f"{len(train_samples)} images, sha256 {digest.hexdigest()[:16]}",
             "train.task_weights": dict(train.task_weights) if train.task_weights else None}
 
 

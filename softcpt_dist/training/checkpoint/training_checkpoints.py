@@ -79,14 +79,17 @@ class TrainingCheckpoints:
         state = read_state_file(folder / tag / TRAIN_STATE)
         self._check(state, engine, where)
         sampler.load_state_dict(state["sampler"])  # refuses other data, sampler settings or world size
-        if not engine.load(folder, tag):
+        try:
+            loaded = engine.load(folder, tag)
+        except Exception as err:  # e.g. a missing partition file: DeepSpeed asserts
+            raise CheckpointError(f"DeepSpeed could not load the training checkpoint {folder / tag}: "
+                                  f"{type(err).__name__}: {err}") from err
+        if not loaded:
             raise CheckpointError(f"DeepSpeed could not load the training checkpoint {folder / tag}")
         engine.apply_optimizer_settings()  # this run's momentum and weight decay (see APPLIED_ON_RESUME)
         engine.schedule.load_state_dict({"steps": state["schedule_steps"]})
-        rng_file = folder / tag / f"rng_rank{D.rank()}.pt"
-        if rng_file.is_file():
-            set_rng_state(read_state_file(rng_file))
-        if folder == self.folder and source != "latest":
+        set_rng_state(read_state_file(folder / tag / f"rng_rank{D.rank()}.pt"))
+        if folder.resolve() == self.folder.resolve() and source != "latest":
             self._discard_newer_than(tag)
         logger.info("resumed from %s: epoch %d, step %d", where, state["epoch"] + 1, state["step"])
         self.on_resumed()
@@ -112,13 +115,19 @@ class TrainingCheckpoints:
     def _newest_readable(self, engine) -> Tuple[Optional[str], Optional[str]]:
         """``(tag, None)`` for the newest complete readable tag (``latest`` then names it), ``(None, None)`` if
         nothing was saved yet, ``(None, problem)`` if nothing reads back (an unsafe file is never skipped)."""
+        tags = sorted((p.name for p in self.folder.iterdir() if p.is_dir() and p.name.startswith("step")),
+                      reverse=True) if self.folder.is_dir() else []
         marker = self.folder / LATEST
-        if not marker.is_file():
+        named = marker.read_text().strip() if marker.is_file() else ""
+        if named in tags:  # tags after `latest` are saves that never completed; before it, complete ones
+            candidates = [named] + [t for t in tags if t < named]
+        else:  # `latest` lost or damaged: every tag, newest first, each checked for completeness
+            if tags:
+                logger.warning("train.resume=latest: %s is %s; looking for the newest complete checkpoint",
+                               marker, f"{named!r}, not a checkpoint here" if marker.is_file() else "missing")
+            candidates = tags
+        if not candidates:
             return None, None
-        named = marker.read_text().strip()
-        # Tags after `latest` are saves that never completed; before it, older complete ones.
-        candidates = [named] + sorted((p.name for p in self.folder.iterdir() if p.is_dir()
-                                       and p.name.startswith("step") and p.name < named), reverse=True)
         problems: List[str] = []
         for tag in candidates:
             problem = self._unreadable(self.folder / tag, engine)
@@ -147,15 +156,21 @@ class TrainingCheckpoints:
                 missing = sorted(set(STATE_KEYS) - set(content)) if f.name == TRAIN_STATE else []
                 if missing:
                     return f"training checkpoint {path} lacks {missing}: it is incomplete or from an older version"
+                if f.name == TRAIN_STATE:
+                    ranks = int(content["sampler"].get("world_size", 1))
         except CheckpointError as err:
             return str(err)
+        absent = [f"rng_rank{r}.pt" for r in range(ranks) if not (path / f"rng_rank{r}.pt").is_file()]
+        if absent:
+            return f"training checkpoint {path} lacks {absent}: not every rank finished writing it"
         return None
 
     def _discard_newer_than(self, tag: str) -> None:
         """Resumed from an older tag: the newer ones belong to the abandoned continuation."""
         D.barrier()
         if D.rank() == 0:
-            for newer in (p for p in self.folder.iterdir() if p.is_dir() and p.name > tag):
+            for newer in (p for p in self.folder.iterdir() if p.is_dir() and p.name.startswith("step")
+                          and p.name > tag):
                 shutil.rmtree(newer, ignore_errors=True)
             mark_latest(self.folder, tag, self.keep)
         D.barrier()

@@ -1,0 +1,68 @@
+"""Task groups for the text-side benchmarks: Plant-6 with its real class names, General-10's shape.
+
+Plant-6's six datasets and their classes (cleaned the way the readers clean folder names). For
+General-10 (1,191 classes) the names are made up, with each dataset's class count and a spread of
+name lengths like its real names (from one-word textures to long car model names).
+"""
+
+from __future__ import annotations
+
+import random
+
+from softcpt_dist.data.paper_groups import GENERAL10, PLANT6
+from softcpt_dist.data.tasks import TaskGroup, TaskSpec
+
+PLANT6_CLASSES = {
+    "fruit_vegetable": "apple banana beetroot bell_pepper cabbage capsicum carrot cauliflower chilli_pepper corn "
+                       "cucumber eggplant garlic ginger grapes jalepeno kiwi lemon lettuce mango onion orange paprika "
+                       "pear peas pineapple pomegranate potato raddish soy_beans spinach sweetcorn sweetpotato tomato "
+                       "turnip watermelon",
+    "kaggle_flower": "daisy dandelion rose sunflower tulip",
+    "kaggle_mushroom": "Agaricus Amanita Boletus Cortinarius Entoloma Hygrocybe Lactarius Russula Suillus",
+    "kaggle_vegetable": "Bean Bitter_Gourd Bottle_Gourd Brinjal Broccoli Cabbage Capsicum Carrot Cauliflower "
+                        "Cucumber Papaya Potato Pumpkin Radish Tomato",
+    "plant_seedling": "Black-grass Charlock Cleavers Common_Chickweed Common_wheat Fat_Hen Loose_Silky-bent Maize "
+                      "Scentless_Mayweed Shepherds_Purse Small-flowered_Cranesbill Sugar_beet",
+    "plant_village": "Apple_scab Apple_black_rot Apple_cedar_apple_rust Apple_healthy Background_without_leaves "
+                     "Blueberry_healthy Cherry_powdery_mildew Cherry_healthy Corn_cercospora_leaf_spot_gray_leaf_spot "
+                     "Corn_common_rust Corn_northern_leaf_blight Corn_healthy Grape_black_rot "
+                     "Grape_esca_(black_measles) Grape_leaf_blight_(isariopsis_leaf_spot) Grape_healthy "
+                     "Orange_haunglongbing_(citrus_greening) Peach_bacterial_spot Peach_healthy "
+                     "Pepper_bell_bacterial_spot Pepper_bell_healthy Potato_early_blight Potato_late_blight "
+                     "Potato_healthy Raspberry_healthy Soybean_healthy Squash_powdery_mildew Strawberry_leaf_scorch "
+                     "Strawberry_healthy Tomato_bacterial_spot Tomato_early_blight Tomato_late_blight "
+                     "Tomato_leaf_mold Tomato_septoria_leaf_spot Tomato_spider_mites_two-spotted_spider_mite "
+                     "Tomato_target_spot Tomato_yellow_leaf_curl_virus Tomato_mosaic_virus Tomato_healthy",
+}
+# Words per General-10 class name (min, max), like the real names: "2012 BMW M3 coupe", "Apply Eye Makeup".
+GENERAL10_WORDS = {"caltech101": (1, 2), "dtd": (1, 1), "eurosat": (1, 4), "fgvc_aircraft": (1, 3),
+                   "food101": (1, 3), "oxford_flowers": (1, 4), "oxford_pets": (1, 3), "stanford_cars": (3, 7),
+                   "sun397": (1, 4), "ucf101": (1, 4)}
+_SYLLABLES = ("ka", "lo", "mi", "ra", "su", "te", "vo", "ni", "pa", "do", "re", "zu", "qui", "bar", "ton")
+
+
+def plant6() -> TaskGroup:
+    tasks = []
+    for ds in PLANT6:
+        names = [n.replace("_", " ") for n in PLANT6_CLASSES[ds.key].split()]
+        assert len(names) == ds.num_classes, (ds.key, len(names))
+        tasks.append(TaskSpec(ds.key, ds.task_name, tuple(names), ds.metric, ds.template))
+    return TaskGroup(tasks)
+
+
+def general10(seed: int = 0) -> TaskGroup:
+    rng, tasks = random.Random(seed), []
+    for ds in GENERAL10:
+        low, high = GENERAL10_WORDS[ds.key]
+        names = []
+        while len(names) < ds.num_classes:
+            words = [("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3)))) for _ in
+                     range(rng.randint(low, high))]
+            name = " ".join(words)
+            if name not in names:
+                names.append(name)
+        tasks.append(TaskSpec(ds.key, ds.task_name, tuple(names), ds.metric, ds.template))
+    return TaskGroup(tasks)
+
+
+GROUPS = {"plant6": plant6, "general10": general10}

@@ -1,0 +1,162 @@
+"""Prompts described position by position, and the shared-prefix layout that encodes each shared
+leading run of positions once.
+
+Why it is exact: CLIP's text mask is causal, so the hidden state of position ``i`` (in every layer)
+depends only on positions ``<= i``. Two prompts that agree on positions ``0..i`` -- the same token,
+or the same row of the same context tensor, at each -- therefore have identical hidden states
+there. Merging such positions turns the prompts into a tree (a trie): a node per distinct
+``(parent, source)``; every node attends to its ancestors and itself, exactly as its position
+attends to earlier positions in each of its prompts. Gradients reaching a shared node are the sum
+over its prompts, which is what backward through the separate copies would give.
+
+The tree is cut into *segments*: maximal chains of nodes that the same prompts pass through (the
+shared ``[SOS] ctx_1..ctx_N`` of a task, then each class's ``<name> . [EOS]``). A segment's tokens
+attend to the rows of all its ancestors plus, causally, its own; segments with the same start depth
+and length form one batched attention call. Position-wise work (layer norms, projections, MLP) runs
+on the packed rows of all nodes, each exactly once and without padding.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+
+
+@dataclass
+class PromptBatch:
+    """Prompts to encode. ``source[p, i]``: position ``i`` of prompt ``p`` is row ``source`` of
+    ``tokens`` (frozen token embeddings) when ``>= 0``, row ``-1 - source`` of ``ctx`` (context
+    vectors) when ``< 0``; positions at or after ``length[p]`` are padding. The feature is read at
+    ``eot`` (``length - 1``, except for text towers without a causal mask, which read all positions)."""
+
+    tokens: torch.Tensor  # [V, D]
+    ctx: torch.Tensor  # [R, D] (R may be 0)
+    source: torch.Tensor  # [P, L] long
+    length: torch.Tensor  # [P] long
+    eot: torch.Tensor  # [P] long
+
+    def __len__(self) -> int:
+        return self.source.shape[0]
+
+    def rows(self, source: torch.Tensor) -> torch.Tensor:
+        """The input embedding of every entry of ``source`` (any shape), in the context's dtype where it
+        has one (learnable contexts stay fp32 until the encoder casts)."""
+        tok = self.tokens[source.clamp(min=0)]
+        if self.ctx.shape[0] == 0:
+            return tok
+        ctx = self.ctx[(-1 - source).clamp(min=0)]
+        return torch.where((source < 0).unsqueeze(-1), ctx.to(tok.dtype), tok)
+
+    def dense(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings ``[P, max length, D]`` and EOT positions: the padded layout, cut after the
+        longest prompt (later positions cannot change any EOT feature under the causal mask)."""
+        return self.rows(self.source[:, : int(self.length.max())]), self.eot
+
+
+@dataclass
+class Bucket:
+    """Segments of one start depth and length: queries ``[n, len]`` and keys ``[n, start + len]`` as node rows."""
+
+    start: int
+    queries: torch.Tensor
+    keys: torch.Tensor
+    mask: torch.Tensor  # [len, start + len] bool: query i sees keys 0 .. start + i
+
+    def to(self, device) -> "Bucket":
+        return Bucket(self.start, self.queries.to(device), self.keys.to(device), self.mask.to(device))
+
+
+@dataclass
+class SharedPrefixLayout:
+    """The prompt tree of a ``PromptBatch``: one row per distinct node."""
+
+    node_source: torch.Tensor  # [U]: the source of each node (as in PromptBatch.source)
+    node_depth: torch.Tensor  # [U]: its position
+    buckets: List[Bucket]
+    order: torch.Tensor  # [U]: node rows in node order, from the buckets' concatenated query rows
+    eot_nodes: torch.Tensor  # [P]: the node holding each prompt's EOT
+
+    def __post_init__(self):
+        # All buckets' query rows and key rows, concatenated, and each bucket's share of them.
+        self.query_rows = torch.cat([b.queries.reshape(-1) for b in self.buckets])
+        self.key_rows = torch.cat([b.keys.reshape(-1) for b in self.buckets])
+        self.query_sizes = [b.queries.numel() for b in self.buckets]
+        self.key_sizes = [b.keys.numel() for b in self.buckets]
+
+    @property
+    def positions(self) -> int:
+        """Token positions encoded per layer (dense: the sum of all prompts' lengths, or more padded)."""
+        return int(self.node_source.shape[0])
+
+    def to(self, device) -> "SharedPrefixLayout":
+        return SharedPrefixLayout(self.node_source.to(device), self.node_depth.to(device),
+                                  [b.to(device) for b in self.buckets], self.order.to(device),
+                                  self.eot_nodes.to(device))
+
+
+def build_layout(source: torch.Tensor, length: torch.Tensor) -> SharedPrefixLayout:
+    """The prompt tree of ``source``/``length`` (CPU tensors), merging positions that agree on everything up
+    to and including themselves."""
+    n_prompts, max_len = source.shape[0], int(length.max())
+    path = torch.full((n_prompts, max_len), -1, dtype=torch.long)  # node of (prompt, position)
+    parent_of_prompt = torch.full((n_prompts,), -1, dtype=torch.long)
+    node_source, node_depth, node_parent, total = [], [], [], 0
+    for depth in range(max_len):
+        alive = torch.nonzero(length > depth).flatten()
+        pairs = torch.stack([parent_of_prompt[alive], source[alive, depth]], dim=1)
+        unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+        ids = total + inverse
+        path[alive, depth] = ids
+        parent_of_prompt[alive] = ids
+        node_parent.append(unique[:, 0])
+        node_source.append(unique[:, 1])
+        node_depth.append(torch.full((len(unique),), depth, dtype=torch.long))
+        total += len(unique)
+    node_parent, node_source, node_depth = torch.cat(node_parent), torch.cat(node_source), torch.cat(node_depth)
+    valid = path >= 0
+    count = torch.bincount(path[valid], minlength=total)  # prompts through each node
+    # A node starts a segment unless it is its parent's only continuation (same prompts pass through).
+    starts = (node_parent < 0) | (count != count[node_parent.clamp(min=0)])
+    representative = torch.empty(total, dtype=torch.long)
+    representative[path[valid]] = torch.nonzero(valid)[:, 0]  # some prompt through each node
+    segment_of = torch.arange(total)
+    for depth in range(1, max_len):  # a node continues its parent's segment unless it starts one
+        at = torch.nonzero((node_depth == depth) & ~starts).flatten()
+        segment_of[at] = segment_of[node_parent[at]]
+    segment_end: Dict[int, int] = {}  # start node -> its segment's last depth
+    for seg, depth in zip(segment_of.tolist(), node_depth.tolist()):
+        segment_end[seg] = depth
+    groups: Dict[Tuple[int, int], List[int]] = defaultdict(list)
+    depths, reps = node_depth.tolist(), representative.tolist()
+    for start_node, end in segment_end.items():
+        groups[(depths[start_node], end - depths[start_node] + 1)].append(reps[start_node])
+    buckets, concatenated = [], []
+    for (start, seg_len), prompts in sorted(groups.items()):
+        rows = path[torch.tensor(prompts)]
+        mask = torch.ones(seg_len, start + seg_len, dtype=torch.bool).tril(diagonal=start)
+        buckets.append(Bucket(start, rows[:, start:start + seg_len], rows[:, :start + seg_len], mask))
+        concatenated.append(rows[:, start:start + seg_len].reshape(-1))
+    order = torch.empty(total, dtype=torch.long)
+    order[torch.cat(concatenated)] = torch.arange(total)
+    eot_nodes = path[torch.arange(n_prompts), length - 1]
+    return SharedPrefixLayout(node_source, node_depth, buckets, order, eot_nodes)
+
+
+class LayoutCache:
+    """Layouts by prompt structure (few distinct ones recur: all classes, or a batch's tasks' classes)."""
+
+    def __init__(self, size: int = 64):
+        self.size, self._entries = size, OrderedDict()
+
+    def get(self, source: torch.Tensor, length: torch.Tensor, device) -> SharedPrefixLayout:
+        source, length = source.detach().cpu(), length.detach().cpu()
+        key = (tuple(source.shape), source.numpy().tobytes(), length.numpy().tobytes(), str(device))
+        if key not in self._entries:
+            self._entries[key] = build_layout(source, length).to(device)
+            if len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(key)
+        return self._entries[key]
