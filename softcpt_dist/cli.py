@@ -107,7 +107,7 @@ def _dispatch(args) -> int:
     if args.command == "data" and args.data_command == "check":
         from softcpt_dist.data.check import check_data
         cfg = load_config(args.config, args.overrides)
-        report = check_data(cfg.data, cfg.train.seed, decode=not args.no_decode)
+        report = check_data(cfg.data, cfg.train.seed, decode=not args.no_decode, eval_split=cfg.train.eval_split)
         print(report.text())
         return 1 if report.problems else 0
     if args.command == "data" and args.data_command == "generate":

@@ -32,8 +32,9 @@ class CheckReport:
         return "\n".join(out)
 
 
-def check_data(dcfg: DataConfig, seed: int, decode: bool = True) -> CheckReport:
-    """The data check of ``data`` for a run seeded ``seed`` (few-shot subsets depend on it)."""
+def check_data(dcfg: DataConfig, seed: int, decode: bool = True, eval_split: str = "test") -> CheckReport:
+    """The data check of ``data`` for a run seeded ``seed`` (few-shot subsets depend on it) that evaluates
+    on ``eval_split``: classes without images there, as in ``train`` and ``test``, are problems."""
     data = read_dataset(dcfg)
     report = CheckReport(notes=list(data.problems))
     group, shots = data.group, dcfg.shots
@@ -52,7 +53,7 @@ def check_data(dcfg: DataConfig, seed: int, decode: bool = True) -> CheckReport:
                             f"{fs_tr:>8} {fs_va:>6}  {task.name}")
         if not sum(va):
             report.notes.append(f"task {task.key}: no validation images (linear-probe C search needs them)")
-    report.problems += [p for split in ("train", "test") for p in empty_classes(data, split)]
+    report.problems += [p for split in dict.fromkeys(("train", "test", eval_split)) for p in empty_classes(data, split)]
     for (t, c), n in sorted(short.items()):
         report.notes.append(f"task {group.tasks[t].key}: class {group.tasks[t].classnames[c]!r} has {n} training "
                             f"images (< {shots} shots)")

@@ -56,7 +56,7 @@ def _someone_builds_in(folder: Path) -> bool:
     return not Path("/proc/self/cwd").exists()  # no /proc: cannot tell, assume a build runs
 
 
-def clear_stale_build_locks(root: Path, wait_s: float = 120.0, min_age_s: float = 10.0) -> None:
+def clear_stale_build_locks(root: Path, wait_s: float = 120.0, min_age_s: float = 60.0) -> None:
     """Wait (bounded) for op builds in ``root`` that hold a lock; remove a lock that a killed build left
     behind (older than ``min_age_s``, nobody building); else, after ``wait_s``, fail naming the lock."""
     deadline = time.monotonic() + wait_s

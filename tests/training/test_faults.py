@@ -153,6 +153,13 @@ def test_a_class_without_training_images_is_refused_like_the_data_check(small_da
     assert line in caplog.text
     assert main(["data", "check", f"data.root={root}", "data.shots=0"]) == 1
     assert line in capsys.readouterr().out
+    shutil.copytree(small_data_root / "train" / "colour" / "2", root / "train" / "colour" / "2", dirs_exist_ok=True)
+    for image in (root / "val" / "tone" / "1").iterdir():
+        image.unlink()
+    line = "task tone: 1 class(es) without val images: ['medium']"
+    assert main(_args(root, tmp_path, "empty", "optim.epochs=1", "data.shots=0", "train.eval_split=val")) == 2
+    assert main(["data", "check", f"data.root={root}", "data.shots=0", "train.eval_split=val"]) == 1
+    assert line in caplog.text and line in capsys.readouterr().out
 
 
 @pytest.fixture
