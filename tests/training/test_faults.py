@@ -244,7 +244,7 @@ def test_a_lost_or_damaged_latest_marker_and_damaged_files_fall_back(small_data_
     caplog.clear()
     (folder / "step000000001" / "mp_rank_00_model_states.pt").unlink()
     assert main(args + [f"train.resume={folder / 'step000000001'}"]) == 2
-    assert "DeepSpeed could not load the training checkpoint" in caplog.text
+    assert "step000000001 lacks mp_rank_00_model_states.pt" in caplog.text  # named by the tag's manifest
 
 
 def test_resuming_an_older_tag_by_another_spelling_of_its_path_discards_the_newer_ones(small_data_root, tmp_path,
@@ -258,3 +258,21 @@ def test_resuming_an_older_tag_by_another_spelling_of_its_path_discards_the_newe
     latest = (folder / "latest").read_text().strip()
     assert latest == "step000000003-end"  # written again by the resumed run, not kept from the abandoned one
     assert torch.load(folder / latest / "train_state.pt", weights_only=True)["settings"]["optim.lr"] == 0.01
+
+
+def test_damage_inside_tensor_data_is_found_by_the_checksums(small_data_root, tmp_path, caplog):
+    """Zeroed bytes inside a tensor load without complaint; the tag's manifest of checksums finds them."""
+    args = _args(small_data_root, tmp_path, "sum", "optim.epochs=1", "train.checkpoint_every=1",
+                 "train.keep_checkpoints=5")
+    assert main(args) == 0
+    folder = tmp_path / "sum" / "checkpoints" / "joint"
+    newest = folder / (folder / "latest").read_text().strip()
+    states = newest / "mp_rank_00_model_states.pt"
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    states.write_bytes(bytes(data))
+    torch.load(states, weights_only=True)  # still loads
+    assert main(args + [f"train.resume={newest}"]) == 2
+    assert "does not match its checksum" in caplog.text
+    assert main(args + ["train.resume=latest"]) == 0
+    assert "resuming from the older checkpoint step000000002" in caplog.text

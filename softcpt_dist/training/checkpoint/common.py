@@ -4,11 +4,12 @@ the settings a resume is checked against, and the ``latest`` marker of training 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -93,6 +94,41 @@ def mark_latest(folder: Path, tag: str, keep: int) -> None:
     for old in tags[:-keep] if keep > 0 else []:
         if old.name != tag:
             shutil.rmtree(old, ignore_errors=True)
+
+
+MANIFEST = "manifest.json"  # sha256 of every file of a training checkpoint tag, written last
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(tag_dir: Path) -> None:
+    """Record the checksum of every file in ``tag_dir``, so that damage anywhere (even inside tensor data,
+    which loads without complaint) is found before resuming from it."""
+    files = {p.name: _sha256(p) for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != MANIFEST}
+    atomic_write_text(tag_dir / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def manifest_problem(tag_dir: Path) -> Optional[str]:
+    """Why ``tag_dir`` does not match its manifest (a file missing or damaged), or None (also without one:
+    checkpoints written before manifests existed)."""
+    if not (tag_dir / MANIFEST).is_file():
+        return None
+    try:
+        files = json.loads((tag_dir / MANIFEST).read_text())["files"]
+    except (ValueError, KeyError) as err:
+        return f"cannot read {tag_dir / MANIFEST}: {err}"
+    for name, digest in files.items():
+        if not (tag_dir / name).is_file():
+            return f"training checkpoint {tag_dir} lacks {name}"
+        if _sha256(tag_dir / name) != digest:
+            return f"{tag_dir / name} does not match its checksum in {MANIFEST}: the file is damaged"
+    return None
 
 
 def check_meta(saved: Dict, expected: Dict, where: str) -> None:

@@ -15,7 +15,7 @@ from softcpt_dist.files import WriteError, write_error
 from softcpt_dist.seeding import rng_state, set_rng_state
 from softcpt_dist.training.checkpoint.common import (APPLIED_ON_RESUME, LATEST, STATE_KEYS, TRAIN_STATE,
                                                      CheckpointError, UnsafeCheckpoint, check_meta, latest_tag,
-                                                     mark_latest, read_state_file)
+                                                     manifest_problem, mark_latest, read_state_file, write_manifest)
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +48,18 @@ class TrainingCheckpoints:
                 torch.save({**client_state, "meta": self.meta, "settings": self.settings}, self.folder / tag / TRAIN_STATE)
         except (OSError, RuntimeError) as err:
             error = write_error(self.folder / tag, err)
-        if D.any_rank(error is not None):  # every rank has written (or one failed): only now does `latest` move
+        failed = D.any_rank(error is not None)  # every rank has written (or one failed): only now does `latest` move
+        if not failed and D.rank() == 0:
+            try:
+                write_manifest(self.folder / tag)
+                mark_latest(self.folder, tag, self.keep)
+            except WriteError as err:
+                error = err
+        if failed or D.any_rank(error is not None):
             if D.rank() == 0:
                 shutil.rmtree(self.folder / tag, ignore_errors=True)
             where = f"training checkpoint {self.folder / tag}"
             raise WriteError(f"{error or f'another rank could not write {where}'}; latest still names {latest}")
-        if D.rank() == 0:
-            mark_latest(self.folder, tag, self.keep)
-        D.barrier()
 
     def resume(self, engine, sampler, source: str) -> Optional[Dict]:
         """Check the saved state against this run (meta, settings, engine and sampler settings incl. world
@@ -163,7 +167,7 @@ class TrainingCheckpoints:
         absent = [f"rng_rank{r}.pt" for r in range(ranks) if not (path / f"rng_rank{r}.pt").is_file()]
         if absent:
             return f"training checkpoint {path} lacks {absent}: not every rank finished writing it"
-        return None
+        return manifest_problem(path)
 
     def _discard_newer_than(self, tag: str) -> None:
         """Resumed from an older tag: the newer ones belong to the abandoned continuation."""
