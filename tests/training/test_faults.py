@@ -30,6 +30,20 @@ def _snapshot(folder: Path):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _checkpointed_run(root, out, name):
+    """A finished 1-epoch run checkpointed at every step; its checkpoint folder and newest tag."""
+    args = _args(root, out, name, "optim.epochs=1", "train.checkpoint_every=1", "train.keep_checkpoints=5")
+    assert main(args) == 0
+    folder = out / name / "checkpoints" / "joint"
+    return args, folder, folder / (folder / "latest").read_text().strip()
+
+
+def _zero_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+
+
 def _records(run: Path):
     out = []
     for line in (run / "metrics.jsonl").read_text().splitlines():
@@ -93,11 +107,7 @@ def test_a_second_live_run_under_one_name_is_refused(small_data_root, tmp_path, 
 
 
 def test_truncated_checkpoints_are_named_and_latest_falls_back(small_data_root, tmp_path, caplog):
-    args = _args(small_data_root, tmp_path, "cut", "optim.epochs=1", "train.checkpoint_every=1",
-                 "train.keep_checkpoints=3")
-    assert main(args) == 0
-    folder = tmp_path / "cut" / "checkpoints" / "joint"
-    newest = folder / (folder / "latest").read_text().strip()
+    args, folder, newest = _checkpointed_run(small_data_root, tmp_path, "cut")
     states = newest / "mp_rank_00_model_states.pt"
     states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
     assert main(args[:-3] + ["optim.epochs=2", f"train.resume={newest}"]) == 2
@@ -224,19 +234,13 @@ def test_deepspeed_builds_in_the_installation_folder_and_survives_a_stale_lock(s
 
 
 def test_a_lost_or_damaged_latest_marker_and_damaged_files_fall_back(small_data_root, tmp_path, caplog):
-    args = _args(small_data_root, tmp_path, "lost", "optim.epochs=1", "train.checkpoint_every=1",
-                 "train.keep_checkpoints=5")
-    assert main(args) == 0
-    folder = tmp_path / "lost" / "checkpoints" / "joint"
-    newest = (folder / "latest").read_text().strip()
+    args, folder, newest = _checkpointed_run(small_data_root, tmp_path, "lost")
+    newest = newest.name
     (folder / "latest").unlink()  # lost: the newest complete tag is found, not a fresh start
     assert main(args + ["train.resume=latest"]) == 0
     assert "looking for the newest complete checkpoint" in caplog.text and f"{newest}: epoch" in caplog.text
     caplog.clear()
-    state = folder / newest / "train_state.pt"  # damaged bytes mid-file: unreadable, not "unsafe"
-    data = bytearray(state.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
-    state.write_bytes(bytes(data))
+    _zero_middle(folder / newest / "train_state.pt")  # damaged bytes mid-file: unreadable, not "unsafe"
     (folder / "step000000002" / "rng_rank0.pt").unlink()  # and an older one that a rank never finished
     assert main(args + ["train.resume=latest"]) == 0
     assert "refusing" not in caplog.text and "lacks ['rng_rank0.pt']" in caplog.text
@@ -262,15 +266,9 @@ def test_resuming_an_older_tag_by_another_spelling_of_its_path_discards_the_newe
 
 def test_damage_inside_tensor_data_is_found_by_the_checksums(small_data_root, tmp_path, caplog):
     """Zeroed bytes inside a tensor load without complaint; the tag's manifest of checksums finds them."""
-    args = _args(small_data_root, tmp_path, "sum", "optim.epochs=1", "train.checkpoint_every=1",
-                 "train.keep_checkpoints=5")
-    assert main(args) == 0
-    folder = tmp_path / "sum" / "checkpoints" / "joint"
-    newest = folder / (folder / "latest").read_text().strip()
+    args, folder, newest = _checkpointed_run(small_data_root, tmp_path, "sum")
     states = newest / "mp_rank_00_model_states.pt"
-    data = bytearray(states.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
-    states.write_bytes(bytes(data))
+    _zero_middle(states)
     torch.load(states, weights_only=True)  # still loads
     assert main(args + [f"train.resume={newest}"]) == 2
     assert "does not match its checksum" in caplog.text
