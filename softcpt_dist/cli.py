@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -119,13 +120,18 @@ def _dispatch(args) -> int:
 
 
 def entry() -> None:
-    """Console-script / ``python -m`` entry: run, then leave the process group before the interpreter
-    exits (a live gloo group's threads can abort the process at shutdown)."""
+    """Console-script / ``python -m`` entry: run, leave the process group, and exit without the
+    interpreter's teardown: threads of the communication libraries (gloo, DeepSpeed's shared-memory op)
+    can abort it ("terminate called without an active exception"), which would turn a finished job's
+    exit code into a crash. Everything the run writes is written and closed by then."""
     rc = main()
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    sys.exit(rc)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":
