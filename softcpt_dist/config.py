@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -62,6 +62,9 @@ class TextConfig:
     # shared_prefix: each shared leading run of prompt positions encoded once, the rest packed without
     # padding | dense: every prompt padded to the longest (the reference)
     path: str = one_of("shared_prefix", "dense")
+    # auto: with more than one rank, each rank encodes a share of the classes and the features are
+    # all-gathered (exact) | off: every rank encodes every class
+    shard: str = one_of("auto", "off")
 
 
 @dataclass
@@ -222,12 +225,30 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([_as_written(item) for item in overrides]))
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _config_error(err, "") from err
     validate(cfg)
     return cfg
+
+
+_YAML_BOOLS = {"on", "off", "yes", "no", "true", "false", "y", "n"}
+
+
+def _as_written(item: str) -> str:
+    """``key=off`` for a string field means the string: quote the YAML-1.1 boolean words (e.g.
+    ``train.run_name=off``, ``text.shard=off``), which YAML would otherwise read as true/false."""
+    key, value = item.split("=", 1)
+    section: Any = Config
+    for part in key.split("."):
+        hint = get_type_hints(section).get(part) if is_dataclass(section) else None
+        if hint is None:
+            return item
+        section = hint
+    if section in (str, Optional[str]) and value.strip().lower() in _YAML_BOOLS:
+        return f"{key}='{value.strip()}'"
+    return item
 
 
 def _config_error(err: OmegaConfBaseException, where: str) -> ConfigError:
@@ -236,14 +257,28 @@ def _config_error(err: OmegaConfBaseException, where: str) -> ConfigError:
     return ConfigError(f"{where}bad config entry {key!r}: {reason}")
 
 
+_BOOL_WORDS = {"True": ("on", "yes", "true"), "False": ("off", "no", "false")}
+
+
+def _bool_word(value, allowed: tuple):
+    """YAML reads ``off``/``on`` (unquoted, also in overrides) as booleans, which a string field holds as
+    "False"/"True": the choice the user wrote, when exactly one allowed choice is such a word."""
+    words = [c for c in allowed if isinstance(c, str) and c.lower() in _BOOL_WORDS.get(str(value), ())]
+    return words[0] if len(words) == 1 else value
+
+
 def validate_section(section, prefix: str) -> None:
     """Check a section's (and its subsections') declared choices and ranges; errors name ``prefix.key``."""
     for f in fields(section):
         key, value = f"{prefix}.{f.name}", getattr(section, f.name)
         if is_dataclass(value):
             validate_section(value, key)
-        elif "choices" in f.metadata and value not in f.metadata["choices"]:
-            raise ConfigError(f"{key}={value!r} is not one of {list(f.metadata['choices'])}")
+            continue
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            value = _bool_word(value, f.metadata["choices"])
+            if value not in f.metadata["choices"]:
+                raise ConfigError(f"{key}={value!r} is not one of {list(f.metadata['choices'])}")
+            setattr(section, f.name, value)
         elif f.metadata.get("positive") and value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
         elif f.metadata.get("non_negative") and value < 0:

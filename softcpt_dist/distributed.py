@@ -22,7 +22,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -181,3 +181,55 @@ def quiet_non_main_ranks(info: WorldInfo) -> None:
     """Ranks other than 0 log warnings and errors only."""
     if not info.is_main:
         logging.getLogger("softcpt_dist").setLevel(logging.WARNING)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of row blocks of different sizes; backward sums each block's gradient over ranks
+    (a reduce-scatter) and returns it to the rank that contributed the block."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, sizes: List[int], contributes: bool) -> torch.Tensor:
+        me, most, width = rank(), max(sizes), local.shape[1]
+        ctx.sizes, ctx.contributes, ctx.shape, ctx.dtype = sizes, contributes, local.shape, local.dtype
+        device = _collective_device()
+        padded = local.new_zeros(most, width, device=device)
+        if contributes:
+            padded[:sizes[me]] = local.detach()
+        blocks = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(blocks, padded)
+        return torch.cat([b[:n] for b, n in zip(blocks, sizes)]).to(local.device)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sizes, me, most = ctx.sizes, rank(), max(ctx.sizes)
+        device = _collective_device()
+        # Summed in fp32 (also for bf16/fp16 features): the sum over ranks is the only new rounding.
+        stacked = grad.new_zeros(len(sizes), most, grad.shape[1], dtype=torch.float32, device=device)
+        for r, part in enumerate(grad.split(sizes)):
+            stacked[r, : sizes[r]] = part.float()
+        if dist.get_backend() == "nccl":
+            mine = stacked.new_empty(most, grad.shape[1])
+            dist.reduce_scatter_tensor(mine, stacked.view(-1, grad.shape[1]))
+        else:  # gloo has no reduce-scatter: an all-reduce, of which each rank keeps its block
+            dist.all_reduce(stacked)
+            mine = stacked[me]
+        if not ctx.contributes:  # the stand-in: every rank joined the collective, its gradient is zero
+            return grad.new_zeros(ctx.shape, dtype=ctx.dtype), None, None
+        return mine[: sizes[me]].to(grad.device, ctx.dtype), None, None
+
+
+def gather_rows(local: torch.Tensor, sizes: Sequence[int], contributes: bool = True) -> torch.Tensor:
+    """``[sum(sizes), E]``: every rank's rows ``local [sizes[rank], E]``, in rank order, on every rank.
+
+    Autograd-aware: the gradient reaching a rank's block from all ranks' losses is summed and
+    handed back to that rank (so ``backward`` through its own encoder sees the global gradient).
+    ``contributes=False``: ``local`` is a stand-in (``sizes[rank]`` is 0) that every rank must still
+    compute -- e.g. so that ZeRO-3 ranks run the same partitioned forwards -- and whose gradient is
+    exactly zero. ``sizes`` must be the same on every rank.
+    """
+    sizes = [int(n) for n in sizes]
+    if world_size() == 1:
+        return local if contributes else local[:0]
+    if contributes and local.shape[0] != sizes[rank()]:
+        raise ValueError(f"rank {rank()} holds {local.shape[0]} rows, the plan says {sizes[rank()]}")
+    return _GatherRows.apply(local, sizes, contributes)

@@ -11,6 +11,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
+from softcpt_dist.config import TextConfig
+from softcpt_dist.model.class_shards import SavedBytes, class_shards
 from softcpt_dist.model.loss import cosine_logits
 
 
@@ -24,12 +26,39 @@ def encode_images(backbone: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 
 class PromptClassifier(nn.Module):
-    """``forward(images)`` -> cosine logits over the method's classes; the backbone never trains."""
+    """``forward(images)`` -> cosine logits over the method's classes; the backbone never trains.
 
-    def __init__(self, backbone: nn.Module, method: nn.Module):
+    ``text``: with ``text.shard`` on (``auto``: more than one rank in the process group), each
+    rank encodes a share of the classes and the features are all-gathered (``class_shards.py``);
+    all ranks must then call ``forward``/``class_features`` together.
+    """
+
+    def __init__(self, backbone: nn.Module, method: nn.Module, text: Optional[TextConfig] = None):
         super().__init__()
         self.backbone = backbone
         self.method = method
+        self.shards = class_shards(text or TextConfig())
+        self.activation_bytes = 0  # autograd-saved bytes of the latest class-feature forward (its backward's memory)
+
+    def class_features(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Raw text features of the selected global classes (default all) ``[C', E]``, sharded over ranks
+        when text sharding is on."""
+        with SavedBytes() as saved:
+            if self.shards is None:
+                features = self.method(class_index)
+            else:
+                features = self.shards.features(self.method, class_index)
+        if torch.is_grad_enabled():
+            self.activation_bytes = saved.bytes
+        return features
+
+    def text_counters(self) -> Dict[str, int]:
+        """Running totals of this rank's text-side work: token positions encoded, bytes all-gathered
+        (forward) and gradient bytes reduced (backward)."""
+        shards = self.shards
+        return {"positions": self.backbone.text_encoder.positions_encoded,
+                "gathered_bytes": shards.gathered_bytes if shards else 0,
+                "reduced_bytes": shards.reduced_bytes if shards else 0}
 
     def forward(self, images: Optional[torch.Tensor] = None, *, image_features: Optional[torch.Tensor] = None,
                 class_features: Optional[torch.Tensor] = None,
@@ -39,7 +68,7 @@ class PromptClassifier(nn.Module):
         if image_features is None:
             image_features = encode_images(self.backbone, images)
         if class_features is None:
-            class_features = self.method(class_index)
+            class_features = self.class_features(class_index)
         return cosine_logits(image_features, class_features, self.backbone.logit_scale)
 
     def learnable_parameters(self) -> Dict[str, nn.Parameter]:

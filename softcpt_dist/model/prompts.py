@@ -57,27 +57,35 @@ class _PromptTemplates(nn.Module):
     def __len__(self) -> int:
         return self.eot.shape[0]
 
-    def batch(self, ctx: torch.Tensor, n_ctx: int, owner: Optional[torch.Tensor],
-              index: Optional[torch.Tensor]) -> PromptBatch:
+    def structure(self, n_ctx: int, owner: Optional[torch.Tensor],
+                  index: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(source, length, eot)`` of the selected prompts (``index``, default all) as a ``PromptBatch``
+        has them, the context slots of prompt ``p`` taking context ``owner[p]``: no context values needed
+        (what the shard planner costs, and what ``batch`` fills in)."""
         token_of, slot_of, length, eot = self.token_of, self.slot_of, self.length, self.eot
         if index is not None:
             token_of, slot_of, length, eot = token_of[index], slot_of[index], length[index], eot[index]
-        width = int(length.max())
+        width = int(length.max()) if len(length) else 0
         token_of, slot_of = token_of[:, :width], slot_of[:, :width]
-        source = token_of
-        if n_ctx:
-            groups = ctx.shape[0]
-            if owner is None:
-                if groups not in (1, len(token_of)):
-                    raise ValueError(f"{groups} contexts for {len(token_of)} prompts: say which prompt uses which")
-                owner = torch.zeros(len(token_of), dtype=torch.long, device=ctx.device) if groups == 1 \
-                    else torch.arange(groups, device=ctx.device)
-            rows = owner.to(slot_of.device).unsqueeze(1) * n_ctx + slot_of
-            source = torch.where(slot_of >= 0, -1 - rows, token_of)
-            ctx = ctx.reshape(groups * n_ctx, -1)
-        else:
-            ctx = self.tokens.new_zeros(0, self.tokens.shape[1])
-        return PromptBatch(self.tokens, ctx, source, length, eot)
+        if not n_ctx:
+            return token_of, length, eot
+        rows = owner.to(slot_of.device).unsqueeze(1) * n_ctx + slot_of
+        return torch.where(slot_of >= 0, -1 - rows, token_of), length, eot
+
+    def batch(self, ctx: torch.Tensor, n_ctx: int, owner: Optional[torch.Tensor],
+              index: Optional[torch.Tensor]) -> PromptBatch:
+        if not n_ctx:
+            source, length, eot = self.structure(0, None, index)
+            return PromptBatch(self.tokens, self.tokens.new_zeros(0, self.tokens.shape[1]), source, length, eot)
+        groups = ctx.shape[0]
+        if owner is None:
+            prompts = len(self) if index is None else len(index)
+            if groups not in (1, prompts):
+                raise ValueError(f"{groups} contexts for {prompts} prompts: say which prompt uses which")
+            owner = torch.zeros(prompts, dtype=torch.long, device=ctx.device) if groups == 1 \
+                else torch.arange(groups, device=ctx.device)
+        source, length, eot = self.structure(n_ctx, owner, index)
+        return PromptBatch(self.tokens, ctx.reshape(groups * n_ctx, -1), source, length, eot)
 
 
 class TextPromptBank(_PromptTemplates):

@@ -12,7 +12,7 @@ partitioned weights only there).
 from __future__ import annotations
 
 import logging
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from softcpt_dist.config import ConfigError, TextConfig, choices
-from softcpt_dist.model.prompt_layout import LayoutCache, PromptBatch, SharedPrefixLayout
+from softcpt_dist.model.prompt_layout import LayoutCache, PromptBatch, SharedPrefixLayout, build_layout
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,8 @@ class TextEncoder(nn.Module):
         else:
             self.output_dim = self.text_projection.shape[1]
         self._layouts = LayoutCache()
+        self._costs: Dict[bytes, int] = {}
+        self.positions_encoded = 0  # token positions (per layer) encoded so far: the text-side work done
 
     @property
     def dtype(self) -> torch.dtype:
@@ -130,6 +132,19 @@ class TextEncoder(nn.Module):
                 return self._shared_prefix(prompts)
             prompts, eot_positions = prompts.dense()
         return self._dense(prompts, eot_positions)
+
+    def positions(self, source: torch.Tensor, length: torch.Tensor) -> int:
+        """Token positions (per layer) that encoding prompts of this structure costs on this encoder's path
+        (as ``PromptBatch.source``/``length``; what the class-shard planner balances)."""
+        if self.path == "dense" or len(length) == 0:
+            return int(source.shape[0]) * (int(length.max()) if len(length) else 0)
+        source, length = source.detach().cpu(), length.detach().cpu()
+        key = str(tuple(source.shape)).encode() + source.numpy().tobytes() + length.numpy().tobytes()
+        if key not in self._costs:
+            if len(self._costs) > 4096:
+                self._costs.clear()
+            self._costs[key] = build_layout(source, length).positions
+        return self._costs[key]
 
     def layout(self, prompts: PromptBatch) -> SharedPrefixLayout:
         return self._layouts.get(prompts.source, prompts.length, prompts.source.device)
@@ -144,6 +159,7 @@ class TextEncoder(nn.Module):
 
     def _shared_prefix(self, prompts: PromptBatch) -> torch.Tensor:
         layout = self.layout(prompts)
+        self.positions_encoded += layout.positions
         dtype = self.dtype
         x = prompts.rows(layout.node_source).to(dtype) + self.positional_embedding[layout.node_depth].to(dtype)
         return self._project(self._run_blocks(x, layout)[layout.eot_nodes])
@@ -157,6 +173,7 @@ class TextEncoder(nn.Module):
         if not self.causal and length != self.context_length:
             raise ValueError("this text encoder has no causal mask: sequences must span the full context")
         dtype = self.dtype
+        self.positions_encoded += batch * length
         x = self._run_blocks(embeddings.to(dtype) + self.positional_embedding[:length].to(dtype), None)
         # LayerNorm acts per token, so pooling first and normalizing one token is exact and cheaper.
         return self._project(x[torch.arange(batch, device=x.device), eot_positions.to(x.device)])

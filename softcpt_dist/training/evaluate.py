@@ -1,5 +1,8 @@
 """Evaluation of a prompt classifier: class text features once, then per-task argmax over images.
 
+The class features are computed once per evaluation, each rank encoding its share of the classes
+when text sharding is on (``PromptClassifier.class_features``).
+
 Distributed: each rank predicts its own shard (samples ``rank::world``, nothing padded or
 repeated), and the predictions of all ranks are gathered, so metrics are exact at any world size.
 Under ZeRO-3, ranks with a shorter shard run dummy forwards on their last batch (results dropped)
@@ -28,7 +31,7 @@ def predict(model, loader: DataLoader, group: TaskGroup, show_progress: bool = F
     (``loader.sharded``) those of all ranks' shards, gathered."""
     was_training = model.training
     model.eval()
-    class_features = model.method()  # once per evaluation, not per batch
+    class_features = model.class_features()  # once per evaluation (sharded over ranks), not per batch
     device = class_features.device
     class_task = group.class_task().to(device)
     offsets = torch.as_tensor(group.offsets, device=device)

@@ -57,6 +57,11 @@ def _load_data_once(dcfg: DataConfig, train: TrainConfig) -> MultiTaskData:
     return load_data(dcfg, train.seed, train.eval_split)
 
 
+def _classifier(cfg: Config, backbone, group) -> PromptClassifier:
+    """The run's method on ``backbone`` for ``group``, its class prompts sharded over ranks per ``text.shard``."""
+    return PromptClassifier(backbone, build_method(backbone, group, cfg.method, cfg.prompt), cfg.text)
+
+
 def _evaluate_scope(cfg: Config, scope: Scope, model: PromptClassifier, inputs: Inputs) -> Dict:
     split = cfg.train.eval_split
     return evaluate(model, inputs.loader(split, scope), scope.group, cfg.train.progress,
@@ -92,7 +97,7 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
             results, extra = method.fit(backbone, group, {s: inputs.loader(s, shard=False) for s in used}, cfg.method,
                                         split)
         elif not method.trains_prompts:
-            model = PromptClassifier(backbone, build_method(backbone, group, cfg.method, cfg.prompt))
+            model = _classifier(cfg, backbone, group)
             inputs = prepare_inputs(backbone, data, (split,), ctx.data, cfg.train, cfg.model.precision)
             results = _evaluate_scope(cfg, scopes(cfg.train, cfg.method, group)[0], model, inputs)
         else:
@@ -164,7 +169,7 @@ def _train_and_evaluate(cfg: Config, ctx: ResolvedRun, backbone, data: MultiTask
             seed_everything(cfg.train.seed, cfg.train.deterministic)
             backbone = build_backbone(cfg.model, ctx.device, cfg.text)
         seed_everything(cfg.train.seed, cfg.train.deterministic)  # each task's run independent of the others
-        model = PromptClassifier(backbone, build_method(backbone, scope.group, cfg.method, cfg.prompt))
+        model = _classifier(cfg, backbone, scope.group)
         weights = scope.group.task_weights(cfg.train.task_weights) if scope.key == "joint" else None
         samples, feats = scope.select(data.splits["train"], inputs.features.get("train"))
         checkpoints = TrainingCheckpoints(run.path / "checkpoints" / scope.key, cfg.train.keep_checkpoints,
@@ -227,7 +232,7 @@ def _evaluate_checkpoint(cfg: Config, ctx: ResolvedRun, backbone, data: MultiTas
     parts = []
     inputs = prepare_inputs(backbone, data, (cfg.train.eval_split,), ctx.data, cfg.train, cfg.model.precision)
     for scope in scopes(cfg.train, cfg.method, data.group):
-        model = PromptClassifier(backbone, build_method(backbone, scope.group, cfg.method, cfg.prompt))
+        model = _classifier(cfg, backbone, scope.group)
         if states is not None:
             if scope.key not in states:
                 raise CheckpointError(f"checkpoint {checkpoint} has no prompts for {scope.key!r} "

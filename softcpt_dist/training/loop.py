@@ -80,7 +80,7 @@ class TrainLoop:
             self.sampler.set_epoch(epoch)
             if hasattr(self.loader.dataset, "set_epoch"):
                 self.loader.dataset.set_epoch(epoch)
-            lr, t0 = self.engine.schedule.lr, time.perf_counter()
+            lr, t0, text0 = self.engine.schedule.lr, time.perf_counter(), self.engine.module.text_counters()
             totals, state.totals = state.totals, _zeros()
             prior_seconds, state.seconds = state.seconds, 0.0
             todo = self.steps_per_epoch - self.sampler.start_step
@@ -100,7 +100,8 @@ class TrainLoop:
                         if self.checkpoints is not None else "no checkpointing"))
                 if consumed == todo:
                     break
-            self._end_epoch(epoch, D.all_reduce(totals), lr, prior_seconds + time.perf_counter() - t0)
+            text = self._text_record(text0, consumed)
+            self._end_epoch(epoch, D.all_reduce(totals), lr, prior_seconds + time.perf_counter() - t0, text)
         if state.skipped:
             logger.warning("%s%d step(s) with a non-finite loss were skipped", self.tag, state.skipped)
         return state.history
@@ -149,19 +150,37 @@ class TrainLoop:
         bar.set_postfix(loss=f"{global_loss:.4f}", lr=f"{lr:.2e}")
         return bool(flags[1] > 0)
 
-    def _end_epoch(self, epoch: int, totals: torch.Tensor, lr: float, elapsed: float) -> None:
+    def _text_record(self, before: Dict[str, int], steps: int) -> Dict:
+        """This epoch's text-side work per micro-batch step, every rank's: token positions encoded, bytes
+        all-gathered (forward) and gradient bytes reduced (backward), autograd-saved text activations."""
+        module, steps = self.engine.module, max(steps, 1)
+        now = module.text_counters()
+        mine = {k: (now[k] - before[k]) / steps for k in now}
+        mine["activation_bytes"] = module.activation_bytes
+        ranks = D.all_gather_objects(mine)
+        return {"text_positions_per_step": [r["positions"] for r in ranks],
+                "text_gather_bytes_per_step": ranks[0]["gathered_bytes"],
+                "text_grad_reduce_bytes_per_step": ranks[0]["reduced_bytes"],
+                "text_activation_bytes": [r["activation_bytes"] for r in ranks]}
+
+    def _end_epoch(self, epoch: int, totals: torch.Tensor, lr: float, elapsed: float, text: Dict) -> None:
         """Advance the schedule, record and log the epoch, save its checkpoint, honour a stop signal."""
         state = self.state
         for _ in range(self.engine.k):
             self.engine.schedule.step()
         record = {"kind": "epoch", "scope": self.scope, "epoch": epoch + 1, "step": state.step,
                   "loss": float(totals[0] / max(totals[2], 1)), "train_acc": float(100 * totals[1] / max(totals[2], 1)),
-                  "lr": lr, "samples_per_s": float(totals[2]) / elapsed if elapsed > 0 else float("nan")}
+                  "lr": lr, "samples_per_s": float(totals[2]) / elapsed if elapsed > 0 else float("nan"), **text}
         state.history.append(record)
         if self.run_dir is not None:
             self.run_dir.log_metrics(record)
         logger.info("%sepoch %d/%d loss %.4f train acc %.1f%% lr %.3g %.1f samples/s", self.tag, epoch + 1,
                     self.epochs, record["loss"], record["train_acc"], lr, record["samples_per_s"])
+        logger.info("%stext per step: token positions encoded per rank %s, all-gather %.1f KiB (forward) + "
+                    "%.1f KiB (gradients), saved activations per rank %s MiB", self.tag,
+                    "/".join(f"{p:.0f}" for p in text["text_positions_per_step"]),
+                    text["text_gather_bytes_per_step"] / 2**10, text["text_grad_reduce_bytes_per_step"] / 2**10,
+                    "/".join(f"{b / 2**20:.1f}" for b in text["text_activation_bytes"]))
         if self.checkpoints is not None:
             self.sampler.set_epoch(epoch + 1)
             self._save(epoch + 1, 0, _zeros(), 0.0, end_of_epoch=True)

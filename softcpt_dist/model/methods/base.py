@@ -8,13 +8,14 @@ A method says how it is trained and evaluated:
 - ``official_module_count``: modules the official code registers with one optimizer (see optim.py).
 
 A prompt method is an ``nn.Module`` whose ``forward(class_index=None)`` returns the raw text
-feature of every class of its task group (or of the selected global classes); the classifier turns
-them into cosine logits.
+feature of every class of its task group (or of the selected global classes), encoding only what
+those classes need; the classifier turns them into cosine logits. ``prompt_structures`` says which
+prompts that encodes, so that the class-shard planner can cost a share without encoding it.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Dict, Optional
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,6 +33,8 @@ class Method(nn.Module):
         # The backbone is shared, not owned: keep it out of this module's parameters and state dict.
         self.__dict__["backbone"] = backbone
         self.method_cfg = method
+        self.num_classes = group.num_classes
+        self.register_buffer("class_task", group.class_task().to(backbone.device), persistent=False)
 
     @classmethod
     def official_modules(cls, cfg: MethodConfig) -> int:
@@ -57,6 +60,16 @@ class Method(nn.Module):
 
     def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def prompt_structures(self, class_index: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(source, length)`` of every prompt batch ``forward(class_index)`` encodes (see ``PromptBatch``)."""
+        raise NotImplementedError
+
+    def text_positions(self, class_index: torch.Tensor) -> int:
+        """Token positions per layer that ``forward(class_index)`` encodes: the cost of a class share.
+        Reads buffers only (no parameters), so it runs outside ``forward()`` also under ZeRO-3."""
+        encoder = self.backbone.text_encoder
+        return sum(encoder.positions(source, length) for source, length in self.prompt_structures(class_index))
 
     def learnable_parameters(self) -> Dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}

@@ -42,3 +42,8 @@ class CoOp(Method):
     def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         owner = self.ctx_owner if class_index is None else self.ctx_owner[class_index]
         return self.backbone.text_encoder(self.class_prompts(self.ctx, owner, class_index))
+
+    def prompt_structures(self, class_index: torch.Tensor):
+        source, length, _ = self.class_prompts.structure(self.class_prompts.n_ctx, self.ctx_owner[class_index],
+                                                         class_index)
+        return [(source, length)]

@@ -8,7 +8,7 @@ context is shared by all tasks (TA) or task-specific (TS).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -17,6 +17,18 @@ from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.model.meta_net import MetaNet, context_vectors
 from softcpt_dist.model.methods.base import Method
 from softcpt_dist.model.prompts import ContextPromptBank
+
+
+class _Selection(NamedTuple):
+    """What the features of the selected classes ``index`` need: the task prompts of ``tasks`` (each
+    class's task at ``task_of``), class-feature prompts with class contexts ``class_owner`` (CA/CS),
+    and the context group of each class prompt, ``context``."""
+
+    index: torch.Tensor
+    tasks: torch.Tensor
+    task_of: torch.Tensor
+    class_owner: Optional[torch.Tensor]
+    context: torch.Tensor
 
 
 class SoftCPT(Method):
@@ -42,7 +54,6 @@ class SoftCPT(Method):
                                 method.meta_hidden, prompt.init_std)
         self.class_prompts = ContextPromptBank(group.classnames, prompt.n_ctx, backbone,
                                                prompt.class_token_position)
-        self.register_buffer("class_task", group.class_task().to(backbone.device), persistent=False)
 
     @classmethod
     def label(cls, cfg: MethodConfig) -> str:
@@ -57,22 +68,35 @@ class SoftCPT(Method):
     def official_modules(cls, cfg: MethodConfig) -> int:
         return 4 if cfg.variant[:2] in ("CA", "CS") else 3  # + the class prompt learner
 
-    def task_features(self) -> torch.Tensor:
-        """Raw text feature of every task prompt ``[T, E]``; recomputed each step (u learns)."""
-        return self.backbone.text_encoder(self.task_prompts(self.task_ctx))
+    def _task_owner(self, tasks: torch.Tensor) -> torch.Tensor:
+        """Task-context row of each task prompt: its own (TS) or the shared one (TA)."""
+        return tasks if self.task_specific else torch.zeros_like(tasks)
+
+    def _selection(self, class_index: Optional[torch.Tensor]) -> _Selection:
+        index = torch.arange(self.num_classes, device=self.class_task.device) if class_index is None else class_index
+        tasks, task_of = torch.unique(self.class_task[index], return_inverse=True)
+        if not self.class_aware:
+            return _Selection(index, tasks, task_of, None, task_of)
+        class_owner = index if self.class_specific else torch.zeros_like(index)
+        return _Selection(index, tasks, task_of, class_owner, torch.arange(len(index), device=index.device))
+
+    def task_features(self, tasks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Raw text feature of the task prompts of ``tasks`` (default all) ``[T', E]``; recomputed each
+        step (u learns)."""
+        tasks = torch.arange(len(self.task_prompts), device=self.class_task.device) if tasks is None else tasks
+        return self.backbone.text_encoder(self.task_prompts(self.task_ctx, self._task_owner(tasks), tasks))
 
     def context_groups(self, class_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """The distinct context vectors ``[G, N, D]`` and which one each selected global class uses ``[C']``:
-        one per task (NA), one per class (CA/CS)."""
-        class_task = self.class_task if class_index is None else self.class_task[class_index]
-        task_feat = self.task_features().float()
+        one per task of the selection (NA), one per class (CA/CS). Only the selected classes' tasks'
+        prompts are encoded."""
+        sel = self._selection(class_index)
+        task_feat = self.task_features(sel.tasks).float()
         if not self.class_aware:
-            return self.meta_net(task_feat), class_task
-        owner = class_index if self.class_specific else None  # CS: each class's own row; CA: one for all
-        class_feat = self.backbone.text_encoder(self.class_feature_prompts(self.class_ctx, owner, class_index))
+            return self.meta_net(task_feat), sel.context
+        class_feat = self.backbone.text_encoder(self.class_feature_prompts(self.class_ctx, sel.class_owner, sel.index))
         # Official order: class feature first, then the feature of the class's task.
-        ctx = self.meta_net(torch.cat([class_feat.float(), task_feat[class_task]], dim=1))
-        return ctx, torch.arange(ctx.shape[0], device=ctx.device)
+        return self.meta_net(torch.cat([class_feat.float(), task_feat[sel.task_of]], dim=1)), sel.context
 
     def contexts(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Context vectors of the selected global classes ``[C', N, D]``."""
@@ -82,3 +106,11 @@ class SoftCPT(Method):
     def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         ctx, owner = self.context_groups(class_index)
         return self.backbone.text_encoder(self.class_prompts(ctx, owner, class_index))
+
+    def prompt_structures(self, class_index: torch.Tensor):
+        sel = self._selection(class_index)
+        banks = [(self.task_prompts, self._task_owner(sel.tasks), sel.tasks)]
+        if self.class_aware:
+            banks.append((self.class_feature_prompts, sel.class_owner, sel.index))
+        banks.append((self.class_prompts, sel.context, sel.index))
+        return [bank.structure(bank.n_ctx, owner, index)[:2] for bank, owner, index in banks]

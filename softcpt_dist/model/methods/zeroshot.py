@@ -23,3 +23,7 @@ class ZeroShotCLIP(Method):
 
     def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.backbone.text_encoder(self.prompts(class_index))
+
+    def prompt_structures(self, class_index: torch.Tensor):
+        source, length, _ = self.prompts.structure(0, None, class_index)
+        return [(source, length)]

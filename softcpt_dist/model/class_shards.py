@@ -1,0 +1,181 @@
+"""Class-parallel text encoding: each rank encodes a disjoint share of the selected classes.
+
+With CLIP frozen and image features cached, a step is almost all class-prompt encoding; data
+parallelism alone would repeat it in full on every rank. Here the selected classes are cut into
+shares, one per rank, balanced by the token positions their prompts cost on the text path (whole
+tasks where possible, so a task's shared prompt prefix and its task prompt are encoded once; a
+task costing more than one share is split by classes). Every rank encodes its share and the
+features are all-gathered (``distributed.gather_rows``), so each rank scores its own micro-batch
+against every class it needs.
+
+Why the gradients are exactly those of the global batch: rank ``r``'s loss ``L_r`` is the mean over
+its micro-batch, and DeepSpeed averages the learnable gradients over ranks, so the target is
+``d/dθ (1/W) Σ_r L_r``. The gather's backward hands each rank the summed gradient of its own
+features, ``Σ_r dL_r/df_s``; backward through its share gives ``G_s``, and DeepSpeed's average
+``(1/W) Σ_s G_s`` is that target: no rescaling. Everything upstream of a share (task prompts, the
+meta network) is computed by the rank that needs it, so no other tensor is communicated.
+
+ZeRO-3 needs every rank to run the same partitioned forwards and backwards: a rank with an empty
+share encodes one stand-in class whose gradient is exactly zero.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+from softcpt_dist import distributed as D
+from softcpt_dist.config import TextConfig
+
+
+@dataclass
+class ShardPlan:
+    """Shares of a selection of classes: ``shares[r]`` are positions in the selection (sorted);
+    ``inverse`` puts the rank-ordered concatenation of the shares back into selection order."""
+
+    shares: List[torch.Tensor]
+    costs: List[int]  # token positions of each share, as planned
+
+    def __post_init__(self):
+        self.sizes = [len(s) for s in self.shares]
+        order = torch.cat(self.shares) if self.shares else torch.zeros(0, dtype=torch.long)
+        self.inverse = torch.empty_like(order)
+        self.inverse[order] = torch.arange(len(order))
+
+
+def plan_shards(class_task: torch.Tensor, cost: Callable[[torch.Tensor], int], world_size: int) -> ShardPlan:
+    """Cut a selection (``class_task[i]``: the task of selected class ``i``) into ``world_size`` shares.
+
+    ``cost(positions)`` is the token positions that encoding those selected classes costs. Two
+    candidates, and the one whose largest share costs least (whole tasks on a tie): whole tasks,
+    largest first, each to the least loaded rank; and the tasks' classes in order, filling one rank
+    after another up to ``total / world_size``, so that a task is split where a share fills up.
+    Deterministic: every rank computes the same plan.
+    """
+    class_task = class_task.cpu()
+    tasks = [torch.nonzero(class_task == t).flatten() for t in torch.unique(class_task).tolist()]
+    candidates = [_whole_tasks(tasks, cost, world_size), _filled(tasks, cost, world_size)]
+    plans = []
+    for members in candidates:
+        shares = [torch.sort(torch.cat(m)).values if m else torch.zeros(0, dtype=torch.long) for m in members]
+        plans.append(ShardPlan(shares, [cost(s) if len(s) else 0 for s in shares]))
+    return min(plans, key=lambda plan: max(plan.costs))  # min keeps the first (whole tasks) on a tie
+
+
+def _whole_tasks(tasks: List[torch.Tensor], cost, world_size: int) -> List[List[torch.Tensor]]:
+    loads, members = [0] * world_size, [[] for _ in range(world_size)]
+    for task_cost, task in sorted(((cost(t), t) for t in tasks), key=lambda p: (-p[0], int(p[1][0]))):
+        r = min(range(world_size), key=lambda i: (loads[i], i))
+        loads[r] += task_cost
+        members[r].append(task)
+    return members
+
+
+def _filled(tasks: List[torch.Tensor], cost, world_size: int) -> List[List[torch.Tensor]]:
+    """A class's marginal cost is its cost alone minus its task's shared part (prefix, task prompt),
+    which a share pays once per task it holds."""
+    total = sum(cost(t) for t in tasks)
+    target, members, r, load = total / world_size, [[] for _ in range(world_size)], 0, 0.0
+    for task in tasks:
+        alone = [cost(task[i:i + 1]) for i in range(len(task))]
+        shared = (sum(alone) - cost(task)) / (len(task) - 1) if len(task) > 1 else alone[0]
+        run = []
+        for i, a in enumerate(alone):
+            if r < world_size - 1 and load >= target:
+                if run:
+                    members[r].append(torch.stack(run))
+                r, load, run = r + 1, 0.0, []
+            load += a - shared + (shared if not run else 0.0)
+            run.append(task[i])
+        if run:
+            members[r].append(torch.stack(run))
+    return members
+
+
+class ClassShards:
+    """Encodes a method's class features split over the ranks of the process group.
+
+    ``features(method, class_index)``: the features of ``class_index`` (default: all classes) on
+    this rank. All ranks call it together, each with its own ``class_index`` (the classes of its
+    micro-batch's tasks) or all with None; the union of the ranks' classes is what gets encoded.
+    """
+
+    def __init__(self, world_size: int, rank: int, cache_size: int = 64):
+        self.world_size, self.rank, self.cache_size = world_size, rank, cache_size
+        self._plans: OrderedDict = OrderedDict()
+        self.gathered_bytes = 0  # received by this rank's forward all-gathers so far
+        self.reduced_bytes = 0  # fp32 gradient bytes reduced by their backwards so far
+
+    def plan(self, method, selection: torch.Tensor) -> ShardPlan:
+        key = selection.cpu().numpy().tobytes()
+        if key not in self._plans:
+            selection = selection.cpu()
+            device = method.class_task.device
+            self._plans[key] = plan_shards(method.class_task.cpu()[selection],
+                                           lambda pos: method.text_positions(selection[pos].to(device)),
+                                           self.world_size)
+            if len(self._plans) > self.cache_size:
+                self._plans.popitem(last=False)
+        self._plans.move_to_end(key)
+        return self._plans[key]
+
+    def _union(self, class_index: torch.Tensor, num_classes: int) -> torch.Tensor:
+        mask = torch.zeros(num_classes, dtype=torch.float32, device=class_index.device)
+        mask[class_index] = 1.0
+        return torch.nonzero(D.all_reduce(mask)).flatten()
+
+    def features(self, method, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        device = method.class_task.device
+        if class_index is None:
+            selection = torch.arange(method.num_classes, device=device)
+        else:
+            selection = self._union(class_index.to(device), method.num_classes)
+        plan = self.plan(method, selection)
+        mine = plan.shares[self.rank].to(device)
+        contributes = len(mine) > 0
+        local = method(selection[mine] if contributes else selection[:1])  # a stand-in keeps ZeRO-3 in step
+        gathered = D.gather_rows(local, plan.sizes, contributes)
+        self.gathered_bytes += self.world_size * max(plan.sizes) * local.shape[1] * local.element_size()
+        if local.requires_grad:
+            self.reduced_bytes += self.world_size * max(plan.sizes) * local.shape[1] * 4
+        features = gathered.index_select(0, plan.inverse.to(device))  # selection order
+        if class_index is None:
+            return features
+        position = torch.full((method.num_classes,), -1, dtype=torch.long, device=device)
+        position[selection] = torch.arange(len(selection), device=device)
+        return features.index_select(0, position[class_index.to(device)])
+
+
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes autograd saves for backward inside the block -- the activation memory of the
+    text side -- once per storage, leaving out tensors that need no gradient and have no history
+    (frozen weights, token tables, index tensors)."""
+
+    def __init__(self):
+        self.bytes, self._seen = 0, set()
+        super().__init__(self._pack, lambda t: t)
+
+    def __enter__(self) -> "SavedBytes":
+        super().__enter__()
+        return self
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if t.requires_grad or t.grad_fn is not None:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in self._seen:
+                self._seen.add(storage.data_ptr())
+                self.bytes += storage.nbytes()
+        return t
+
+
+def class_shards(text: TextConfig, world_size: Optional[int] = None, rank: Optional[int] = None
+                 ) -> Optional[ClassShards]:
+    """The class sharding ``text.shard`` asks for in this process group (``auto``: on with more than
+    one rank), or None: every rank encodes every class."""
+    world_size = D.world_size() if world_size is None else world_size
+    if text.shard == "off" or world_size == 1:
+        return None
+    return ClassShards(world_size, D.rank() if rank is None else rank)
