@@ -1,12 +1,21 @@
-"""Training throughput (samples/s) on 1 and 2 ranks, side by side in one run.
+"""Training steps/s on 1 and 2 (or more) ranks, side by side in one run, with every rank's memory.
 
-Launches the same training job with torchrun at each world size (same global batch, so the same
-optimization), reads the per-epoch ``samples_per_s`` from each run's ``metrics.jsonl`` (first epoch
-skipped as warm-up), and prints the median per world size and the ratio to one rank.
+Launches the same ``softcpt-dist train`` job with torchrun at each world size (same global batch, so
+the same optimization), one thread per rank (so 1 and 2 ranks use 1 and 2 cores), and reads from
+each run folder: the per-epoch ``samples_per_s`` (first epoch skipped as warm-up; median), the text
+work per rank (token positions encoded, all-gather bytes, autograd-saved text activations) and each
+rank's peak memory (``memory_joint.json``: peak RSS on CPU, max allocated on CUDA).
 
-    python benchmarks/rank_scaling.py                                   # tiny CLIP, CPU, gloo, ~1 min
-    python benchmarks/rank_scaling.py --ranks 1 2 4 8 --zero-stage 3 -- model.arch=ViT-L-14 model.device=cuda \\
-        model.precision=bf16 data.dataset=general10 data.root=/datasets      # on a GPU node
+``--text-bound`` (the default) is the step class-parallel text encoding is for: a task group shaped
+like Plant-6 (6 tasks, 116 classes, their real class names; 2 training images per class), cached
+image features, the ViT-B-16 CLIP at random init. ``--shard-off`` adds runs with ``text.shard=off``
+(every rank encodes every class: the behaviour before class sharding) at each world size above 1.
+
+    python benchmarks/rank_scaling.py                                   # Plant-6 shape, ViT-B-16, CPU
+    python benchmarks/rank_scaling.py --shard-off --zero-stage 3
+    python benchmarks/rank_scaling.py --no-text-bound --epochs 6        # the built-in demo data, tiny CLIP
+    python benchmarks/rank_scaling.py --ranks 1 2 4 8 -- model.arch=ViT-L-14 model.device=cuda \\
+        model.precision=bf16                                            # on a GPU node
 """
 
 from __future__ import annotations
@@ -21,44 +30,89 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def run(nproc: int, work: Path, zero: int, epochs: int, batch: int, extra) -> dict:
-    name = f"ranks{nproc}-zero{zero}"
+
+def plant6_folders(root: Path, per_class: int = 2, size: int = 32) -> Path:
+    """A ``task_folders`` dataset with Plant-6's tasks and class names (plain noise images)."""
+    import softcpt_dist  # noqa: F401  (the torchvision shim first)
+    import numpy as np
+    from PIL import Image
+
+    from group_shapes import plant6
+    from softcpt_dist.data.task_folders import write_task_manifest
+    rng = np.random.default_rng(0)
+    group = plant6()
+    for split, n in (("train", per_class), ("val", 1), ("test", 1)):
+        for task in group.tasks:
+            for c in range(task.num_classes):
+                folder = root / split / task.key / str(c)
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    write_task_manifest(root, group.tasks)
+    return root
+
+
+def run(nproc: int, work: Path, name: str, args, extra) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "softcpt_dist.cli", "train", f"data.root={work / 'data'}", "data.shots=0",
-           "data.train_augment=none", f"optim.epochs={epochs}", f"optim.batch_size={batch}",
-           f"engine.zero_stage={zero}", f"train.output_dir={work / 'runs'}", f"train.run_name={name}",
-           "train.progress=false", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+           "-m", "softcpt_dist.cli", "train", "data.shots=0", "data.train_augment=none",
+           f"optim.epochs={args.epochs}", f"optim.batch_size={args.batch_size}", f"engine.zero_stage={args.zero_stage}",
+           f"train.output_dir={work / 'runs'}", f"train.run_name={name}", "train.progress=false", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    records = [json.loads(line) for line in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["samples_per_s"] for r in records if r["kind"] == "epoch"][1:]
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "wall": wall}
+    folder = work / "runs" / name
+    epochs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["kind"] == "epoch"][1:]
+    memory = json.loads((folder / "memory_joint.json").read_text())["ranks"]
+    rates = [r["samples_per_s"] for r in epochs]
+    last = epochs[-1]
+    return {"steps_per_s": statistics.median(rates) / args.batch_size, "min": min(rates) / args.batch_size,
+            "max": max(rates) / args.batch_size, "wall": wall, "positions": last["text_positions_per_step"],
+            "gather_kib": (last["text_gather_bytes_per_step"] + last["text_grad_reduce_bytes_per_step"]) / 2**10,
+            "activation_mib": [b / 2**20 for b in last["text_activation_bytes"]],
+            "peak_mib": [m.get("peak_allocated_bytes", m.get("peak_rss_bytes", 0)) / 2**20 for m in memory]}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--zero-stage", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32, help="global batch")
+    p.add_argument("--text-bound", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--shard-off", action="store_true", help="also run text.shard=off above 1 rank")
     p.add_argument("extra", nargs="*", help="config overrides passed to every run")
     args = p.parse_args(argv)
     import torch
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        results = {n: run(n, work, args.zero_stage, args.epochs, args.batch_size, args.extra) for n in args.ranks}
-    base = results[args.ranks[0]]["median"]
-    print(f"# rank scaling: ZeRO {args.zero_stage}, global batch {args.batch_size}, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPU cores, overrides {args.extra or 'none'}; median of epochs 2..{args.epochs}")
-    print(f"{'ranks':>5} {'samples/s':>10} {'min':>9} {'max':>9} {'vs ' + str(args.ranks[0]):>7} {'job wall s':>11}")
-    for n, r in results.items():
-        print(f"{n:>5} {r['median']:>10.1f} {r['min']:>9.1f} {r['max']:>9.1f} {r['median'] / base:>6.2f}x "
-              f"{r['wall']:>11.1f}")
+        if args.text_bound:
+            data = plant6_folders(work / "plant6")
+            base = ["data.dataset=task_folders", f"data.root={data}", "model.arch=ViT-B-16", "data.cache.enabled=true",
+                    f"data.cache.dir={work / 'cache'}"]
+        else:
+            base = [f"data.root={work / 'data'}"]
+        runs = [(n, "auto") for n in args.ranks] + [(n, "off") for n in args.ranks if args.shard_off and n > 1]
+        results = {}
+        for n, shard in runs:
+            results[(n, shard)] = run(n, work, f"ranks{n}-{shard}", args, [*base, f"text.shard={shard}", *args.extra])
+    what = "text-bound Plant-6 shape, ViT-B-16 random init, cached image features" if args.text_bound else "demo"
+    print(f"# rank scaling ({what}): ZeRO {args.zero_stage}, global batch {args.batch_size}, torch "
+          f"{torch.__version__}, {os.cpu_count()} CPU cores, 1 thread per rank, overrides {args.extra or 'none'}; "
+          f"median of epochs 2..{args.epochs}")
+    base_rate = results[(args.ranks[0], "auto")]["steps_per_s"]
+    print(f"{'ranks':>5} {'text.shard':>10} {'steps/s':>8} {'vs ' + str(args.ranks[0]):>6} {'positions/rank':>15} "
+          f"{'gather KiB':>10} {'activations MiB/rank':>21} {'peak MiB/rank':>15} {'wall s':>7}")
+    for (n, shard), r in results.items():
+        print(f"{n:>5} {shard:>10} {r['steps_per_s']:>8.3f} {r['steps_per_s'] / base_rate:>5.2f}x "
+              f"{'/'.join(f'{x:.0f}' for x in r['positions']):>15} {r['gather_kib']:>10.1f} "
+              f"{'/'.join(f'{x:.1f}' for x in r['activation_mib']):>21} "
+              f"{'/'.join(f'{x:.0f}' for x in r['peak_mib']):>15} {r['wall']:>7.1f}")
     return 0
 
 

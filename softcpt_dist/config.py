@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, get_type_hints
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from softcpt_dist.yaml_words import as_written, bool_word
 
 
 class ConfigError(ValueError):
@@ -225,7 +227,7 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([_as_written(item) for item in overrides]))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([as_written(item, Config) for item in overrides]))
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _config_error(err, "") from err
@@ -233,38 +235,10 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
     return cfg
 
 
-_YAML_BOOLS = {"on", "off", "yes", "no", "true", "false", "y", "n"}
-
-
-def _as_written(item: str) -> str:
-    """``key=off`` for a string field means the string: quote the YAML-1.1 boolean words (e.g.
-    ``train.run_name=off``, ``text.shard=off``), which YAML would otherwise read as true/false."""
-    key, value = item.split("=", 1)
-    section: Any = Config
-    for part in key.split("."):
-        hint = get_type_hints(section).get(part) if is_dataclass(section) else None
-        if hint is None:
-            return item
-        section = hint
-    if section in (str, Optional[str]) and value.strip().lower() in _YAML_BOOLS:
-        return f"{key}='{value.strip()}'"
-    return item
-
-
 def _config_error(err: OmegaConfBaseException, where: str) -> ConfigError:
     key = getattr(err, "full_key", None)
     reason = str(err).splitlines()[0]
     return ConfigError(f"{where}bad config entry {key!r}: {reason}")
-
-
-_BOOL_WORDS = {"True": ("on", "yes", "true"), "False": ("off", "no", "false")}
-
-
-def _bool_word(value, allowed: tuple):
-    """YAML reads ``off``/``on`` (unquoted, also in overrides) as booleans, which a string field holds as
-    "False"/"True": the choice the user wrote, when exactly one allowed choice is such a word."""
-    words = [c for c in allowed if isinstance(c, str) and c.lower() in _BOOL_WORDS.get(str(value), ())]
-    return words[0] if len(words) == 1 else value
 
 
 def validate_section(section, prefix: str) -> None:
@@ -275,7 +249,7 @@ def validate_section(section, prefix: str) -> None:
             validate_section(value, key)
             continue
         if "choices" in f.metadata and value not in f.metadata["choices"]:
-            value = _bool_word(value, f.metadata["choices"])
+            value = bool_word(value, f.metadata["choices"])
             if value not in f.metadata["choices"]:
                 raise ConfigError(f"{key}={value!r} is not one of {list(f.metadata['choices'])}")
             setattr(section, f.name, value)

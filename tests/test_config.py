@@ -56,3 +56,12 @@ def test_shipped_configs_load():
     # Task-group files (data.group_file) are not experiment configs: they list tasks.
     for f in (REPO / "configs" / "task_groups").glob("*.yaml"):
         assert OmegaConf.load(f).tasks
+
+
+def test_yaml_boolean_words_stay_strings_where_the_config_wants_one(tmp_path):
+    cfg = load_config([], ["train.run_name=off", "text.shard=off", "train.progress=off"])
+    assert (cfg.train.run_name, cfg.text.shard, cfg.train.progress) == ("off", "off", False)
+    (tmp_path / "exp.yaml").write_text("text:\n  shard: off\n")
+    assert load_config([tmp_path / "exp.yaml"]).text.shard == "off"
+    with pytest.raises(ConfigError, match="text.shard"):
+        load_config([], ["text.shard=on"])

@@ -75,24 +75,33 @@ def _whole_tasks(tasks: List[torch.Tensor], cost, world_size: int) -> List[List[
 
 
 def _filled(tasks: List[torch.Tensor], cost, world_size: int) -> List[List[torch.Tensor]]:
-    """A class's marginal cost is its cost alone minus its task's shared part (prefix, task prompt),
-    which a share pays once per task it holds."""
-    total = sum(cost(t) for t in tasks)
-    target, members, r, load = total / world_size, [[] for _ in range(world_size)], 0, 0.0
-    for task in tasks:
+    """The classes in order, each rank filled up to a capacity before the next: the least capacity that
+    fits ``world_size`` ranks (bisection). A class costs its cost alone minus its task's shared part
+    (prefix, task prompt), which a rank pays once for each task it holds."""
+    items = []  # (task, class, marginal cost, the task's shared cost)
+    for t, task in enumerate(tasks):
         alone = [cost(task[i:i + 1]) for i in range(len(task))]
         shared = (sum(alone) - cost(task)) / (len(task) - 1) if len(task) > 1 else alone[0]
-        run = []
-        for i, a in enumerate(alone):
-            if r < world_size - 1 and load >= target:
-                if run:
-                    members[r].append(torch.stack(run))
-                r, load, run = r + 1, 0.0, []
-            load += a - shared + (shared if not run else 0.0)
-            run.append(task[i])
-        if run:
-            members[r].append(torch.stack(run))
-    return members
+        items += [(t, int(c), a - shared, shared) for c, a in zip(task, alone)]
+
+    def fill(capacity: float):
+        members, held, load, r = [[] for _ in range(world_size)], set(), 0.0, 0
+        for t, c, marginal, shared in items:
+            extra = marginal + (0.0 if t in held else shared)
+            if members[r] and load + extra > capacity:
+                r, held, load, extra = r + 1, set(), 0.0, marginal + shared
+                if r == world_size:
+                    return None
+            members[r].append(c)
+            held.add(t)
+            load += extra
+        return members
+
+    low, high = max(m + s for _, _, m, s in items), sum(m + s for _, _, m, s in items)
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (low, mid) if fill(mid) is not None else (mid, high)
+    return [[torch.tensor(m, dtype=torch.long)] if m else [] for m in fill(high)]
 
 
 class ClassShards:

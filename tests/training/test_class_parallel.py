@@ -27,6 +27,10 @@ METHODS = {"nata": ["method.variant=NATA"], "nats": ["method.variant=NATS"], "cs
 GROUPED = {"all": [], "grouped": ["data.sampler.tasks_per_batch=1"]}
 # CoOp CA trains each task on its own: 2 ranks share 1 task, split by classes.
 PER_TASK = {"coopca-pertask": ["method.name=coop", "method.coop_mode=CA"]}
+# (one rank's overrides, two ranks' overrides, one rank's logged losses per two ranks' logged loss)
+SPECIAL = {"nata-accumulated": (["optim.batch_size=12", "engine.grad_accum_steps=4"],
+                                ["optim.batch_size=12", "engine.grad_accum_steps=2", "engine.zero_stage=2"], 2),
+           "nata-official": (["optim.official_stepping=true"], ["optim.official_stepping=true"], 1)}
 
 
 def _launch_many(nproc, out, common, runs, timeout=900):
@@ -43,17 +47,36 @@ def _launch_many(nproc, out, common, runs, timeout=900):
 def matrix(tmp_path_factory, small_data_root):
     out = tmp_path_factory.mktemp("shards")
     common = [f"data.root={small_data_root}", "data.shots=0", "data.train_augment=none", "optim.batch_size=6",
-              "optim.epochs=1", "optim.warmup_epochs=0", "optim.lr=0.002", f"train.output_dir={out}", "train.progress=false",
-              "train.log_every=1"]
+              "optim.epochs=1", "optim.warmup_epochs=0", "optim.lr=0.002", f"train.output_dir={out}",
+              "train.progress=false", "train.log_every=1"]
     cases = {f"{m}-{g}": METHODS[m] + GROUPED[g] for m in METHODS for g in GROUPED} | PER_TASK
     one = {f"one-{name}": [*o, "engine.grad_accum_steps=2"] for name, o in cases.items()}
     one["untrained"] = ["optim.lr=0"]  # the initial tensors: training must move them far beyond REL
+    one.update({f"one-{name}": o for name, (o, _, _) in SPECIAL.items()})
     _launch_many(1, out, common, one)
     # ZeRO-3 last: it patches torch functions for the rest of the process.
     two = {f"two-z{z}-{name}": [*o, f"engine.zero_stage={z}"] for z in (0, 2, 3) for name, o in cases.items()
            if z == 3 or name not in PER_TASK}
+    two = {**{f"two-{name}": t for name, (_, t, _) in SPECIAL.items()}, **two}
     log = _launch_many(2, out, common, two)
     return out, cases, log
+
+
+def _assert_same(one, two, pair=2):
+    """Loss sequence (one rank's ``pair`` consecutive micro-batches are one logged step of two ranks),
+    every learnable tensor of every scope, and the test metrics."""
+    a = _losses(one)
+    pairs = torch.tensor([sum(a[i:i + pair]) / pair for i in range(0, len(a), pair)], dtype=torch.float64)
+    b = torch.tensor(_losses(two), dtype=torch.float64)
+    assert len(pairs) == len(b) > 0, two.name
+    assert _max_rel(b, pairs) <= REL, two.name
+    sa, sb = _states(one), _states(two)
+    assert sa.keys() == sb.keys(), two.name
+    for scope in sa:
+        for tensor in sa[scope]:
+            assert _max_rel(sb[scope][tensor], sa[scope][tensor]) <= REL, (two.name, scope, tensor)
+    ra, rb = (json.loads((r / "results.json").read_text())["tasks"] for r in (one, two))
+    assert ra == rb, two.name
 
 
 def _max_rel(a, b):
@@ -76,22 +99,15 @@ def test_two_sharded_ranks_train_exactly_as_one(matrix, zero):
         two = out / f"two-z{zero}-{name}"
         if not two.exists():
             continue
-        one = out / f"one-{name}"
-        # One rank logs each accumulated micro-batch; two ranks log the step (the mean of both).
-        a = _losses(one)
-        pairs = torch.tensor([(a[i] + a[i + 1]) / 2 for i in range(0, len(a), 2)], dtype=torch.float64)
-        b = torch.tensor(_losses(two), dtype=torch.float64)
-        assert len(pairs) == len(b) > 0, name
-        assert _max_rel(b, pairs) <= REL, name
-        sa, sb = _states(one), _states(two)
-        assert sa.keys() == sb.keys(), name
-        for scope in sa:
-            for tensor in sa[scope]:
-                assert _max_rel(sb[scope][tensor], sa[scope][tensor]) <= REL, (name, scope, tensor)
-        ra, rb = (json.loads((r / "results.json").read_text())["tasks"] for r in (one, two))
-        assert ra == rb, name
+        _assert_same(out / f"one-{name}", two)
         compared += 1
     assert compared == (len(cases) if zero == 3 else len(cases) - len(PER_TASK))
+
+
+@pytest.mark.parametrize("name", list(SPECIAL))
+def test_two_sharded_ranks_accumulate_and_step_officially_as_one(matrix, name):
+    out = matrix[0]
+    _assert_same(out / f"one-{name}", out / f"two-{name}", SPECIAL[name][2])
 
 
 def test_the_matrix_trains_far_beyond_its_tolerance(matrix):
@@ -136,13 +152,7 @@ def test_three_zero3_ranks_with_an_empty_share_train_exactly_as_one(small_data_r
     _launch_many(3, tmp_path, common, {"three": ["engine.zero_stage=3"]})
     one, three = tmp_path / "one", tmp_path / "three"
     assert _epochs(three)[0]["text_positions_per_step"][2] > 0  # the stand-in is encoded
-    a = _losses(one)
-    a = torch.tensor([sum(a[i:i + 3]) / 3 for i in range(0, len(a), 3)])
-    assert _max_rel(torch.tensor(_losses(three)), a) <= REL
-    for tensor, value in _states(one)["size"].items():
-        assert _max_rel(_states(three)["size"][tensor], value) <= REL
-    assert json.loads((one / "results.json").read_text())["tasks"] == \
-        json.loads((three / "results.json").read_text())["tasks"]
+    _assert_same(one, three, pair=3)
 
 
 # -- the all-gather itself, on 3 gloo ranks (one with an empty share) --------------------------------------

@@ -1,0 +1,99 @@
+"""The class-shard planner (pure: no process group) and the cost it balances."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from softcpt_dist.config import MethodConfig, PromptConfig
+from softcpt_dist.model import build_method
+from softcpt_dist.model.class_shards import plan_shards
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from group_shapes import plant6  # noqa: E402
+
+METHODS = [MethodConfig(variant="NATA"), MethodConfig(variant="NATS"), MethodConfig(variant="CSTA"),
+           MethodConfig(name="coop", coop_mode="MT"), MethodConfig(name="coop", coop_mode="CA"),
+           MethodConfig(name="zeroshot")]
+
+
+def _synthetic_cost(sizes, prefix=20, per_class=5):
+    """Cost of classes of tasks with ``sizes`` classes: ``prefix`` once per task held, ``per_class`` each."""
+    class_task = torch.cat([torch.full((n,), t) for t, n in enumerate(sizes)])
+
+    def cost(pos):
+        return prefix * len(torch.unique(class_task[pos])) + per_class * len(pos)
+    return class_task, cost
+
+
+def _check_partition(plan, n):
+    joined = torch.cat(plan.shares)
+    assert sorted(joined.tolist()) == list(range(n))  # disjoint and complete
+    assert torch.equal(joined[plan.inverse], torch.arange(n))  # inverse restores selection order
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_shares_partition_the_selection_and_balance_the_cost(world):
+    class_task, cost = _synthetic_cost([36, 5, 9, 15, 12, 39])  # Plant-6's class counts
+    plan = plan_shards(class_task, cost, world)
+    _check_partition(plan, len(class_task))
+    total = cost(torch.arange(len(class_task)))
+    # Within one task's shared part and one class of the ideal share.
+    assert max(plan.costs) <= total / world + 20 + 5
+    assert plan.costs == [cost(s) if len(s) else 0 for s in plan.shares]
+    assert plan_shards(class_task, cost, world).shares[0].tolist() == plan.shares[0].tolist()  # deterministic
+
+
+def test_whole_tasks_are_kept_when_they_balance():
+    class_task, cost = _synthetic_cost([10, 10, 10, 10])
+    plan = plan_shards(class_task, cost, 2)
+    for share in plan.shares:
+        assert len(share) == 20 and len(torch.unique(class_task[share])) == 2
+
+
+def test_a_task_larger_than_a_share_is_split_by_classes():
+    class_task, cost = _synthetic_cost([40, 4])
+    plan = plan_shards(class_task, cost, 2)
+    assert all(0 in class_task[s].tolist() for s in plan.shares)  # the big task on both ranks
+    assert max(plan.costs) <= cost(torch.arange(44)) / 2 + 25
+
+
+def test_more_ranks_than_tasks_and_than_classes():
+    class_task, cost = _synthetic_cost([3])
+    plan = plan_shards(class_task, cost, 2)
+    _check_partition(plan, 3)
+    assert sorted(plan.sizes) == [1, 2]
+    plan = plan_shards(class_task, cost, 5)
+    _check_partition(plan, 3)
+    assert sorted(plan.sizes) == [0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: f"{m.name}-{m.variant if m.name == 'softcpt' else m.coop_mode}")
+@pytest.mark.parametrize("path", ["shared_prefix", "dense"])
+def test_the_planned_cost_is_what_the_encoder_encodes(tiny_backbone, method, path):
+    group = plant6()
+    model = build_method(tiny_backbone, group, method, PromptConfig())
+    encoder = tiny_backbone.text_encoder
+    old_path, encoder.path = encoder.path, path
+    try:
+        for index in (torch.arange(group.num_classes), torch.tensor([0, 1, 2, 40, 41, 100]), torch.tensor([7])):
+            before = encoder.positions_encoded
+            with torch.no_grad():
+                full = model(index)
+            assert encoder.positions_encoded - before == model.text_positions(index)
+            assert full.shape[0] == len(index)
+    finally:
+        encoder.path = old_path
+
+
+@pytest.mark.parametrize("variant", ["NATA", "NATS", "CSTA"])
+def test_a_selection_encodes_the_same_features_as_all_classes(tiny_backbone, variant):
+    """Only the selected classes' task prompts are encoded; each class's feature is unchanged."""
+    group = plant6()
+    model = build_method(tiny_backbone, group, MethodConfig(variant=variant), PromptConfig())
+    with torch.no_grad():
+        full = model()
+        index = torch.tensor([3, 40, 41, 115])
+        part = model(index)
+        assert float((part - full[index]).abs().max() / full.abs().max()) <= 1e-6
