@@ -55,8 +55,12 @@ def plant6_folders(root: Path, per_class: int = 2, size: int = 32) -> Path:
 
 
 def run(nproc: int, work: Path, name: str, args, extra) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "softcpt_dist.cli", "train", "data.shots=0", "data.train_augment=none",
+    import shutil
+    shutil.rmtree(work / "runs" / name, ignore_errors=True)
+    # Each rank pinned to a core of its own (taskset -c <local rank>): no migrations, no rank sharing a core.
+    launch = (["--no-python", "bash", "-c", f'exec taskset -c "$LOCAL_RANK" {sys.executable} -m softcpt_dist.cli "$@"', "-"]
+              if args.pin else ["-m", "softcpt_dist.cli"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *launch, "train", "data.shots=0", "data.train_augment=none",
            f"optim.epochs={args.epochs}", f"optim.batch_size={args.batch_size}", f"engine.zero_stage={args.zero_stage}",
            f"train.output_dir={work / 'runs'}", f"train.run_name={name}", "train.progress=false", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -86,13 +90,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="global batch")
     p.add_argument("--text-bound", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--shard-off", action="store_true", help="also run text.shard=off above 1 rank")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="pin rank i to CPU core i (CPU runs; --no-pin on GPU nodes)")
+    p.add_argument("--work", type=Path, default=None, help="a folder to work in (kept: its feature cache is reused)")
     p.add_argument("extra", nargs="*", help="config overrides passed to every run")
     args = p.parse_args(argv)
     import torch
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
         if args.text_bound:
-            data = plant6_folders(work / "plant6")
+            data = work / "plant6" if (work / "plant6" / "tasks.json").is_file() else plant6_folders(work / "plant6")
             base = ["data.dataset=task_folders", f"data.root={data}", "model.arch=ViT-B-16", "data.cache.enabled=true",
                     f"data.cache.dir={work / 'cache'}"]
         else:
@@ -103,7 +110,7 @@ def main(argv=None) -> int:
             results[(n, shard)] = run(n, work, f"ranks{n}-{shard}", args, [*base, f"text.shard={shard}", *args.extra])
     what = "text-bound Plant-6 shape, ViT-B-16 random init, cached image features" if args.text_bound else "demo"
     print(f"# rank scaling ({what}): ZeRO {args.zero_stage}, global batch {args.batch_size}, torch "
-          f"{torch.__version__}, {os.cpu_count()} CPU cores, 1 thread per rank, overrides {args.extra or 'none'}; "
+          f"{torch.__version__}, {os.cpu_count()} CPU cores, 1 thread per rank{', pinned' if args.pin else ''}, overrides {args.extra or 'none'}; "
           f"median of epochs 2..{args.epochs}")
     base_rate = results[(args.ranks[0], "auto")]["steps_per_s"]
     print(f"{'ranks':>5} {'text.shard':>10} {'steps/s':>8} {'vs ' + str(args.ranks[0]):>6} {'positions/rank':>15} "

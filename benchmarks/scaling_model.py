@@ -53,11 +53,11 @@ def flop_token_cost(width: int, layers: int, peak_tflops: float, mfu: float) -> 
 
 def table(title: str, rows) -> str:
     lines = [f"**{title}**", "",
-             "| ranks | positions (slowest rank) | text ms | gather KiB | gather ms | step ms | speedup | efficiency |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| ranks | positions (slowest rank) | text ms | gather KiB | gather ms | grad all-reduce ms | step ms | "
+             "speedup | efficiency |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.world_size} | {r.positions:,} | {r.text_s * 1e3:.2f} | {r.gather_bytes / 2**10:,.0f} | "
-                     f"{r.gather_s * 1e3:.2f} | {r.step_s * 1e3:.2f} | {r.speedup:.1f}x | {100 * r.efficiency:.0f}% |")
+                     f"{r.gather_s * 1e3:.2f} | {r.reduce_s * 1e3:.2f} | {r.step_s * 1e3:.2f} | {r.speedup:.1f}x | {100 * r.efficiency:.0f}% |")
     return "\n".join(lines)
 
 
@@ -74,8 +74,10 @@ def main(argv=None) -> int:
     measured = args.token_us * 1e-6 if args.token_us else measure_token_cost(backbone)
     method = build_method(backbone, general10(), MethodConfig(variant="NATA"), PromptConfig())
     layers, width = len(text.blocks), text.width
+    learnable = sum(p.numel() for p in method.learnable_parameters().values())
     print(f"# {args.arch} text tower ({layers} layers, width {width}), SoftCPT NATA, General-10 shape "
-          f"({method.num_classes} classes), all classes every step; torch {torch.__version__}\n")
+          f"({method.num_classes} classes, {learnable:,} learnable elements), all classes every step; torch "
+          f"{torch.__version__}\n")
     cpu = predict_scaling(method, WORLDS, measured, Link(10.0, 20.0), feature_bytes=4)
     print(table(f"Measured here: {measured * 1e6:.0f} us per token position (fp32, {args.threads} CPU threads); "
                 "links of 10 GB/s, 20 us", cpu) + "\n")

@@ -97,3 +97,28 @@ def test_a_selection_encodes_the_same_features_as_all_classes(tiny_backbone, var
         index = torch.tensor([3, 40, 41, 115])
         part = model(index)
         assert float((part - full[index]).abs().max() / full.abs().max()) <= 1e-6
+
+
+def test_the_cost_model_adds_text_gather_and_gradient_all_reduce():
+    from softcpt_dist.scaling import Link, step_estimate
+    link = Link(bandwidth_gb_s=1.0, latency_us=10.0)
+    one = step_estimate([1000], rows=10, feature_dim=8, learnable=1000, token_s=1e-3, link=link, fixed_s=0.5)
+    assert (one.step_s, one.gather_s, one.reduce_s) == (1.5, 0.0, 0.0)
+    two = step_estimate([500, 480], rows=6, feature_dim=8, learnable=1000, token_s=1e-3, link=link)
+    assert two.text_s == 0.5
+    assert two.gather_bytes == 6 * 8 * (2 + 4)  # the other rank's block: features and fp32 gradients
+    assert two.gather_s == pytest.approx(2e-5 + 288 / 1e9)
+    assert two.reduce_s == pytest.approx(2e-5 + 4000 / 1e9)
+    floor = step_estimate([5, 5], rows=1, feature_dim=8, learnable=0, token_s=1e-3, link=link, kernel_floor_s=0.1)
+    assert floor.text_s == 0.1
+
+
+def test_predicted_shares_shrink_until_tasks_split_into_few_classes(tiny_backbone):
+    from softcpt_dist.scaling import Link, predict_scaling
+    method = build_method(tiny_backbone, plant6(), MethodConfig(variant="NATA"), PromptConfig())
+    rows = predict_scaling(method, [1, 2, 8, 64], 1e-3, Link(100.0, 5.0))
+    positions = [r.positions for r in rows]
+    assert positions[0] == method.text_positions(torch.arange(116))
+    assert positions == sorted(positions, reverse=True) and positions[1] <= positions[0] / 2 + 25
+    assert positions[-1] > positions[0] / 64  # each share still pays its task's prefix and task prompt
+    assert rows[1].speedup > 1.8 and rows[-1].efficiency < rows[1].efficiency
