@@ -58,8 +58,8 @@ def run(nproc: int, work: Path, name: str, args, extra) -> dict:
     import shutil
     shutil.rmtree(work / "runs" / name, ignore_errors=True)
     # Each rank pinned to a core of its own (taskset -c <local rank>): no migrations, no rank sharing a core.
-    launch = (["--no-python", "bash", "-c", f'exec taskset -c "$LOCAL_RANK" {sys.executable} -m softcpt_dist.cli "$@"', "-"]
-              if args.pin else ["-m", "softcpt_dist.cli"])
+    pinned = f'exec taskset -c "$LOCAL_RANK" {sys.executable} -m softcpt_dist.cli "$@"'
+    launch = ["--no-python", "bash", "-c", pinned, "-"] if args.pin else ["-m", "softcpt_dist.cli"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *launch, "train", "data.shots=0", "data.train_augment=none",
            f"optim.epochs={args.epochs}", f"optim.batch_size={args.batch_size}", f"engine.zero_stage={args.zero_stage}",
            f"train.output_dir={work / 'runs'}", f"train.run_name={name}", "train.progress=false", *extra]
@@ -109,8 +109,9 @@ def main(argv=None) -> int:
         for n, shard in runs:
             results[(n, shard)] = run(n, work, f"ranks{n}-{shard}", args, [*base, f"text.shard={shard}", *args.extra])
     what = "text-bound Plant-6 shape, ViT-B-16 random init, cached image features" if args.text_bound else "demo"
+    pinned = ", pinned" if args.pin else ""
     print(f"# rank scaling ({what}): ZeRO {args.zero_stage}, global batch {args.batch_size}, torch "
-          f"{torch.__version__}, {os.cpu_count()} CPU cores, 1 thread per rank{', pinned' if args.pin else ''}, overrides {args.extra or 'none'}; "
+          f"{torch.__version__}, {os.cpu_count()} CPU cores, 1 thread per rank{pinned}, overrides {args.extra or 'none'}; "
           f"median of epochs 2..{args.epochs}")
     base_rate = results[(args.ranks[0], "auto")]["steps_per_s"]
     print(f"{'ranks':>5} {'text.shard':>10} {'steps/s':>8} {'vs ' + str(args.ranks[0]):>6} {'positions/rank':>15} "

@@ -11,13 +11,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from softcpt_dist.model.batch_invariance import rowwise
+
 
 def cosine_logits(image_features: torch.Tensor, class_features: torch.Tensor,
                   logit_scale: torch.Tensor) -> torch.Tensor:
     """``exp(logit_scale) * cos(image, class)``, ``[B, C]`` in fp32."""
     img = F.normalize(image_features.float(), dim=-1)
     txt = F.normalize(class_features.float(), dim=-1)
-    return logit_scale.float().exp() * img @ txt.t()
+    return logit_scale.float().exp() * rowwise(lambda rows: rows @ txt.t(), img)
 
 
 def within_task_mask(tasks: torch.Tensor, class_task: torch.Tensor) -> torch.Tensor:

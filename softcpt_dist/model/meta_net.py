@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from softcpt_dist.model.batch_invariance import rowwise
+
 
 def context_vectors(n_groups: int, n_ctx: int, dim: int, std: float) -> nn.Parameter:
     """``[n_groups, n_ctx, dim]`` learnable context, N(0, std) init (CoOp's random init)."""
@@ -43,4 +45,4 @@ class MetaNet(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         weight_dtype = next(self.parameters()).dtype
-        return self.net(features.to(weight_dtype)).view(features.shape[0], self.n_ctx, self.ctx_dim)
+        return rowwise(self.net, features.to(weight_dtype)).view(features.shape[0], self.n_ctx, self.ctx_dim)

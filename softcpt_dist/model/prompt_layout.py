@@ -56,14 +56,22 @@ class PromptBatch:
         return self.rows(self.source[:, : int(self.length.max())]), self.eot
 
 
+# Every attention call sees a multiple of KEY_BLOCK keys (masked padding after the real ones), so
+# that a query's scores are reduced over whole vectors of keys however its prompt's tree is cut into
+# segments (which depends on the prompts encoded with it): the same sums in the same order. Masked
+# keys get exactly zero weight, and their rows exactly zero gradient.
+KEY_BLOCK = 16
+
+
 @dataclass
 class Bucket:
-    """Segments of one start depth and length: queries ``[n, len]`` and keys ``[n, start + len]`` as node rows."""
+    """Segments of one start depth and length: queries ``[n, len]`` and keys ``[n, K]`` as node rows, the
+    ``start + len`` real ones first (K: that, rounded up to a multiple of ``KEY_BLOCK``)."""
 
     start: int
     queries: torch.Tensor
     keys: torch.Tensor
-    mask: torch.Tensor  # [len, start + len] bool: query i sees keys 0 .. start + i
+    mask: torch.Tensor  # [len, K] bool: query i sees keys 0 .. start + i
 
     def to(self, device) -> "Bucket":
         return Bucket(self.start, self.queries.to(device), self.keys.to(device), self.mask.to(device))
@@ -136,8 +144,12 @@ def build_layout(source: torch.Tensor, length: torch.Tensor) -> SharedPrefixLayo
     buckets, concatenated = [], []
     for (start, seg_len), prompts in sorted(groups.items()):
         rows = path[torch.tensor(prompts)]
-        mask = torch.ones(seg_len, start + seg_len, dtype=torch.bool).tril(diagonal=start)
-        buckets.append(Bucket(start, rows[:, start:start + seg_len], rows[:, :start + seg_len], mask))
+        keys = start + seg_len
+        padded = -(-keys // KEY_BLOCK) * KEY_BLOCK  # then masked padding keys (node 0): see KEY_BLOCK
+        mask = torch.zeros(seg_len, padded, dtype=torch.bool)
+        mask[:, :keys] = torch.ones(seg_len, keys, dtype=torch.bool).tril(diagonal=start)
+        key_rows = torch.cat([rows[:, :keys], rows.new_zeros(len(prompts), padded - keys)], dim=1)
+        buckets.append(Bucket(start, rows[:, start:start + seg_len], key_rows, mask))
         concatenated.append(rows[:, start:start + seg_len].reshape(-1))
     order = torch.empty(total, dtype=torch.long)
     order[torch.cat(concatenated)] = torch.arange(total)

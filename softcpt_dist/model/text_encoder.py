@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from softcpt_dist.config import ConfigError, TextConfig, choices
+from softcpt_dist.model.batch_invariance import attention, rowwise
 from softcpt_dist.model.prompt_layout import LayoutCache, PromptBatch, SharedPrefixLayout, build_layout
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Attention(nn.Module):
         for bucket, qb, kb, vb in zip(layout.buckets, queries, keys, values):
             n, length = bucket.queries.shape
             qb, kb, vb = (t.view(n, -1, self.heads, width // self.heads).transpose(1, 2) for t in (qb, kb, vb))
-            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bucket.mask)  # [n, H, len, dh]
+            out = attention(qb, kb, vb, bucket.mask)  # [n, H, len, dh]
             parts.append(out.transpose(1, 2).reshape(n * length, width))
         return self.out_proj(torch.cat(parts).index_select(0, layout.order))
 
@@ -181,5 +182,5 @@ class TextEncoder(nn.Module):
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ln_final(x)
         if isinstance(self.text_projection, nn.Linear):
-            return self.text_projection(x)
-        return x @ self.text_projection
+            return rowwise(self.text_projection, x)
+        return rowwise(lambda rows: rows @ self.text_projection, x)

@@ -122,3 +122,19 @@ def test_predicted_shares_shrink_until_tasks_split_into_few_classes(tiny_backbon
     assert positions == sorted(positions, reverse=True) and positions[1] <= positions[0] / 2 + 25
     assert positions[-1] > positions[0] / 64  # each share still pays its task's prefix and task prompt
     assert rows[1].speedup > 1.8 and rows[-1].efficiency < rows[1].efficiency
+
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: f"{m.name}-{m.variant if m.name == 'softcpt' else m.coop_mode}")
+def test_shares_encode_bitwise_the_features_of_all_classes_at_once(tiny_backbone, method):
+    """A class's feature does not depend on which classes are encoded with it, also when a task is
+    split over shares: products on at least 4 rows (model/batch_invariance.py) and attention over whole
+    blocks of keys (prompt_layout.KEY_BLOCK)."""
+    model = build_method(tiny_backbone, plant6(), method, PromptConfig())
+    everything = torch.arange(116)
+    with torch.no_grad():
+        full = model(everything)
+        for world in (2, 3, 8):
+            plan = plan_shards(model.class_task, lambda pos: model.text_positions(everything[pos]), world)
+            parts = torch.cat([model(share) for share in plan.shares if len(share)])[plan.inverse]
+            assert torch.equal(parts, full), world

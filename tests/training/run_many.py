@@ -6,6 +6,7 @@ its run folder as ``softcpt-dist train`` would.
 """
 
 import json
+import os
 import sys
 
 import softcpt_dist  # noqa: F401  (the torchvision shim first)
@@ -19,3 +20,7 @@ if __name__ == "__main__":
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
+    # As softcpt_dist.cli.entry: no interpreter teardown, which communication threads can abort.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -27,10 +27,12 @@ METHODS = {"nata": ["method.variant=NATA"], "nats": ["method.variant=NATS"], "cs
 GROUPED = {"all": [], "grouped": ["data.sampler.tasks_per_batch=1"]}
 # CoOp CA trains each task on its own: 2 ranks share 1 task, split by classes.
 PER_TASK = {"coopca-pertask": ["method.name=coop", "method.coop_mode=CA"]}
-# (one rank's overrides, two ranks' overrides, one rank's logged losses per two ranks' logged loss)
+# (one rank's overrides, two ranks' overrides, one rank's logged losses per two ranks' logged loss, bound).
+# Official stepping applies 3 SGD steps per gradient (39 in all), which amplifies the one difference
+# left -- the order in which the ranks' gradient contributions are summed -- about 3-fold.
 SPECIAL = {"nata-accumulated": (["optim.batch_size=12", "engine.grad_accum_steps=4"],
-                                ["optim.batch_size=12", "engine.grad_accum_steps=2", "engine.zero_stage=2"], 2),
-           "nata-official": (["optim.official_stepping=true"], ["optim.official_stepping=true"], 1)}
+                                ["optim.batch_size=12", "engine.grad_accum_steps=2", "engine.zero_stage=2"], 2, REL),
+           "nata-official": (["optim.official_stepping=true"], ["optim.official_stepping=true"], 1, 5e-5)}
 
 
 def _launch_many(nproc, out, common, runs, timeout=900):
@@ -52,29 +54,32 @@ def matrix(tmp_path_factory, small_data_root):
     cases = {f"{m}-{g}": METHODS[m] + GROUPED[g] for m in METHODS for g in GROUPED} | PER_TASK
     one = {f"one-{name}": [*o, "engine.grad_accum_steps=2"] for name, o in cases.items()}
     one["untrained"] = ["optim.lr=0"]  # the initial tensors: training must move them far beyond REL
-    one.update({f"one-{name}": o for name, (o, _, _) in SPECIAL.items()})
+    one.update({f"one-{name}": o for name, (o, _, _, _) in SPECIAL.items()})
+    # ZeRO-3 references last, as ZeRO-3 swaps in its own linear function for the rest of the process
+    # (a different kernel: the two sides of a comparison must share it).
+    one.update({f"one-z3-{name}": [*o, "engine.grad_accum_steps=2", "engine.zero_stage=3"]
+                for name, o in cases.items()})
     _launch_many(1, out, common, one)
-    # ZeRO-3 last: it patches torch functions for the rest of the process.
     two = {f"two-z{z}-{name}": [*o, f"engine.zero_stage={z}"] for z in (0, 2, 3) for name, o in cases.items()
            if z == 3 or name not in PER_TASK}
-    two = {**{f"two-{name}": t for name, (_, t, _) in SPECIAL.items()}, **two}
+    two = {**{f"two-{name}": t for name, (_, t, _, _) in SPECIAL.items()}, **two}  # ZeRO-3 last here too
     log = _launch_many(2, out, common, two)
     return out, cases, log
 
 
-def _assert_same(one, two, pair=2):
+def _assert_same(one, two, pair=2, bound=REL):
     """Loss sequence (one rank's ``pair`` consecutive micro-batches are one logged step of two ranks),
     every learnable tensor of every scope, and the test metrics."""
     a = _losses(one)
     pairs = torch.tensor([sum(a[i:i + pair]) / pair for i in range(0, len(a), pair)], dtype=torch.float64)
     b = torch.tensor(_losses(two), dtype=torch.float64)
     assert len(pairs) == len(b) > 0, two.name
-    assert _max_rel(b, pairs) <= REL, two.name
+    assert _max_rel(b, pairs) <= bound, two.name
     sa, sb = _states(one), _states(two)
     assert sa.keys() == sb.keys(), two.name
     for scope in sa:
         for tensor in sa[scope]:
-            assert _max_rel(sb[scope][tensor], sa[scope][tensor]) <= REL, (two.name, scope, tensor)
+            assert _max_rel(sb[scope][tensor], sa[scope][tensor]) <= bound, (two.name, scope, tensor)
     ra, rb = (json.loads((r / "results.json").read_text())["tasks"] for r in (one, two))
     assert ra == rb, two.name
 
@@ -99,7 +104,7 @@ def test_two_sharded_ranks_train_exactly_as_one(matrix, zero):
         two = out / f"two-z{zero}-{name}"
         if not two.exists():
             continue
-        _assert_same(out / f"one-{name}", two)
+        _assert_same(out / (f"one-z3-{name}" if zero == 3 else f"one-{name}"), two)
         compared += 1
     assert compared == (len(cases) if zero == 3 else len(cases) - len(PER_TASK))
 
@@ -107,7 +112,7 @@ def test_two_sharded_ranks_train_exactly_as_one(matrix, zero):
 @pytest.mark.parametrize("name", list(SPECIAL))
 def test_two_sharded_ranks_accumulate_and_step_officially_as_one(matrix, name):
     out = matrix[0]
-    _assert_same(out / f"one-{name}", out / f"two-{name}", SPECIAL[name][2])
+    _assert_same(out / f"one-{name}", out / f"two-{name}", *SPECIAL[name][2:])
 
 
 def test_the_matrix_trains_far_beyond_its_tolerance(matrix):
@@ -123,9 +128,10 @@ def test_each_rank_encodes_about_half_of_the_token_positions(matrix):
         for record in _epochs(out / f"two-z0-{name}"):
             per_rank = record["text_positions_per_step"]
             assert len(per_rank) == 2
-            # A rank's share: half of one rank's work, plus at most a split task's shared prefix.
-            assert all(0.4 * alone <= p <= 0.6 * alone for p in per_rank), (name, per_rank, alone)
-            assert sum(per_rank) <= 1.1 * alone
+            # A rank's share: half of one rank's work, give or take a task's shared prefix and task prompt
+            # (25 positions here; CoOp-MT's one prefix, shared by all tasks, is paid by both ranks).
+            assert all(abs(p - alone / 2) <= 25 for p in per_rank), (name, per_rank, alone)
+            assert sum(per_rank) <= alone + 25
             assert record["text_gather_bytes_per_step"] > 0 and record["text_grad_reduce_bytes_per_step"] > 0
             assert all(b > 0 for b in record["text_activation_bytes"])
         assert _epochs(out / f"one-{name}")[-1]["text_gather_bytes_per_step"] == 0
@@ -148,7 +154,7 @@ def test_three_zero3_ranks_with_an_empty_share_train_exactly_as_one(small_data_r
     common = [f"data.root={small_data_root}", "data.tasks=[size]", "data.shots=0", "data.train_augment=none",
               "optim.batch_size=6", "optim.epochs=1", "optim.warmup_epochs=0", f"train.output_dir={tmp_path}",
               "train.progress=false", "train.log_every=1", "method.name=coop", "method.coop_mode=CA"]
-    _launch_many(1, tmp_path, common, {"one": ["engine.grad_accum_steps=3"]})
+    _launch_many(1, tmp_path, common, {"one": ["engine.grad_accum_steps=3", "engine.zero_stage=3"]})
     _launch_many(3, tmp_path, common, {"three": ["engine.zero_stage=3"]})
     one, three = tmp_path / "one", tmp_path / "three"
     assert _epochs(three)[0]["text_positions_per_step"][2] > 0  # the stand-in is encoded
