@@ -67,6 +67,10 @@ class TextConfig:
     # auto: with more than one rank, each rank encodes a share of the classes and the features are
     # all-gathered (exact) | off: every rank encodes every class
     shard: str = one_of("auto", "off")
+    # true: attention over whole blocks of 16 keys and >= 4 queries, so that a class's feature is bitwise
+    # the same whichever classes it is encoded with (ranks' shares, task-grouped batches) | false: no such
+    # padding (faster text side on CPU; features then differ across shardings by fp32 rounding)
+    batch_invariant: bool = True
 
 
 @dataclass

@@ -50,7 +50,8 @@ class CLIPBackbone(nn.Module):
     """Frozen CLIP in eval mode: image encoder, text encoder, token embedding, tokenizer, logit scale."""
 
     def __init__(self, model: nn.Module, tokenizer, arch: str, weights: Optional[str],
-                 logit_scale: Optional[torch.Tensor] = None, text_path: str = "shared_prefix"):
+                 logit_scale: Optional[torch.Tensor] = None, text_path: str = "shared_prefix",
+                 batch_invariant: bool = True):
         super().__init__()
         tower = text_tower(model)
         self.arch = arch
@@ -61,7 +62,7 @@ class CLIPBackbone(nn.Module):
                 raise ConfigError(f"{arch}: tokenizer {type(tokenizer).__name__} has no {attr!r}; "
                                   "only CLIP BPE tokenizers are supported")
         self.image_encoder = ImageEncoder(model.visual)
-        self.text_encoder = TextEncoder(model, text_path)
+        self.text_encoder = TextEncoder(model, text_path, batch_invariant)
         self.token_embedding = tower.token_embedding
         # logit_scale is kept as a plain buffer: it is frozen, and DeepSpeed rejects 0-dim parameters.
         if logit_scale is None:
@@ -127,7 +128,8 @@ def build_backbone(cfg: ModelConfig, device: Optional[str] = None, text: Optiona
     logit_scale = model.logit_scale.detach().float().reshape(()).clone()  # before any low-precision cast
     model = model.to(device=device or cfg.device, dtype=_DTYPES[cfg.precision])
     tokenizer = open_clip.get_tokenizer(cfg.arch)
-    return CLIPBackbone(model, tokenizer, cfg.arch, pretrained, logit_scale, (text or TextConfig()).path)
+    text = text or TextConfig()
+    return CLIPBackbone(model, tokenizer, cfg.arch, pretrained, logit_scale, text.path, text.batch_invariant)
 
 
 def _quick_gelu(cfg: ModelConfig, path: Optional[Path], fmt: Optional[str]) -> bool:

@@ -56,11 +56,14 @@ class PromptBatch:
         return self.rows(self.source[:, : int(self.length.max())]), self.eot
 
 
-# Every attention call sees a multiple of KEY_BLOCK keys (masked padding after the real ones), so
+# With text.batch_invariant (the default), every attention call sees a multiple of KEY_BLOCK keys (masked padding after the real ones), so
 # that a query's scores are reduced over whole vectors of keys however its prompt's tree is cut into
 # segments (which depends on the prompts encoded with it): the same sums in the same order. Masked
 # keys get exactly zero weight, and their rows exactly zero gradient.
 KEY_BLOCK = 16
+# Attention is two matrix products over a bucket's queries; BLAS sums a product of fewer than 4 rows
+# in another order (batch_invariance.py), so short segments get repeats of their last query.
+MIN_ROWS = 4
 
 
 @dataclass
@@ -105,7 +108,8 @@ class SharedPrefixLayout:
                                   self.eot_nodes.to(device))
 
 
-def build_layout(source: torch.Tensor, length: torch.Tensor) -> SharedPrefixLayout:
+def build_layout(source: torch.Tensor, length: torch.Tensor, key_block: int = KEY_BLOCK,
+                 min_queries: int = MIN_ROWS) -> SharedPrefixLayout:
     """The prompt tree of ``source``/``length`` (CPU tensors), merging positions that agree on everything up
     to and including themselves."""
     n_prompts, max_len = source.shape[0], int(length.max())
@@ -145,14 +149,19 @@ def build_layout(source: torch.Tensor, length: torch.Tensor) -> SharedPrefixLayo
     for (start, seg_len), prompts in sorted(groups.items()):
         rows = path[torch.tensor(prompts)]
         keys = start + seg_len
-        padded = -(-keys // KEY_BLOCK) * KEY_BLOCK  # then masked padding keys (node 0): see KEY_BLOCK
+        padded = -(-keys // key_block) * key_block  # then masked padding keys (node 0): see KEY_BLOCK
         mask = torch.zeros(seg_len, padded, dtype=torch.bool)
         mask[:, :keys] = torch.ones(seg_len, keys, dtype=torch.bool).tril(diagonal=start)
         key_rows = torch.cat([rows[:, :keys], rows.new_zeros(len(prompts), padded - keys)], dim=1)
-        buckets.append(Bucket(start, rows[:, start:start + seg_len], key_rows, mask))
-        concatenated.append(rows[:, start:start + seg_len].reshape(-1))
-    order = torch.empty(total, dtype=torch.long)
-    order[torch.cat(concatenated)] = torch.arange(total)
+        queries = rows[:, start:keys]
+        if seg_len < min_queries:  # repeat the last query (same keys, same mask): see MIN_ROWS
+            queries = torch.cat([queries, queries[:, -1:].expand(-1, min_queries - seg_len)], dim=1)
+            mask = torch.cat([mask, mask[-1:].expand(min_queries - seg_len, -1)])
+        buckets.append(Bucket(start, queries, key_rows, mask))
+        concatenated.append(queries.reshape(-1))
+    flat = torch.cat(concatenated)  # a node's first row among the buckets' query rows holds its output
+    order = torch.full((total,), len(flat), dtype=torch.long).scatter_reduce(0, flat, torch.arange(len(flat)),
+                                                                              "amin")
     eot_nodes = path[torch.arange(n_prompts), length - 1]
     return SharedPrefixLayout(node_source, node_depth, buckets, order, eot_nodes)
 
@@ -160,14 +169,15 @@ def build_layout(source: torch.Tensor, length: torch.Tensor) -> SharedPrefixLayo
 class LayoutCache:
     """Layouts by prompt structure (few distinct ones recur: all classes, or a batch's tasks' classes)."""
 
-    def __init__(self, size: int = 64):
+    def __init__(self, size: int = 64, batch_invariant: bool = True):
         self.size, self._entries = size, OrderedDict()
+        self.padding = (KEY_BLOCK, MIN_ROWS) if batch_invariant else (1, 1)
 
     def get(self, source: torch.Tensor, length: torch.Tensor, device) -> SharedPrefixLayout:
         source, length = source.detach().cpu(), length.detach().cpu()
         key = (tuple(source.shape), source.numpy().tobytes(), length.numpy().tobytes(), str(device))
         if key not in self._entries:
-            self._entries[key] = build_layout(source, length).to(device)
+            self._entries[key] = build_layout(source, length, *self.padding).to(device)
             if len(self._entries) > self.size:
                 self._entries.popitem(last=False)
         self._entries.move_to_end(key)

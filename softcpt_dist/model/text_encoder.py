@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from softcpt_dist.config import ConfigError, TextConfig, choices
-from softcpt_dist.model.batch_invariance import attention, rowwise
+from softcpt_dist.model.batch_invariance import rowwise
 from softcpt_dist.model.prompt_layout import LayoutCache, PromptBatch, SharedPrefixLayout, build_layout
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Attention(nn.Module):
         for bucket, qb, kb, vb in zip(layout.buckets, queries, keys, values):
             n, length = bucket.queries.shape
             qb, kb, vb = (t.view(n, -1, self.heads, width // self.heads).transpose(1, 2) for t in (qb, kb, vb))
-            out = attention(qb, kb, vb, bucket.mask)  # [n, H, len, dh]
+            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bucket.mask)  # [n, H, len, dh]
             parts.append(out.transpose(1, 2).reshape(n * length, width))
         return self.out_proj(torch.cat(parts).index_select(0, layout.order))
 
@@ -97,7 +97,7 @@ class TextEncoder(nn.Module):
     only the first ``max(eot) + 1`` positions).
     """
 
-    def __init__(self, model: nn.Module, path: str = "shared_prefix"):
+    def __init__(self, model: nn.Module, path: str = "shared_prefix", batch_invariant: bool = True):
         super().__init__()
         if path not in choices(TextConfig, "path"):
             raise ConfigError(f"text.path={path!r} is not one of {list(choices(TextConfig, 'path'))}")
@@ -118,7 +118,7 @@ class TextEncoder(nn.Module):
             self.output_dim = self.text_projection.out_features
         else:
             self.output_dim = self.text_projection.shape[1]
-        self._layouts = LayoutCache()
+        self._layouts = LayoutCache(batch_invariant=batch_invariant)
         self._costs: Dict[bytes, int] = {}
         self.positions_encoded = 0  # token positions (per layer) encoded so far: the text-side work done
 

@@ -129,12 +129,36 @@ def test_predicted_shares_shrink_until_tasks_split_into_few_classes(tiny_backbon
 def test_shares_encode_bitwise_the_features_of_all_classes_at_once(tiny_backbone, method):
     """A class's feature does not depend on which classes are encoded with it, also when a task is
     split over shares: products on at least 4 rows (model/batch_invariance.py) and attention over whole
-    blocks of keys (prompt_layout.KEY_BLOCK)."""
+    blocks of keys (prompt_layout.KEY_BLOCK). With one BLAS thread (as each rank runs in these tests):
+    threads split a product by its size, which changes the order of sums again."""
     model = build_method(tiny_backbone, plant6(), method, PromptConfig())
     everything = torch.arange(116)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _assert_shares_bitwise(model, everything)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _assert_shares_bitwise(model, everything):
     with torch.no_grad():
         full = model(everything)
         for world in (2, 3, 8):
             plan = plan_shards(model.class_task, lambda pos: model.text_positions(everything[pos]), world)
             parts = torch.cat([model(share) for share in plan.shares if len(share)])[plan.inverse]
             assert torch.equal(parts, full), world
+
+
+def test_without_batch_invariance_the_features_differ_by_rounding_only(tiny_backbone):
+    from softcpt_dist.config import ModelConfig, TextConfig
+    from softcpt_dist.model import build_backbone
+    torch.manual_seed(0)  # as the tiny_backbone fixture: the same weights
+    plain = build_backbone(ModelConfig(arch="softcpt-tiny"), text=TextConfig(batch_invariant=False))
+    features = []
+    for backbone in (tiny_backbone, plain):
+        torch.manual_seed(1)  # the same learnable tensors
+        with torch.no_grad():
+            features.append(build_method(backbone, plant6(), MethodConfig(), PromptConfig())())
+    a, b = features
+    assert float((a - b).abs().max() / a.abs().max()) <= 1e-5

@@ -119,11 +119,13 @@ def test_shared_prefixes_are_encoded_once(tiny_backbone, group):
 def test_layout_of_a_small_prompt_tree():
     # Prompts a b c | a b d | a e: nodes a, b, e, c, d; segments [a], [b], [e], [c], [d].
     source = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 4, 9]])
-    layout = build_layout(source, torch.tensor([3, 3, 2]))
+    layout = build_layout(source, torch.tensor([3, 3, 2]), key_block=1, min_queries=1)  # the bare tree
     assert layout.positions == 5
     assert sorted((b.start, b.queries.shape[1], b.queries.shape[0]) for b in layout.buckets) == [(0, 1, 1), (1, 1, 2),
                                                                                                  (2, 1, 2)]
     assert layout.node_source[layout.eot_nodes].tolist() == [2, 3, 4]
+    padded = build_layout(source, torch.tensor([3, 3, 2]))  # batch-invariant: >= 4 queries, 16 keys a call
+    assert padded.positions == 5 and all(b.queries.shape[1] == 4 and b.keys.shape[1] == 16 for b in padded.buckets)
 
 
 def test_a_text_tower_without_causal_mask_falls_back_to_dense(caplog):
