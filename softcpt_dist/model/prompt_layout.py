@@ -108,10 +108,14 @@ class SharedPrefixLayout:
                                   self.eot_nodes.to(device))
 
 
-def build_layout(source: torch.Tensor, length: torch.Tensor, key_block: int = KEY_BLOCK,
-                 min_queries: int = MIN_ROWS) -> SharedPrefixLayout:
-    """The prompt tree of ``source``/``length`` (CPU tensors), merging positions that agree on everything up
-    to and including themselves."""
+def structure_key(source: torch.Tensor, length: torch.Tensor) -> bytes:
+    """What a layout depends on: the prompts' sources and lengths (CPU tensors)."""
+    return str(tuple(source.shape)).encode() + source.numpy().tobytes() + length.numpy().tobytes()
+
+
+def _prompt_tree(source: torch.Tensor, length: torch.Tensor):
+    """``(path, node_source, node_depth, node_parent, total)``: the node of every (prompt, position),
+    merging positions that agree on everything up to and including themselves."""
     n_prompts, max_len = source.shape[0], int(length.max())
     path = torch.full((n_prompts, max_len), -1, dtype=torch.long)  # node of (prompt, position)
     parent_of_prompt = torch.full((n_prompts,), -1, dtype=torch.long)
@@ -127,7 +131,19 @@ def build_layout(source: torch.Tensor, length: torch.Tensor, key_block: int = KE
         node_source.append(unique[:, 1])
         node_depth.append(torch.full((len(unique),), depth, dtype=torch.long))
         total += len(unique)
-    node_parent, node_source, node_depth = torch.cat(node_parent), torch.cat(node_source), torch.cat(node_depth)
+    return path, torch.cat(node_source), torch.cat(node_depth), torch.cat(node_parent), total
+
+
+def tree_positions(source: torch.Tensor, length: torch.Tensor) -> int:
+    """Token positions per layer of the shared-prefix layout of these prompts (its node count)."""
+    return _prompt_tree(source, length)[4]
+
+
+def build_layout(source: torch.Tensor, length: torch.Tensor, key_block: int = KEY_BLOCK,
+                 min_queries: int = MIN_ROWS) -> SharedPrefixLayout:
+    """The prompt tree of ``source``/``length`` (CPU tensors) cut into segments and attention buckets."""
+    n_prompts, max_len = source.shape[0], int(length.max())
+    path, node_source, node_depth, node_parent, total = _prompt_tree(source, length)
     valid = path >= 0
     count = torch.bincount(path[valid], minlength=total)  # prompts through each node
     # A node starts a segment unless it is its parent's only continuation (same prompts pass through).
@@ -175,7 +191,7 @@ class LayoutCache:
 
     def get(self, source: torch.Tensor, length: torch.Tensor, device) -> SharedPrefixLayout:
         source, length = source.detach().cpu(), length.detach().cpu()
-        key = (tuple(source.shape), source.numpy().tobytes(), length.numpy().tobytes(), str(device))
+        key = (structure_key(source, length), str(device))
         if key not in self._entries:
             self._entries[key] = build_layout(source, length, *self.padding).to(device)
             if len(self._entries) > self.size:

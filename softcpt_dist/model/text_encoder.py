@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from softcpt_dist.config import ConfigError, TextConfig, choices
 from softcpt_dist.model.batch_invariance import rowwise
-from softcpt_dist.model.prompt_layout import LayoutCache, PromptBatch, SharedPrefixLayout, build_layout
+from softcpt_dist.model.prompt_layout import (LayoutCache, PromptBatch, SharedPrefixLayout, structure_key,
+                                              tree_positions)
 
 logger = logging.getLogger(__name__)
 
@@ -140,11 +141,11 @@ class TextEncoder(nn.Module):
         if self.path == "dense" or len(length) == 0:
             return int(source.shape[0]) * (int(length.max()) if len(length) else 0)
         source, length = source.detach().cpu(), length.detach().cpu()
-        key = str(tuple(source.shape)).encode() + source.numpy().tobytes() + length.numpy().tobytes()
+        key = structure_key(source, length)
         if key not in self._costs:
             if len(self._costs) > 4096:
                 self._costs.clear()
-            self._costs[key] = build_layout(source, length).positions
+            self._costs[key] = tree_positions(source, length)
         return self._costs[key]
 
     def layout(self, prompts: PromptBatch) -> SharedPrefixLayout:
