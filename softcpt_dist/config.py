@@ -74,6 +74,15 @@ class TextConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """The fused Triton kernels (``softcpt_dist.kernels``): exact within fp32 rounding of the torch path."""
+
+    # auto: Triton on CUDA tensors (and on CPU under TRITON_INTERPRET=1) for prompt assembly and attention
+    # on the shared-prefix text path and the cosine-logit cross-entropy; the torch path elsewhere | off
+    enabled: str = one_of("auto", "off")
+
+
+@dataclass
 class MethodConfig:
     name: str = "softcpt"  # a registered method (softcpt_dist.model.methods): softcpt | coop | zeroshot | linear_probe
     variant: str = one_of("NATA", "NATS", "CATA", "CSTA", "CATS", "CSTS")  # softcpt
@@ -184,6 +193,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -1,7 +1,18 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "TRITON_INTERPRET" not in os.environ and not any(Path("/dev").glob("nvidia[0-9]*")):
+    # Without a GPU, Triton's library is imported under its interpreter, so that the kernel
+    # tests can run the kernels on CPU tensors (tests/kernels switch it on per test); it is then off
+    # again, so every other test takes the torch path as CPU runs do. See softcpt_dist/kernels/_triton.py.
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    del os.environ["TRITON_INTERPRET"]
 
 import softcpt_dist  # noqa: E402,F401  (the torchvision shim must run before open_clip/torchvision)
 import pytest  # noqa: E402

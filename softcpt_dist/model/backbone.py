@@ -17,7 +17,7 @@ import torch.nn as nn
 import softcpt_dist  # noqa: F401  (applies the torchvision import shim before open_clip)
 import open_clip
 
-from softcpt_dist.config import ConfigError, ModelConfig, TextConfig, validate_section
+from softcpt_dist.config import ConfigError, KernelsConfig, ModelConfig, TextConfig, validate_section
 from softcpt_dist.model.text_encoder import TextEncoder, text_tower
 from softcpt_dist.model.weights import WeightsError, load_into, local_weights
 
@@ -51,7 +51,7 @@ class CLIPBackbone(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer, arch: str, weights: Optional[str],
                  logit_scale: Optional[torch.Tensor] = None, text_path: str = "shared_prefix",
-                 batch_invariant: bool = True):
+                 batch_invariant: bool = True, kernels: str = "auto"):
         super().__init__()
         tower = text_tower(model)
         self.arch = arch
@@ -62,7 +62,7 @@ class CLIPBackbone(nn.Module):
                 raise ConfigError(f"{arch}: tokenizer {type(tokenizer).__name__} has no {attr!r}; "
                                   "only CLIP BPE tokenizers are supported")
         self.image_encoder = ImageEncoder(model.visual)
-        self.text_encoder = TextEncoder(model, text_path, batch_invariant)
+        self.text_encoder = TextEncoder(model, text_path, batch_invariant, kernels)
         self.token_embedding = tower.token_embedding
         # logit_scale is kept as a plain buffer: it is frozen, and DeepSpeed rejects 0-dim parameters.
         if logit_scale is None:
@@ -101,9 +101,11 @@ class CLIPBackbone(nn.Module):
         self.text_encoder.grad_checkpointing = enabled
 
 
-def build_backbone(cfg: ModelConfig, device: Optional[str] = None, text: Optional[TextConfig] = None) -> CLIPBackbone:
+def build_backbone(cfg: ModelConfig, device: Optional[str] = None, text: Optional[TextConfig] = None,
+                   kernels: Optional[KernelsConfig] = None) -> CLIPBackbone:
     """The frozen CLIP named by ``cfg.arch`` with weights from a tag, a local file, or none, on
-    ``device`` (default ``cfg.device``); ``text`` chooses the text encoding path (default shared prefix)."""
+    ``device`` (default ``cfg.device``); ``text`` chooses the text encoding path (default shared prefix),
+    ``kernels`` whether its attention and input assembly use the Triton kernels (default auto)."""
     validate_section(cfg, "model")
     ensure_builtin_configs()
     if cfg.arch not in open_clip.list_models():
@@ -128,8 +130,9 @@ def build_backbone(cfg: ModelConfig, device: Optional[str] = None, text: Optiona
     logit_scale = model.logit_scale.detach().float().reshape(()).clone()  # before any low-precision cast
     model = model.to(device=device or cfg.device, dtype=_DTYPES[cfg.precision])
     tokenizer = open_clip.get_tokenizer(cfg.arch)
-    text = text or TextConfig()
-    return CLIPBackbone(model, tokenizer, cfg.arch, pretrained, logit_scale, text.path, text.batch_invariant)
+    text, kernels = text or TextConfig(), kernels or KernelsConfig()
+    return CLIPBackbone(model, tokenizer, cfg.arch, pretrained, logit_scale, text.path, text.batch_invariant,
+                        kernels.enabled)
 
 
 def _quick_gelu(cfg: ModelConfig, path: Optional[Path], fmt: Optional[str]) -> bool:

@@ -6,14 +6,15 @@ all CLIP computation happens inside submodule ``forward()`` calls.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from softcpt_dist.config import TextConfig
+from softcpt_dist.config import KernelsConfig, TextConfig
+from softcpt_dist.kernels import cosine_ce
 from softcpt_dist.model.class_shards import SavedBytes, class_shards
-from softcpt_dist.model.loss import cosine_logits
+from softcpt_dist.model.loss import TaskScores, TaskTargets, cosine_logits
 
 
 def encode_images(backbone: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -30,13 +31,16 @@ class PromptClassifier(nn.Module):
 
     ``text``: with ``text.shard`` on (``auto``: more than one rank in the process group), each
     rank encodes a share of the classes and the features are all-gathered (``class_shards.py``);
-    all ranks must then call ``forward``/``class_features`` together.
+    all ranks must then call ``forward``/``class_features`` together. ``kernels``: whether the loss
+    and predictions use the fused cosine cross-entropy kernel (``kernels/cosine_ce.py``).
     """
 
-    def __init__(self, backbone: nn.Module, method: nn.Module, text: Optional[TextConfig] = None):
+    def __init__(self, backbone: nn.Module, method: nn.Module, text: Optional[TextConfig] = None,
+                 kernels: Optional[KernelsConfig] = None):
         super().__init__()
         self.backbone = backbone
         self.method = method
+        self.kernels = (kernels or KernelsConfig()).enabled
         self.shards = class_shards(text or TextConfig())
         self.activation_bytes = 0  # autograd-saved bytes of the latest class-feature forward (its backward's memory)
 
@@ -62,14 +66,25 @@ class PromptClassifier(nn.Module):
 
     def forward(self, images: Optional[torch.Tensor] = None, *, image_features: Optional[torch.Tensor] = None,
                 class_features: Optional[torch.Tensor] = None,
-                class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits ``[B, C']``. ``images`` may already be cached features ``[B, D]`` (2-D inputs skip the
-        image encoder); pass ``image_features``/``class_features`` to skip an encoder explicitly."""
+                class_index: Optional[torch.Tensor] = None,
+                targets: Optional[TaskTargets] = None) -> Union[torch.Tensor, TaskScores]:
+        """Logits ``[B, C']``, or with ``targets`` the ``TaskScores`` (loss when ``targets.targets`` is given,
+        within-task predictions) without the logits matrix where the fused kernel runs. ``images`` may
+        already be cached features ``[B, D]`` (2-D inputs skip the image encoder); pass
+        ``image_features``/``class_features`` to skip an encoder explicitly."""
         if image_features is None:
             image_features = encode_images(self.backbone, images)
         if class_features is None:
             class_features = self.class_features(class_index)
-        return cosine_logits(image_features, class_features, self.backbone.logit_scale)
+        scale = self.backbone.logit_scale
+        if targets is None:
+            return cosine_logits(image_features, class_features, scale)
+        if targets.targets is None:
+            return TaskScores(None, cosine_ce.within_task_predict(image_features, class_features, scale, targets.tasks,
+                                                                  targets.class_task, self.kernels))
+        return TaskScores(*cosine_ce.cosine_cross_entropy(image_features, class_features, scale, targets.tasks,
+                                                          targets.targets, targets.class_task, targets.task_weights,
+                                                          self.kernels))
 
     def learnable_parameters(self) -> Dict[str, nn.Parameter]:
         return self.method.learnable_parameters()

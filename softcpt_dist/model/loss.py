@@ -6,12 +6,29 @@ task's columns, summed over the batch (i.e. over tasks) and divided by the batch
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from softcpt_dist.model.batch_invariance import rowwise
+
+
+class TaskTargets(NamedTuple):
+    """What a batch is scored against: each sample's task ``[B]``, the task of each encoded column
+    ``class_task [C]``, and for a loss the target columns ``[B]`` and optional per-task weights ``[T]``."""
+
+    tasks: torch.Tensor
+    class_task: torch.Tensor
+    targets: Optional[torch.Tensor] = None
+    task_weights: Optional[torch.Tensor] = None
+
+
+class TaskScores(NamedTuple):
+    """The multi-task loss (None without targets) and each sample's within-task predicted column."""
+
+    loss: Optional[torch.Tensor]
+    predictions: torch.Tensor
 
 
 def cosine_logits(image_features: torch.Tensor, class_features: torch.Tensor,

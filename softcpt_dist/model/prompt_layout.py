@@ -89,6 +89,11 @@ class SharedPrefixLayout:
     buckets: List[Bucket]
     order: torch.Tensor  # [U]: node rows in node order, from the buckets' concatenated query rows
     eot_nodes: torch.Tensor  # [P]: the node holding each prompt's EOT
+    # Nodes are numbered in preorder (a node before its subtree, subtrees contiguous), so node k's
+    # subtree is the range k .. subtree_end[k] - 1: node q attends k iff k <= q < subtree_end[k]
+    # (what the Triton attention kernel tiles by: kernels/shared_prefix_attention.py).
+    node_parent: torch.Tensor  # [U]: parent node, -1 for roots
+    subtree_end: torch.Tensor  # [U]
 
     def __post_init__(self):
         # All buckets' query rows and key rows, concatenated, and each bucket's share of them.
@@ -105,7 +110,7 @@ class SharedPrefixLayout:
     def to(self, device) -> "SharedPrefixLayout":
         return SharedPrefixLayout(self.node_source.to(device), self.node_depth.to(device),
                                   [b.to(device) for b in self.buckets], self.order.to(device),
-                                  self.eot_nodes.to(device))
+                                  self.eot_nodes.to(device), self.node_parent.to(device), self.subtree_end.to(device))
 
 
 def structure_key(source: torch.Tensor, length: torch.Tensor) -> bytes:
@@ -113,9 +118,10 @@ def structure_key(source: torch.Tensor, length: torch.Tensor) -> bytes:
     return str(tuple(source.shape)).encode() + source.numpy().tobytes() + length.numpy().tobytes()
 
 
-def _prompt_tree(source: torch.Tensor, length: torch.Tensor):
+def _prompt_tree(source: torch.Tensor, length: torch.Tensor, preorder: bool = True):
     """``(path, node_source, node_depth, node_parent, total)``: the node of every (prompt, position),
-    merging positions that agree on everything up to and including themselves."""
+    merging positions that agree on everything up to and including themselves; nodes numbered in
+    preorder unless ``preorder=False`` (then by depth: enough to count them)."""
     n_prompts, max_len = source.shape[0], int(length.max())
     path = torch.full((n_prompts, max_len), -1, dtype=torch.long)  # node of (prompt, position)
     parent_of_prompt = torch.full((n_prompts,), -1, dtype=torch.long)
@@ -131,12 +137,34 @@ def _prompt_tree(source: torch.Tensor, length: torch.Tensor):
         node_source.append(unique[:, 1])
         node_depth.append(torch.full((len(unique),), depth, dtype=torch.long))
         total += len(unique)
-    return path, torch.cat(node_source), torch.cat(node_depth), torch.cat(node_parent), total
+    node_source, node_depth, node_parent = torch.cat(node_source), torch.cat(node_depth), torch.cat(node_parent)
+    if not preorder:
+        return path, node_source, node_depth, node_parent, total
+    renumber = _preorder(path, total)
+    new_parent = torch.where(node_parent >= 0, renumber[node_parent.clamp(min=0)], node_parent)
+    order = torch.empty_like(renumber)
+    order[renumber] = torch.arange(total)
+    path = torch.where(path >= 0, renumber[path.clamp(min=0)], path)
+    return path, node_source[order], node_depth[order], new_parent[order], total
+
+
+def _preorder(path: torch.Tensor, total: int) -> torch.Tensor:
+    """The preorder number of every node: with the prompts sorted by their paths (a prompt that ends
+    before another sorts first), nodes in order of first appearance, each prompt read root to leaf."""
+    perm = torch.arange(path.shape[0])
+    for depth in reversed(range(path.shape[1])):  # lexicographic sort: stable sorts, last key first
+        perm = perm[torch.sort(path[perm, depth], stable=True).indices]
+    flat = path[perm].reshape(-1)
+    seen = torch.nonzero(flat >= 0).flatten()
+    first = torch.full((total,), flat.numel(), dtype=torch.long).scatter_reduce(0, flat[seen], seen, "amin")
+    renumber = torch.empty(total, dtype=torch.long)
+    renumber[torch.argsort(first)] = torch.arange(total)
+    return renumber
 
 
 def tree_positions(source: torch.Tensor, length: torch.Tensor) -> int:
     """Token positions per layer of the shared-prefix layout of these prompts (its node count)."""
-    return _prompt_tree(source, length)[4]
+    return _prompt_tree(source, length, preorder=False)[4]
 
 
 def build_layout(source: torch.Tensor, length: torch.Tensor, key_block: int = KEY_BLOCK,
@@ -179,7 +207,10 @@ def build_layout(source: torch.Tensor, length: torch.Tensor, key_block: int = KE
     order = torch.full((total,), len(flat), dtype=torch.long).scatter_reduce(0, flat, torch.arange(len(flat)),
                                                                               "amin")
     eot_nodes = path[torch.arange(n_prompts), length - 1]
-    return SharedPrefixLayout(node_source, node_depth, buckets, order, eot_nodes)
+    # In preorder a subtree's last node is the deepest of the last prompt through it.
+    leaf = eot_nodes.unsqueeze(1).expand_as(path)
+    subtree_end = torch.zeros(total, dtype=torch.long).scatter_reduce(0, path[valid], leaf[valid], "amax") + 1
+    return SharedPrefixLayout(node_source, node_depth, buckets, order, eot_nodes, node_parent, subtree_end)
 
 
 class LayoutCache:

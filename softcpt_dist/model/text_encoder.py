@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from softcpt_dist.config import ConfigError, TextConfig, choices
+from softcpt_dist.kernels.prompt_assembly import prompt_assembly
+from softcpt_dist.kernels.shared_prefix_attention import shared_prefix_attention
 from softcpt_dist.model.batch_invariance import rowwise
 from softcpt_dist.model.prompt_layout import (LayoutCache, PromptBatch, SharedPrefixLayout, structure_key,
                                               tree_positions)
@@ -44,12 +46,12 @@ class Attention(nn.Module):
     """Multi-head self-attention with the weights of an ``nn.MultiheadAttention``, over padded sequences
     ``[B, L, D]`` (causal) or over the packed node rows of a shared-prefix layout."""
 
-    def __init__(self, mha: nn.MultiheadAttention, causal: bool = True):
+    def __init__(self, mha: nn.MultiheadAttention, causal: bool = True, kernels: str = "auto"):
         super().__init__()
         if not mha._qkv_same_embed_dim or mha.in_proj_bias is None or mha.bias_k is not None:
             raise ConfigError("text attention with separate or bias-free q/k/v projections is not supported")
         self.in_proj_weight, self.in_proj_bias, self.out_proj = mha.in_proj_weight, mha.in_proj_bias, mha.out_proj
-        self.heads, self.causal = mha.num_heads, causal
+        self.heads, self.causal, self.kernels = mha.num_heads, causal, kernels
 
     def forward(self, x: torch.Tensor, layout: Optional[SharedPrefixLayout] = None) -> torch.Tensor:
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
@@ -59,29 +61,17 @@ class Attention(nn.Module):
             q, k, v = qkv.view(b, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
             return self.out_proj(out.transpose(1, 2).reshape(b, length, width))
-        # One gather each for all queries (bucket order), keys and values: a few large copies (each
-        # backward is one index_add), after which every bucket is a contiguous slice.
-        q, k, v = (t.contiguous() for t in qkv.chunk(3, dim=-1))
-        queries = q.index_select(0, layout.query_rows).split(layout.query_sizes)
-        keys = k.index_select(0, layout.key_rows).split(layout.key_sizes)
-        values = v.index_select(0, layout.key_rows).split(layout.key_sizes)
-        parts = []
-        for bucket, qb, kb, vb in zip(layout.buckets, queries, keys, values):
-            n, length = bucket.queries.shape
-            qb, kb, vb = (t.view(n, -1, self.heads, width // self.heads).transpose(1, 2) for t in (qb, kb, vb))
-            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bucket.mask)  # [n, H, len, dh]
-            parts.append(out.transpose(1, 2).reshape(n * length, width))
-        return self.out_proj(torch.cat(parts).index_select(0, layout.order))
+        return self.out_proj(shared_prefix_attention(qkv, layout, self.heads, self.kernels))
 
 
 class TextBlock(nn.Module):
     """One open_clip ``ResidualAttentionBlock`` (its layer norms, MLP and layer scales) with ``Attention``."""
 
-    def __init__(self, block: nn.Module, causal: bool = True):
+    def __init__(self, block: nn.Module, causal: bool = True, kernels: str = "auto"):
         super().__init__()
         if hasattr(block, "ln_1_kv") or not isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
             raise ConfigError(f"text block {type(block).__name__} is not a plain CLIP attention block")
-        self.ln_1, self.attn, self.ls_1 = block.ln_1, Attention(block.attn, causal), block.ls_1
+        self.ln_1, self.attn, self.ls_1 = block.ln_1, Attention(block.attn, causal, kernels), block.ls_1
         self.ln_2, self.mlp, self.ls_2 = block.ln_2, block.mlp, block.ls_2
 
     def forward(self, x: torch.Tensor, layout: Optional[SharedPrefixLayout] = None) -> torch.Tensor:
@@ -98,14 +88,16 @@ class TextEncoder(nn.Module):
     only the first ``max(eot) + 1`` positions).
     """
 
-    def __init__(self, model: nn.Module, path: str = "shared_prefix", batch_invariant: bool = True):
+    def __init__(self, model: nn.Module, path: str = "shared_prefix", batch_invariant: bool = True,
+                 kernels: str = "auto"):
         super().__init__()
         if path not in choices(TextConfig, "path"):
             raise ConfigError(f"text.path={path!r} is not one of {list(choices(TextConfig, 'path'))}")
         tower = text_tower(model)
         self.causal = getattr(tower, "attn_mask", None) is not None
-        self.blocks = nn.ModuleList(TextBlock(block, self.causal) for block in tower.transformer.resblocks)
+        self.blocks = nn.ModuleList(TextBlock(block, self.causal, kernels) for block in tower.transformer.resblocks)
         self.grad_checkpointing = False
+        self.kernels = kernels
         self.positional_embedding = tower.positional_embedding
         self.ln_final = tower.ln_final
         self.text_projection = tower.text_projection
@@ -148,6 +140,12 @@ class TextEncoder(nn.Module):
             self._costs[key] = tree_positions(source, length)
         return self._costs[key]
 
+    def set_kernels(self, enabled: str) -> None:
+        """``kernels.enabled`` for this encoder's prompt assembly and shared-prefix attention."""
+        self.kernels = enabled
+        for block in self.blocks:
+            block.attn.kernels = enabled
+
     def layout(self, prompts: PromptBatch) -> SharedPrefixLayout:
         return self._layouts.get(prompts.source, prompts.length, prompts.source.device)
 
@@ -162,8 +160,8 @@ class TextEncoder(nn.Module):
     def _shared_prefix(self, prompts: PromptBatch) -> torch.Tensor:
         layout = self.layout(prompts)
         self.positions_encoded += layout.positions
-        dtype = self.dtype
-        x = prompts.rows(layout.node_source).to(dtype) + self.positional_embedding[layout.node_depth].to(dtype)
+        x = prompt_assembly(prompts.tokens, prompts.ctx, self.positional_embedding, layout.node_source,
+                            layout.node_depth, self.dtype, self.kernels)
         return self._project(self._run_blocks(x, layout)[layout.eot_nodes])
 
     def _dense(self, embeddings: torch.Tensor, eot_positions: torch.Tensor) -> torch.Tensor:

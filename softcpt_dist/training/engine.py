@@ -166,8 +166,8 @@ class TrainEngine:
     def _read_file(self, path, map_location=None):
         return read_state_file(path, self.state_classes(), map_location)
 
-    def __call__(self, inputs, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.engine(inputs, class_index=class_index)
+    def __call__(self, inputs, class_index: Optional[torch.Tensor] = None, targets=None):
+        return self.engine(inputs, class_index=class_index, targets=targets)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

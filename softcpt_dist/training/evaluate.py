@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from softcpt_dist import distributed as D
 from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.metrics import group_metrics
-from softcpt_dist.model.loss import within_task_argmax
+from softcpt_dist.model.loss import TaskTargets
 from softcpt_dist.progress import progress
 from softcpt_dist.training.engine import is_partitioned
 
@@ -39,15 +39,16 @@ def predict(model, loader: DataLoader, group: TaskGroup, show_progress: bool = F
     parts, last = [], None
     for inputs, tasks, labels, _ in progress(loader, desc=desc, enabled=show_progress and D.rank() == 0):
         tasks = tasks.to(device)
-        logits = model(inputs, class_features=class_features)
-        preds = within_task_argmax(logits, tasks, class_task) - offsets[tasks]
+        scores = model(inputs, class_features=class_features, targets=TaskTargets(tasks, class_task))
+        preds = scores.predictions - offsets[tasks]
         parts.append((tasks.cpu(), labels.cpu(), preds.cpu()))
         last = inputs
     if sharded and is_partitioned(model):
         # ZeRO-3 gathers parameters collectively in every forward: all ranks must run as many.
         n_batches = int(D.all_reduce(torch.tensor([len(loader)]), op=torch.distributed.ReduceOp.MAX)[0])
         for _ in range(n_batches - len(loader)):
-            model(last, class_features=class_features)  # shards are never empty: `last` exists
+            # shards are never empty: `last` and `tasks` exist
+            model(last, class_features=class_features, targets=TaskTargets(tasks, class_task))
     model.train(was_training)
     local = tuple(torch.cat(x) for x in zip(*parts))
     if not sharded:

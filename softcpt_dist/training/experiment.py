@@ -18,6 +18,7 @@ from softcpt_dist.data.dataset import MultiTaskData
 from softcpt_dist.data.loading import ensure_builtin_data, load_data
 from softcpt_dist.data.transforms import train_transform
 from softcpt_dist.metrics import markdown_table, merge_task_results
+from softcpt_dist.kernels._triton import describe as describe_kernels
 from softcpt_dist.model import PromptClassifier, build_backbone, build_method, method_class, method_label
 from softcpt_dist.seeding import seed_everything
 from softcpt_dist.training.checkpoint import (CHECKPOINT_NAME, CheckpointError, TrainingCheckpoints,
@@ -59,7 +60,7 @@ def _load_data_once(dcfg: DataConfig, train: TrainConfig) -> MultiTaskData:
 
 def _classifier(cfg: Config, backbone, group) -> PromptClassifier:
     """The run's method on ``backbone`` for ``group``, its class prompts sharded over ranks per ``text.shard``."""
-    return PromptClassifier(backbone, build_method(backbone, group, cfg.method, cfg.prompt), cfg.text)
+    return PromptClassifier(backbone, build_method(backbone, group, cfg.method, cfg.prompt), cfg.text, cfg.kernels)
 
 
 def _evaluate_scope(cfg: Config, scope: Scope, model: PromptClassifier, inputs: Inputs) -> Dict:
@@ -75,7 +76,7 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
     try:
         ctx = start_run(cfg, run_path, name_folder=True)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
-        backbone = build_backbone(cfg.model, ctx.device, cfg.text)
+        backbone = build_backbone(cfg.model, ctx.device, cfg.text, cfg.kernels)
         data = _load_data_once(ctx.data, cfg.train)
         if method.trains_prompts:
             _check_training(cfg, ctx, data, method)
@@ -84,6 +85,7 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
         if cfg.train.resume:
             logger.info("resuming in run folder %s (train.resume=%s)", run.path, cfg.train.resume)
         logger.info("run folder: %s (%d rank(s), launcher %s)", run.path, ctx.world.world_size, ctx.world.launcher)
+        logger.info("kernels: %s", describe_kernels(cfg.kernels.enabled, ctx.device))
         record = _RunRecord(run, ctx.saved_config(cfg), data.report)
         if not (cfg.train.resume and method.trains_prompts):
             record()  # a resumed run records its settings once its checkpoint has accepted them
@@ -167,7 +169,7 @@ def _train_and_evaluate(cfg: Config, ctx: ResolvedRun, backbone, data: MultiTask
     for i, scope in enumerate(run_scopes):
         if i > 0 and partitions_its_module(cfg.engine):  # each scope's engine gets a backbone of its own
             seed_everything(cfg.train.seed, cfg.train.deterministic)
-            backbone = build_backbone(cfg.model, ctx.device, cfg.text)
+            backbone = build_backbone(cfg.model, ctx.device, cfg.text, cfg.kernels)
         seed_everything(cfg.train.seed, cfg.train.deterministic)  # each task's run independent of the others
         model = _classifier(cfg, backbone, scope.group)
         weights = scope.group.task_weights(cfg.train.task_weights) if scope.key == "joint" else None
@@ -204,7 +206,7 @@ def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = 
         raise ConfigError(f"eval: method {label} needs a prompt checkpoint (--run or --checkpoint)")
     ctx = start_run(cfg, out_dir)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    backbone = build_backbone(cfg.model, ctx.device, cfg.text)
+    backbone = build_backbone(cfg.model, ctx.device, cfg.text, cfg.kernels)
     data = _load_data_once(ctx.data, cfg.train)
     split = cfg.train.eval_split
     states = None

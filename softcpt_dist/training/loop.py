@@ -22,7 +22,7 @@ import torch
 from softcpt_dist import distributed as D
 from softcpt_dist.config import TrainConfig
 from softcpt_dist.data.tasks import TaskGroup
-from softcpt_dist.model.loss import multitask_cross_entropy, within_task_argmax
+from softcpt_dist.model.loss import TaskTargets
 from softcpt_dist.progress import progress
 from softcpt_dist.training.signals import Preempted, StopSignals
 
@@ -112,15 +112,14 @@ class TrainLoop:
         tasks = tasks.to(self.device)
         targets = self.group.global_labels(tasks, labels.to(self.device))
         batch_task = self.class_task
+        class_index = None
         if self.grouped:  # only the batch's tasks' classes are encoded: columns renumbered
             class_index = batch_classes(self.group, tasks)
             position = torch.full((self.group.num_classes,), -1, dtype=torch.long, device=self.device)
             position[class_index] = torch.arange(len(class_index), device=self.device)
-            logits = self.engine(inputs, class_index=class_index)
             targets, batch_task = position[targets], self.class_task[class_index]
-        else:
-            logits = self.engine(inputs)
-        loss = multitask_cross_entropy(logits, tasks, targets, batch_task, self.task_weights)
+        loss, pred = self.engine(inputs, class_index=class_index,
+                                 targets=TaskTargets(tasks, batch_task, targets, self.task_weights))
         # One collective per step: any rank's non-finite loss or stop signal concerns all ranks,
         # and the logged loss is the global batch's (sum over ranks / global batch size).
         finite = bool(torch.isfinite(loss))
@@ -140,7 +139,6 @@ class TrainLoop:
             self.engine.backward(loss)
             self.engine.step()
             with torch.no_grad():
-                pred = within_task_argmax(logits, tasks, batch_task)
                 totals += torch.tensor([loss.item() * inputs.shape[0], float((pred == targets).sum()),
                                         float(inputs.shape[0])], dtype=torch.float64)
         state.step += 1

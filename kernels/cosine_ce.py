@@ -1,0 +1,302 @@
+"""Cosine logits and the per-task softmax cross-entropy, fused: no batch x classes matrix in memory.
+
+A sample is scored only on its own task's columns, a contiguous range ``[start, end)`` when the
+columns are ordered by task (as every task group's are). Samples are sorted by task, so a tile of
+samples needs only the union of its few tasks' ranges, and a tile of classes only the samples of
+its tasks. Each program recomputes the scaled cosines of its tile over the embedding dimension
+(L2 norms folded in: ``exp(logit_scale) * (x . w) / (|x| |w|)``) and keeps an online
+log-sum-exp, the target's logit and the within-task argmax:
+
+- forward, per sample tile: per-sample loss, log-sum-exp and prediction (``predict`` is this
+  without targets);
+- backward, per sample tile and embedding chunk: the image-feature gradient (only when image
+  features require it; cached features do not); per class tile and chunk: the class-feature gradient
+  and each class's share of the ``logit_scale`` gradient. Each output has one writer: deterministic.
+
+The reference is ``softcpt_dist.model.loss`` (``cosine_logits``, ``multitask_cross_entropy``,
+``within_task_argmax``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from softcpt_dist.kernels._triton import dot_precision, kernel, tl, use_triton
+from softcpt_dist.model.loss import cosine_logits, multitask_cross_entropy, within_task_argmax
+
+BLOCK_B = 16  # samples per tile
+BLOCK_E = 64  # embedding chunk (the dot products' reduction step, and the gradients' column tile)
+
+
+@kernel
+def _sample_tile(IMG, TXT, ORDER, COL_START, COL_END, TARGET, WEIGHT, SCALE, LOSS, LSE, PRED, GRAD_LOSS, GRAD_IMG,
+                 n_samples, dim, stride_img, stride_txt, HAS_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                 BACKWARD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """A tile of samples (task-sorted): forward loss, log-sum-exp and prediction, or (``BACKWARD``) one
+    embedding chunk of the image-feature gradient."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = i < n_samples
+    sample = tl.load(ORDER + i, mask=row_ok, other=0)
+    start = tl.load(COL_START + sample, mask=row_ok, other=0)
+    end = tl.load(COL_END + sample, mask=row_ok, other=0)
+    scale = tl.exp(tl.load(SCALE).to(tl.float32))
+    sq = tl.zeros([BLOCK_B], tl.float32)
+    for e0 in range(0, dim, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        x = tl.load(IMG + sample[:, None] * stride_img + e[None, :], mask=row_ok[:, None] & (e < dim)[None, :],
+                    other=0.0).to(tl.float32)
+        sq += tl.sum(x * x, 1)
+    r_img = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)  # F.normalize's eps
+    if HAS_TARGET:
+        target = tl.load(TARGET + sample, mask=row_ok, other=-1)
+    if HAS_WEIGHT:
+        weight = tl.load(WEIGHT + sample, mask=row_ok, other=0.0)
+    else:
+        weight = tl.full([BLOCK_B], 1.0, tl.float32)
+    if BACKWARD:
+        lse = tl.load(LSE + sample, mask=row_ok, other=0.0)
+        g = tl.load(GRAD_LOSS + sample, mask=row_ok, other=0.0) * weight
+        chunk = tl.program_id(1).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+        acc = tl.zeros([BLOCK_B, BLOCK_E], tl.float32)
+        h = tl.zeros([BLOCK_B], tl.float32)
+    m_i = tl.full([BLOCK_B], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_B], tl.float32)
+    picked = tl.zeros([BLOCK_B], tl.float32)
+    best = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    best_col = tl.zeros([BLOCK_B], tl.int64)
+    lo = tl.min(tl.where(row_ok, start, 1 << 62), 0)
+    hi = tl.max(tl.where(row_ok, end, 0), 0)
+    for c0 in range(lo, hi, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        dot = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+        tsq = tl.zeros([BLOCK_C], tl.float32)
+        for e0 in range(0, dim, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            x = tl.load(IMG + sample[:, None] * stride_img + e[None, :], mask=row_ok[:, None] & (e < dim)[None, :],
+                        other=0.0)
+            w = tl.load(TXT + cols[:, None] * stride_txt + e[None, :], mask=(cols < hi)[:, None] & (e < dim)[None, :],
+                        other=0.0)
+            dot += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+            wf = w.to(tl.float32)
+            tsq += tl.sum(wf * wf, 1)
+        r_txt = 1.0 / tl.maximum(tl.sqrt(tsq), 1e-12)
+        logit = scale * dot * r_img[:, None] * r_txt[None, :]
+        valid = row_ok[:, None] & (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+        if BACKWARD:
+            p = tl.exp(logit - lse[:, None])
+            if HAS_TARGET:
+                p = p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+            dlogit = tl.where(valid, p * g[:, None], 0.0)
+            h += tl.sum(dlogit * logit, 1)
+            w = tl.load(TXT + cols[:, None] * stride_txt + chunk[None, :],
+                        mask=(cols < hi)[:, None] & (chunk < dim)[None, :], other=0.0).to(tl.float32)
+            acc += tl.dot(dlogit * r_txt[None, :], w, input_precision="ieee")
+        else:
+            masked = tl.where(valid, logit, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(masked, 1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(masked - m_new[:, None]), 1)
+            m_i = m_new
+            if HAS_TARGET:
+                picked += tl.sum(tl.where(valid & (cols[None, :] == target[:, None]), logit, 0.0), 1)
+            block_best = tl.max(masked, 1)
+            block_col = c0 + tl.argmax(masked, 1, tie_break_left=True).to(tl.int64)
+            better = block_best > best  # strictly: the first maximal column wins, as torch.argmax picks
+            best_col = tl.where(better, block_col, best_col)
+            best = tl.where(better, block_best, best)
+    if BACKWARD:
+        x = tl.load(IMG + sample[:, None] * stride_img + chunk[None, :], mask=row_ok[:, None] & (chunk < dim)[None, :],
+                    other=0.0).to(tl.float32)
+        grad = r_img[:, None] * (scale * acc - (r_img * h)[:, None] * x)
+        tl.store(GRAD_IMG + sample[:, None] * stride_img + chunk[None, :], grad.to(GRAD_IMG.dtype.element_ty),
+                 mask=row_ok[:, None] & (chunk < dim)[None, :])
+    else:
+        tl.store(PRED + sample, best_col, mask=row_ok)
+        if HAS_TARGET:
+            lse_out = m_i + tl.log(tl.where(row_ok, l_i, 1.0))
+            tl.store(LSE + sample, lse_out, mask=row_ok)
+            tl.store(LOSS + sample, weight * (lse_out - picked), mask=row_ok)
+
+
+@kernel
+def _class_tile(IMG, TXT, ORDER, COL_START, COL_END, SAMPLE_START, SAMPLE_END, TARGET, WEIGHT, SCALE, LSE,
+                GRAD_LOSS, GRAD_TXT, H, n_samples, n_classes, dim, stride_img, stride_txt,
+                HAS_WEIGHT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """One embedding chunk of the class-feature gradient of a tile of classes, from their tasks' samples;
+    chunk 0 also writes each class's sum of dlogit * logit (its share of the logit_scale gradient)."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < n_classes
+    chunk = tl.program_id(1).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    scale = tl.exp(tl.load(SCALE).to(tl.float32))
+    lo = tl.min(tl.where(col_ok, tl.load(SAMPLE_START + cols, mask=col_ok, other=0), 1 << 62), 0)
+    hi = tl.max(tl.where(col_ok, tl.load(SAMPLE_END + cols, mask=col_ok, other=0), 0), 0)
+    acc = tl.zeros([BLOCK_C, BLOCK_E], tl.float32)
+    h = tl.zeros([BLOCK_C], tl.float32)
+    tsq = tl.zeros([BLOCK_C], tl.float32)
+    for e0 in range(0, dim, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        w = tl.load(TXT + cols[:, None] * stride_txt + e[None, :], mask=col_ok[:, None] & (e < dim)[None, :],
+                    other=0.0).to(tl.float32)
+        tsq += tl.sum(w * w, 1)
+    r_txt = 1.0 / tl.maximum(tl.sqrt(tsq), 1e-12)
+    for i0 in range(lo, hi, BLOCK_B):
+        i = i0 + tl.arange(0, BLOCK_B)
+        row_ok = i < hi
+        sample = tl.load(ORDER + i, mask=row_ok, other=0)
+        start = tl.load(COL_START + sample, mask=row_ok, other=0)
+        end = tl.load(COL_END + sample, mask=row_ok, other=0)
+        target = tl.load(TARGET + sample, mask=row_ok, other=-1)
+        lse = tl.load(LSE + sample, mask=row_ok, other=0.0)
+        g = tl.load(GRAD_LOSS + sample, mask=row_ok, other=0.0)
+        if HAS_WEIGHT:
+            g = g * tl.load(WEIGHT + sample, mask=row_ok, other=0.0)
+        dot = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+        sq = tl.zeros([BLOCK_B], tl.float32)
+        for e0 in range(0, dim, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            x = tl.load(IMG + sample[:, None] * stride_img + e[None, :], mask=row_ok[:, None] & (e < dim)[None, :],
+                        other=0.0)
+            w = tl.load(TXT + cols[:, None] * stride_txt + e[None, :], mask=col_ok[:, None] & (e < dim)[None, :],
+                        other=0.0)
+            dot += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+            xf = x.to(tl.float32)
+            sq += tl.sum(xf * xf, 1)
+        r_img = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
+        logit = scale * dot * r_img[:, None] * r_txt[None, :]
+        valid = row_ok[:, None] & col_ok[None, :] & (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+        p = tl.exp(logit - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+        dlogit = tl.where(valid, p * g[:, None], 0.0)  # [BLOCK_B, BLOCK_C]
+        h += tl.sum(dlogit * logit, 0)
+        x = tl.load(IMG + sample[:, None] * stride_img + chunk[None, :], mask=row_ok[:, None] & (chunk < dim)[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.dot(tl.trans(dlogit * r_img[:, None]), x, input_precision="ieee")
+    w = tl.load(TXT + cols[:, None] * stride_txt + chunk[None, :], mask=col_ok[:, None] & (chunk < dim)[None, :],
+                other=0.0).to(tl.float32)
+    grad = r_txt[:, None] * (scale * acc - (r_txt * h)[:, None] * w)
+    tl.store(GRAD_TXT + cols[:, None] * stride_txt + chunk[None, :], grad.to(GRAD_TXT.dtype.element_ty),
+             mask=col_ok[:, None] & (chunk < dim)[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(H + cols, h, mask=col_ok)
+
+
+def _tiles(tasks: torch.Tensor, class_task: torch.Tensor):
+    """Task-sorted sample order, each sample's column range and each class's range of sorted samples."""
+    order = torch.sort(tasks, stable=True).indices
+    sorted_tasks = tasks[order].contiguous()
+    col_start = torch.searchsorted(class_task, tasks, right=False)
+    col_end = torch.searchsorted(class_task, tasks, right=True)
+    sample_start = torch.searchsorted(sorted_tasks, class_task, right=False)
+    sample_end = torch.searchsorted(sorted_tasks, class_task, right=True)
+    return order, col_start, col_end, sample_start, sample_end
+
+
+def _block_c(dim: int) -> int:
+    return 32 if dim <= 512 else 16
+
+
+class _CosineCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, img, txt, logit_scale, tasks, targets, class_task, weight):
+        img, txt = img.contiguous(), txt.contiguous()
+        n, dim = img.shape
+        order, col_start, col_end, sample_start, sample_end = _tiles(tasks, class_task)
+        loss = torch.empty(n, dtype=torch.float32, device=img.device)
+        lse = torch.empty_like(loss)
+        pred = torch.empty(n, dtype=torch.long, device=img.device)
+        has_weight = weight is not None
+        weight_arg = weight if has_weight else loss
+        _sample_tile[(-(-n // BLOCK_B), 1)](
+            img, txt, order, col_start, col_end, targets, weight_arg, logit_scale, loss, lse, pred, loss, img,
+            n, dim, img.stride(0), txt.stride(0), HAS_TARGET=True, HAS_WEIGHT=has_weight, BACKWARD=False,
+            BLOCK_B=BLOCK_B, BLOCK_C=_block_c(dim), BLOCK_E=BLOCK_E, PRECISION=dot_precision(img.dtype))
+        ctx.save_for_backward(img, txt, logit_scale, targets, weight_arg, lse, order, col_start, col_end,
+                              sample_start, sample_end)
+        ctx.has_weight = has_weight
+        ctx.mark_non_differentiable(pred)
+        return loss, pred
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_pred):
+        img, txt, logit_scale, targets, weight, lse, order, col_start, col_end, sample_start, sample_end = \
+            ctx.saved_tensors
+        grad_loss = grad_loss.contiguous().float()
+        n, dim = img.shape
+        chunks = -(-dim // BLOCK_E)
+        common = dict(HAS_WEIGHT=ctx.has_weight, BLOCK_B=BLOCK_B, BLOCK_C=_block_c(dim), BLOCK_E=BLOCK_E,
+                      PRECISION=dot_precision(img.dtype))
+        need_img, need_txt, need_scale = ctx.needs_input_grad[:3]
+        grad_img = grad_txt = grad_scale = None
+        if need_img:
+            grad_img = torch.empty_like(img)
+            _sample_tile[(-(-n // BLOCK_B), chunks)](
+                img, txt, order, col_start, col_end, targets, weight, logit_scale, lse, lse, lse, grad_loss,
+                grad_img, n, dim, img.stride(0), txt.stride(0), HAS_TARGET=True, BACKWARD=True, **common)
+        if need_txt or need_scale:
+            grad_txt = torch.empty_like(txt)
+            h = torch.empty(txt.shape[0], dtype=torch.float32, device=txt.device)
+            _class_tile[(-(-txt.shape[0] // common["BLOCK_C"]), chunks)](
+                img, txt, order, col_start, col_end, sample_start, sample_end, targets, weight, logit_scale, lse,
+                grad_loss, grad_txt, h, n, txt.shape[0], dim, img.stride(0), txt.stride(0), **common)
+            grad_scale = h.sum().to(logit_scale.dtype).reshape(logit_scale.shape) if need_scale else None
+            grad_txt = grad_txt if need_txt else None
+        return grad_img, grad_txt, grad_scale, None, None, None, None
+
+
+def _common_dtype(image_features: torch.Tensor, class_features: torch.Tensor):
+    """Both in one dtype for the kernel's products: fp32 (the reference's) unless both are the same."""
+    if image_features.dtype != class_features.dtype:
+        return image_features.float(), class_features.float()
+    return image_features, class_features
+
+
+def _triton_ok(enabled, image_features, class_features, logit_scale, tasks, class_task, targets=None) -> bool:
+    """Whether the fused path applies: Triton available for these tensors, each task's columns contiguous
+    (``class_task`` sorted) and every target inside its sample's task (the reference raises otherwise)."""
+    tensors = [image_features, class_features, logit_scale, tasks, class_task]
+    if not use_triton(enabled, *tensors):
+        return False
+    checks = [(class_task[1:] >= class_task[:-1]).all()]
+    if targets is not None:
+        checks.append((class_task[targets] == tasks).all())
+    return bool(torch.stack(checks).all())
+
+
+def cosine_cross_entropy(image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: torch.Tensor,
+                         tasks: torch.Tensor, targets: torch.Tensor, class_task: torch.Tensor,
+                         task_weights: Optional[torch.Tensor] = None,
+                         enabled: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dispatcher: ``(loss, predictions)``: the multi-task loss of ``exp(logit_scale) * cos`` logits (per-task
+    softmax cross-entropy over each sample's own task's columns, summed and divided by the batch size;
+    ``task_weights [T]`` scale each task's terms) and each sample's within-task argmax column."""
+    if image_features.shape[0] == 0:
+        raise ValueError("empty batch")
+    if _triton_ok(enabled, image_features, class_features, logit_scale, tasks, class_task, targets):
+        image_features, class_features = _common_dtype(image_features, class_features)
+        weight = None if task_weights is None else task_weights.to(image_features.device).float()[tasks].contiguous()
+        per_sample, preds = _CosineCE.apply(image_features, class_features, logit_scale.reshape(()),
+                                            tasks.contiguous(), targets.contiguous(), class_task.contiguous(), weight)
+        return per_sample.sum() / image_features.shape[0], preds
+    logits = cosine_logits(image_features, class_features, logit_scale)
+    loss = multitask_cross_entropy(logits, tasks, targets, class_task, task_weights)
+    with torch.no_grad():
+        return loss, within_task_argmax(logits, tasks, class_task)
+
+
+def within_task_predict(image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: torch.Tensor,
+                        tasks: torch.Tensor, class_task: torch.Tensor, enabled: str = "auto") -> torch.Tensor:
+    """Dispatcher, evaluation entry: each sample's predicted column among its own task's columns."""
+    if _triton_ok(enabled, image_features, class_features, logit_scale, tasks, class_task):
+        image_features, class_features = (t.contiguous() for t in _common_dtype(image_features, class_features))
+        n, dim = image_features.shape
+        order, col_start, col_end, _, _ = _tiles(tasks, class_task.contiguous())
+        pred = torch.empty(n, dtype=torch.long, device=image_features.device)
+        _sample_tile[(-(-n // BLOCK_B), 1)](
+            image_features, class_features, order, col_start, col_end, pred, pred, logit_scale.reshape(()), pred,
+            pred, pred, pred, pred, n, dim, image_features.stride(0), class_features.stride(0), HAS_TARGET=False,
+            HAS_WEIGHT=False, BACKWARD=False, BLOCK_B=BLOCK_B, BLOCK_C=_block_c(dim), BLOCK_E=BLOCK_E,
+            PRECISION=dot_precision(image_features.dtype))
+        return pred
+    return within_task_argmax(cosine_logits(image_features, class_features, logit_scale), tasks, class_task)
