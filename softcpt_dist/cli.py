@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 ``data check`` found problems, training stopped on a non-finite loss, or a
 file could not be written (a full disk; the message names the file); 2 a bad config, data, weights or
-checkpoint, or a run folder another live run holds (the message names it); 75 stopped by
-SIGTERM/SIGUSR1 after saving a checkpoint (requeue and resume with ``train.resume=latest``).
+checkpoint, or a run folder another live run holds (the message names it), or runs ``report`` cannot
+read; 75 stopped by a stop signal (``train.stop_signals``, default SIGUSR1/SIGTERM) after saving a
+checkpoint (requeue and resume with ``train.resume=latest``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", type=Path, help="prompt checkpoint (default: the run's)")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.eval_split=val")
     sub.add_parser("setup", help="build DeepSpeed's JIT ops for this machine now (else built on first use)")
+    rep = sub.add_parser("report", help="the paper's tables (mean ± std over seeds) from finished runs")
+    rep.add_argument("runs", nargs="+", type=Path, help="run folders, or folders to search for them")
+    rep.add_argument("--out", type=Path, help="write report.md and report.csv (and report.tex) here")
+    rep.add_argument("--latex", action="store_true", help="also write report.tex")
+    rep.add_argument("--digits", type=int, default=2)
     da = sub.add_parser("data", help="dataset utilities")
     da_sub = da.add_subparsers(dest="data_command", required=True)
     gen = da_sub.add_parser("generate", help="write the built-in synthetic dataset")
@@ -99,6 +105,13 @@ def _dispatch(args) -> int:
             cfg = load_config(args.config, args.overrides)
             checkpoint = args.checkpoint
         run_eval(cfg, checkpoint, out_dir=args.run)
+        return 0
+    if args.command == "report":
+        from softcpt_dist.report import ReportError, write_report
+        try:
+            print(write_report(args.runs, args.out, args.latex, args.digits), end="")
+        except ReportError as err:
+            raise ConfigError(str(err)) from None
         return 0
     if args.command == "setup":
         from softcpt_dist.training.engine import prebuild_ops

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from softcpt_dist.signal_names import signal_number
 from softcpt_dist.yaml_words import as_written, bool_word
 
 
@@ -186,6 +187,9 @@ class TrainConfig:
     checkpoint_every: int = non_negative(0)  # steps between training checkpoints (0: at the end of every epoch only)
     keep_checkpoints: int = positive(2)  # newest N training checkpoints kept
     on_nonfinite: str = one_of("stop", "skip")  # what a NaN/inf loss does
+    # Signals that make a run save a checkpoint and exit 75 (names without SIG). Some NCCL versions take
+    # over SIGUSR1, which is why submitit warns with USR2: use [USR2, TERM] and sbatch --signal=B:USR2@90.
+    stop_signals: List[str] = field(default_factory=lambda: ["USR1", "TERM"])
 
 
 @dataclass
@@ -281,6 +285,11 @@ def validate(cfg: Config) -> None:
     if cfg.train.on_nonfinite == "skip" and cfg.engine.grad_accum_steps > 1:
         raise ConfigError("train.on_nonfinite=skip needs engine.grad_accum_steps=1 (a skipped micro-batch would "
                           "shift the accumulation boundaries)")
+    for name in cfg.train.stop_signals:
+        try:
+            signal_number(name)
+        except ValueError as err:
+            raise ConfigError(f"train.stop_signals: {err}") from None
     if cfg.train.resume and not cfg.train.run_name:
         raise ConfigError("train.resume needs train.run_name: the run folder to resume in (the default name has a "
                           "timestamp)")

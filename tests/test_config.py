@@ -65,3 +65,19 @@ def test_yaml_boolean_words_stay_strings_where_the_config_wants_one(tmp_path):
     assert load_config([tmp_path / "exp.yaml"]).text.shard == "off"
     with pytest.raises(ConfigError, match="text.shard"):
         load_config([], ["text.shard=on"])
+
+
+def test_stop_signals_are_configurable_and_checked():
+    import os
+    import signal
+
+    from softcpt_dist.training.signals import StopSignals
+
+    assert load_config([], []).train.stop_signals == ["USR1", "TERM"]
+    with pytest.raises(ConfigError, match="train.stop_signals: 'KILL' is not a signal a run can catch"):
+        load_config([], ["train.stop_signals=[USR2,KILL]"])
+    cfg = load_config([], ["train.stop_signals=[USR2,SIGTERM]"])
+    with StopSignals(cfg.train.stop_signals) as signals:
+        assert signal.getsignal(signal.SIGUSR1) != signals._handle  # USR1 is left alone (NCCL may own it)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert signals.received == signal.SIGUSR2

@@ -103,8 +103,8 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
             inputs = prepare_inputs(backbone, data, (split,), ctx.data, cfg.train, cfg.model.precision)
             results = _evaluate_scope(cfg, scopes(cfg.train, cfg.method, group)[0], model, inputs)
         else:
-            # SIGTERM/SIGUSR1 during training: stop at the next step boundary, save, exit 75.
-            with StopSignals() as signals:
+            # A stop signal during training (train.stop_signals): stop at the next step boundary, save, exit 75.
+            with StopSignals(cfg.train.stop_signals) as signals:
                 results, history = _train_and_evaluate(cfg, ctx, backbone, data, run, signals, record)
         _write_results(run, cfg, results, extra)
         log_results(results, split)

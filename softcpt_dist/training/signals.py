@@ -1,4 +1,5 @@
-"""Stop signals: SIGTERM / SIGUSR1 (SLURM's warning signal) ask a run to save and exit for requeueing.
+"""Stop signals (``train.stop_signals``, default SIGUSR1 and SIGTERM: SLURM's warning signal and its
+kill) ask a run to save and exit for requeueing.
 
 The handler only records the signal; the training loop checks it at step boundaries (agreed over
 all ranks), saves a checkpoint and raises ``Preempted``; the CLI then exits with ``EXIT_PREEMPTED``.
@@ -7,7 +8,9 @@ all ranks), saves a checkpoint and raises ``Preempted``; the CLI then exits with
 from __future__ import annotations
 
 import signal
-from typing import Optional
+from typing import Optional, Sequence
+
+from softcpt_dist.signal_names import signal_number
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved, requeue and resume
 
@@ -17,16 +20,16 @@ class Preempted(RuntimeError):
 
 
 class StopSignals:
-    """Remembers SIGTERM / SIGUSR1 while installed (a context manager)."""
+    """Remembers the first of ``names`` (``train.stop_signals``) that arrives while installed (a context
+    manager)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
+    def __init__(self, names: Sequence[str] = ("USR1", "TERM")):
+        self.signals = tuple(signal_number(n) for n in names)
         self.received: Optional[int] = None
         self._previous = {}
 
     def __enter__(self):
-        for sig in self.SIGNALS:
+        for sig in self.signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: cannot install handlers

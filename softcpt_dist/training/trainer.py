@@ -34,7 +34,7 @@ def train_prompts(model, group: TaskGroup, samples: List[Sample], transform, *, 
     None). ``world``: the launch's world information (read from the environment if None).
     """
     if signals is None:
-        with StopSignals() as own:
+        with StopSignals(train.stop_signals) as own:
             return train_prompts(model, group, samples, transform, optim=optim, train=train, engine=engine,
                                  data=data, world=world, run=run, task_weights=task_weights, scope=scope,
                                  features=features, checkpoints=checkpoints, signals=own)

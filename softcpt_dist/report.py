@@ -1,0 +1,206 @@
+"""The paper's result tables from finished runs: ``softcpt-dist report RUNS...``.
+
+Each run folder's ``results.json`` (what a run scored) and ``config.yaml`` (which benchmark, seed,
+shots) is one sample. Per benchmark (with architecture and split), a table of methods x shots gives
+the group score (the unweighted mean over tasks) as mean ± std over seeds, and an average column
+over the shots; per benchmark and shots, a table of methods x tasks. std is the sample standard
+deviation (n - 1); a cell with fewer seeds than its table's others shows its count ("2/3 seeds")
+instead of passing for a full average. Markdown, CSV (one row per cell, tasks and group mean) and
+optionally LaTeX.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from omegaconf import OmegaConf
+
+MEAN = "mean"  # the group score's column name in per-task tables and the CSV
+
+
+class ReportError(ValueError):
+    """A run folder cannot be reported (missing or bad files, two runs of the same cell and seed)."""
+
+
+@dataclass
+class RunScores:
+    path: Path
+    benchmark: str
+    arch: str
+    split: str
+    method: str
+    shots: int
+    seed: int
+    tasks: Dict[str, float]  # task key -> score (%)
+    mean: float
+
+
+@dataclass
+class Cell:
+    values: List[float]
+    seeds: List[int]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> Optional[float]:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    def text(self, expected: int, digits: int = 2) -> str:
+        s = f"{self.mean:.{digits}f}" + (f" ± {self.std:.{digits}f}" if self.std is not None else "")
+        return s + (f" ({len(self.values)}/{expected} seeds)" if len(self.values) < expected else "")
+
+
+def find_runs(paths: Iterable[Path]) -> List[Path]:
+    """Run folders: each path that holds a ``results.json``, else every folder below it that does."""
+    found = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ReportError(f"{path} does not exist")
+        if (path / "results.json").is_file():
+            found.append(path)
+        else:
+            found += sorted(p.parent for p in path.rglob("results.json") if "checkpoints" not in p.parts)
+    if not found:
+        raise ReportError(f"no finished runs (folders with results.json) under {', '.join(map(str, paths))}")
+    return found
+
+
+def benchmark_name(data) -> str:
+    """What a run's data config calls its benchmark: the task-group file's name for custom groups."""
+    if data.get("group_file"):
+        return Path(str(data.group_file)).stem
+    return str(data.dataset)
+
+
+def read_run(path: Path) -> RunScores:
+    try:
+        results = json.loads((path / "results.json").read_text())
+        cfg = OmegaConf.load(path / "config.yaml")
+        return RunScores(path, benchmark_name(cfg.data), str(results["arch"]), str(results["split"]),
+                         str(results["method"]), int(results["shots"]), int(results["seed"]),
+                         {k: float(v["value"]) for k, v in results["tasks"].items()}, float(results["mean"]))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ReportError(f"run folder {path}: cannot read its results.json / config.yaml ({err})") from None
+
+
+Table = Dict[Tuple[str, int], Cell]  # (method, shots) -> cell, or (method, task) -> cell
+
+
+def collect(runs: Sequence[RunScores]):
+    """``{(benchmark, arch, split): {(method, shots): {column: Cell}}}`` with columns the tasks and MEAN."""
+    groups: Dict[tuple, Dict[tuple, Dict[str, Cell]]] = defaultdict(dict)
+    seen: Dict[tuple, Path] = {}
+    for run in sorted(runs, key=lambda r: (r.benchmark, r.arch, r.split, r.method, r.shots, r.seed)):
+        key = (run.benchmark, run.arch, run.split, run.method, run.shots, run.seed)
+        if key in seen:
+            raise ReportError(f"two runs of {run.method} on {run.benchmark} ({run.shots} shots, seed {run.seed}): "
+                              f"{seen[key]} and {run.path}; report one of them")
+        seen[key] = run.path
+        cells = groups[(run.benchmark, run.arch, run.split)].setdefault((run.method, run.shots), {})
+        for column, value in {**run.tasks, MEAN: run.mean}.items():
+            cell = cells.setdefault(column, Cell([], []))
+            cell.values.append(value)
+            cell.seeds.append(run.seed)
+    return groups
+
+
+def _shots_label(shots: int) -> str:
+    return "all" if shots == 0 else str(shots)
+
+
+def _markdown_table(header: List[str], rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _rows(cells, digits: int):
+    """Both tables of one benchmark: methods x shots (with the average) and, per shots, methods x tasks."""
+    methods = sorted({m for m, _ in cells})
+    shots = sorted({s for _, s in cells})
+    expected = max(len(c[MEAN].values) for c in cells.values())
+    main = []
+    for m in methods:
+        row = [m]
+        means = []
+        for s in shots:
+            cell = cells.get((m, s), {}).get(MEAN)
+            row.append(cell.text(expected, digits) if cell else "—")
+            if cell:
+                means.append(cell.mean)
+        avg = f"{statistics.fmean(means):.{digits}f}" if means else "—"
+        row.append(avg + (f" ({len(means)}/{len(shots)} shots)" if len(means) < len(shots) else ""))
+        main.append(row)
+    per_task = {}
+    for s in shots:
+        tasks = list(dict.fromkeys(t for (m, k), c in cells.items() if k == s for t in c if t != MEAN))
+        rows = []
+        for m in methods:
+            c = cells.get((m, s))
+            if c:
+                rows.append([m] + [c[t].text(expected, digits) if t in c else "—" for t in tasks + [MEAN]])
+        per_task[s] = (tasks, rows)
+    return shots, main, per_task
+
+
+def markdown(groups, digits: int = 2) -> str:
+    out = ["# Results", "", "Scores in %, mean ± sample std over seeds; the group score is the unweighted mean "
+           "over tasks; a cell with fewer seeds than the others of its table shows its count."]
+    for (bench, arch, split), cells in sorted(groups.items()):
+        shots, main, per_task = _rows(cells, digits)
+        out += ["", f"## {bench} · {arch} · {split}", "",
+                _markdown_table(["method"] + [f"{_shots_label(s)} shots" for s in shots] + ["average"], main)]
+        for s in shots:
+            tasks, rows = per_task[s]
+            out += ["", f"### {bench} · {_shots_label(s)} shots, per task", "",
+                    _markdown_table(["method"] + tasks + [MEAN], rows)]
+    return "\n".join(out) + "\n"
+
+
+def csv_text(groups) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["benchmark", "arch", "split", "method", "shots", "task", "mean", "std", "n_seeds", "seeds"])
+    for (bench, arch, split), cells in sorted(groups.items()):
+        for (method, shots), columns in sorted(cells.items()):
+            for task, cell in columns.items():
+                w.writerow([bench, arch, split, method, shots, task, f"{cell.mean:.6f}",
+                            "" if cell.std is None else f"{cell.std:.6f}", len(cell.values),
+                            " ".join(map(str, cell.seeds))])
+    return buf.getvalue()
+
+
+def latex(groups, digits: int = 2) -> str:
+    out = []
+    for (bench, arch, split), cells in sorted(groups.items()):
+        shots, main, _ = _rows(cells, digits)
+        out += [f"% {bench}, {arch}, {split}", "\\begin{tabular}{l" + "r" * (len(shots) + 1) + "}", "\\hline",
+                "Method & " + " & ".join(f"{_shots_label(s)} shots" for s in shots) + " & Average \\\\", "\\hline"]
+        out += [" & ".join(c.replace("±", "$\\pm$").replace("_", "\\_") for c in row) + " \\\\" for row in main]
+        out += ["\\hline", "\\end{tabular}", ""]
+    return "\n".join(out)
+
+
+def write_report(paths: Iterable[Path], out: Optional[Path] = None, with_latex: bool = False,
+                 digits: int = 2) -> str:
+    """Read the runs under ``paths``; write report.md / report.csv (/ report.tex) into ``out``; return the
+    Markdown."""
+    groups = collect([read_run(p) for p in find_runs(paths)])
+    text = markdown(groups, digits)
+    if out is not None:
+        from softcpt_dist.files import atomic_write_text
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "report.md", text)
+        atomic_write_text(out / "report.csv", csv_text(groups))
+        if with_latex:
+            atomic_write_text(out / "report.tex", latex(groups, digits))
+    return text

@@ -1,0 +1,80 @@
+"""softcpt-dist report: mean ± std over seeds per method and shots, per-task tables, missing seeds shown."""
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from softcpt_dist.cli import main
+from softcpt_dist.report import ReportError, write_report
+
+
+def _run(root: Path, name: str, method: str, shots: int, seed: int, scores: dict, dataset: str = "plant6"):
+    path = root / name
+    path.mkdir(parents=True)
+    tasks = {k: {"name": k, "metric": "accuracy", "value": v, "num_samples": 10, "num_classes": 2}
+             for k, v in scores.items()}
+    (path / "results.json").write_text(json.dumps({"method": method, "arch": "RN50", "split": "test", "shots": shots,
+                                                   "seed": seed, "tasks": tasks,
+                                                   "mean": statistics.fmean(scores.values())}))
+    (path / "config.yaml").write_text(f"data:\n  dataset: {dataset}\n  group_file: null\n")
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    scores = {(1, 1): {"a": 50.0, "b": 70.0}, (1, 2): {"a": 54.0, "b": 74.0}, (1, 3): {"a": 52.0, "b": 78.0},
+              (4, 1): {"a": 60.0, "b": 80.0}, (4, 2): {"a": 62.0, "b": 84.0}}
+    for (shots, seed), s in scores.items():
+        _run(root, f"nata-{shots}-{seed}", "softcpt-NATA", shots, seed, s)
+    _run(root, "coop-1-1", "coop-MT", 1, 1, {"a": 40.0, "b": 60.0})
+    return root, scores
+
+
+def test_tables_are_mean_and_sample_std_over_seeds(runs, tmp_path):
+    root, scores = runs
+    text = write_report([root], tmp_path / "out")
+    one = [statistics.fmean(scores[(1, s)].values()) for s in (1, 2, 3)]  # 60, 64, 65
+    four = [statistics.fmean(scores[(4, s)].values()) for s in (1, 2)]  # 70, 73
+    row = next(line for line in text.splitlines() if line.startswith("| softcpt-NATA") and "average" not in line)
+    assert f"{statistics.fmean(one):.2f} ± {statistics.stdev(one):.2f}" in row  # 63.00 ± 2.65
+    # 4 shots has 2 of the table's 3 seeds: shown with its count, never as a full average
+    assert f"{statistics.fmean(four):.2f} ± {statistics.stdev(four):.2f} (2/3 seeds)" in row
+    assert row.rstrip(" |").endswith(f"{(statistics.fmean(one) + statistics.fmean(four)) / 2:.2f}")
+    coop = next(line for line in text.splitlines() if line.startswith("| coop-MT"))
+    assert "50.00 (1/3 seeds)" in coop and "— (1/2 shots)" not in coop and "(1/2 shots)" in coop
+    task_a = [scores[(1, s)]["a"] for s in (1, 2, 3)]
+    assert f"{statistics.fmean(task_a):.2f} ± {statistics.stdev(task_a):.2f}" in text  # per-task table
+    rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    cell = next(r for r in rows if r["method"] == "softcpt-NATA" and r["shots"] == "1" and r["task"] == "mean")
+    assert float(cell["mean"]) == pytest.approx(statistics.fmean(one)) and cell["n_seeds"] == "3"
+    assert float(cell["std"]) == pytest.approx(statistics.stdev(one))
+
+
+def test_cli_writes_latex_and_names_bad_runs(runs, tmp_path, caplog):
+    root, _ = runs
+    assert main(["report", str(root), "--out", str(tmp_path / "o"), "--latex"]) == 0
+    assert "\\pm" in (tmp_path / "o" / "report.tex").read_text()
+    _run(root, "again", "softcpt-NATA", 1, 2, {"a": 1.0, "b": 2.0})
+    with pytest.raises(ReportError, match="two runs of softcpt-NATA on plant6 \\(1 shots, seed 2\\)"):
+        write_report([root])
+    (root / "again" / "results.json").write_text("{")
+    assert main(["report", str(root / "again")]) == 2
+    assert "again: cannot read its results.json" in caplog.text
+    assert main(["report", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_report_of_a_real_run(tmp_path):
+    """A finished training run's own files (results.json, config.yaml) are what report reads."""
+    from softcpt_dist.data import generate_synthetic
+    from softcpt_dist.config import SyntheticDataConfig
+
+    generate_synthetic(tmp_path / "data", SyntheticDataConfig(train_per_class=4, val_per_class=2, test_per_class=2))
+    assert main(["train", f"data.root={tmp_path / 'data'}", "data.shots=2", "optim.epochs=1",
+                 f"train.output_dir={tmp_path / 'runs'}", "train.run_name=r", "train.progress=false"]) == 0
+    results = json.loads((tmp_path / "runs" / "r" / "results.json").read_text())
+    text = write_report([tmp_path / "runs"])
+    assert "## synthetic · softcpt-tiny · test" in text and f"{results['mean']:.2f}" in text
