@@ -13,6 +13,7 @@ from softcpt_dist.config import Config, to_yaml
 from softcpt_dist import distributed as D
 from softcpt_dist.files import atomic_write_text, write_error
 from softcpt_dist.training.run_lock import RunFolderBusy, RunLock
+from softcpt_dist.training import tensorboard_mirror as tensorboard
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -54,6 +55,7 @@ class RunDir:
         self.is_main = is_main
         self._handler: Optional[logging.Handler] = None
         self._lock: Optional[RunLock] = None
+        self._tensorboard = None  # TensorBoardMirror once the first record is logged, if tensorboard is installed
 
     def open(self, fresh: bool, lock: bool = True, replay: Optional[LogBuffer] = None) -> None:
         """Take the run folder (``lock``: exclusively), start the log file, replay ``replay``'s records.
@@ -111,6 +113,10 @@ class RunDir:
                     f.write(json.dumps(_jsonable({"time": round(time.time(), 3), **record})) + "\n")
             except OSError as err:
                 raise write_error(path, err) from err
+            if self._tensorboard is None and tensorboard.available():
+                self._tensorboard = tensorboard.TensorBoardMirror(self.path / "tensorboard")
+            if self._tensorboard is not None:
+                self._tensorboard.write(_jsonable(record))
 
     def write_json(self, filename: str, payload: Dict) -> None:
         if self.is_main:
@@ -121,6 +127,9 @@ class RunDir:
             atomic_write_text(self.path / filename, text)
 
     def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         if self._handler is not None:
             logging.getLogger().removeHandler(self._handler)
             self._handler.close()

@@ -186,3 +186,17 @@ def test_a_run_leaves_its_config_untouched(tmp_path, small_data_root, monkeypatc
     saved = load_config([result.path / "config.yaml"])
     assert saved.data.root == str(Path(small_data_root).resolve())
     assert saved.data.cache.dir == str(tmp_path / "cache") and saved.model.device == "cpu"
+
+
+def test_metrics_are_mirrored_to_tensorboard(default_run):
+    """With tensorboard installed (the dev extra), every epoch's loss is also in the run's event files."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(default_run / "tensorboard"))
+    events.Reload()
+    losses = events.Scalars("joint/epoch/loss")
+    records = [json.loads(line) for line in (default_run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [e.step for e in losses] == [r["epoch"] for r in epochs]
+    assert [e.value for e in losses] == pytest.approx([r["loss"] for r in epochs])
