@@ -76,7 +76,8 @@ def timed(fn, device: str, warmup: int, repeats: int) -> dict:
 def text_flops(layout, encoder, n_eot: int) -> float:
     """Forward + input-gradient backward FLOPs of the frozen tower over a shared-prefix layout."""
     width, layers = encoder.width, len(encoder.blocks)
-    block_weights = sum(p.numel() for n, p in encoder.blocks.named_parameters() if n.endswith("weight") and p.dim() == 2)
+    block_weights = sum(p.numel() for n, p in encoder.blocks.named_parameters()
+                        if n.endswith("weight") and p.dim() == 2)
     keys = float((layout.node_depth + 1).sum())
     dense = 4.0 * block_weights * layout.positions
     attention = 12.0 * keys * width * layers
@@ -138,20 +139,20 @@ def bench_attention(args, backbone, layout):
             qkv.grad = None
             shared_prefix_attention(qkv, layout, heads, enabled).backward(grad)
         return step
-    flex = None
-    if "flex" not in args.skip:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if "flex" in args.skip:
+        return variants(args, run("off"), run("auto"))
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        end, n = layout.subtree_end, layout.positions
-        mask = create_block_mask(lambda b, h, q, k: (k <= q) & (q < end[k]), 1, 1, n, n, device=args.device)
-        flex_fn = torch.compile(flex_attention)
+    end, n = layout.subtree_end, layout.positions
+    mask = create_block_mask(lambda b, h, q, k: (k <= q) & (q < end[k]), 1, 1, n, n, device=args.device)
+    flex_fn = torch.compile(flex_attention)
 
-        def flex():
-            qkv.grad = None
-            q, k, v = (t.view(n, heads, -1).transpose(0, 1).unsqueeze(0) for t in qkv.chunk(3, dim=-1))
-            out = flex_fn(q, k, v, block_mask=mask)
-            out.squeeze(0).transpose(0, 1).reshape(n, width).backward(grad)
-    return variants(args, run("off"), run("auto"), flex)
+    def flex_step():
+        qkv.grad = None
+        q, k, v = (t.view(n, heads, -1).transpose(0, 1).unsqueeze(0) for t in qkv.chunk(3, dim=-1))
+        out = flex_fn(q, k, v, block_mask=mask)
+        out.squeeze(0).transpose(0, 1).reshape(n, width).backward(grad)
+    return variants(args, run("off"), run("auto"), flex_step)
 
 
 def bench_loss(args, backbone, group):
@@ -218,7 +219,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {ms(r, 'eager')} | {ms(r, 'compile')} | {ms(r, 'flex')} | {ms(r, 'kernel')} | "
                      f"{ratio(r, 'kernel_vs_eager')} | {ratio(r, 'kernel_vs_compile')} |")
     s = report["text_step"]
-    lines += ["", "| text-side step | ms | class prompts/s | positions/s | TFLOP/s | MFU |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| text-side step | ms | class prompts/s | positions/s | TFLOP/s | MFU |",
+              "|---|---:|---:|---:|---:|---:|"]
     for name in ("eager", "kernel"):
         r = s[name]
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "—"

@@ -10,9 +10,11 @@ checkpoint (requeue and resume with ``train.resume=latest``).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -39,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", type=Path, help="prompt checkpoint (default: the run's)")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.eval_split=val")
     sub.add_parser("setup", help="build DeepSpeed's JIT ops for this machine now (else built on first use)")
+    sw = sub.add_parser("sweep", help="list a sweep file's runs, or run one of them (a job-array task)")
+    sw.add_argument("file", type=Path, help="sweep file (see softcpt_dist/sweep.py)")
+    sw.add_argument("--index", type=int, help="run this run (default $SLURM_ARRAY_TASK_ID) unless it finished")
+    sw.add_argument("--list", action="store_true", help="list the runs and their states (the default)")
+    sw.add_argument("--count", action="store_true", help="print the number of runs (for sbatch --array)")
+    sw.add_argument("extra", nargs="*", help="key=value overrides added to every run, before any --index")
     rep = sub.add_parser("report", help="the paper's tables (mean ± std over seeds) from finished runs")
     rep.add_argument("runs", nargs="+", type=Path, help="run folders, or folders to search for them")
     rep.add_argument("--out", type=Path, help="write report.md and report.csv (and report.tex) here")
@@ -106,6 +114,8 @@ def _dispatch(args) -> int:
             checkpoint = args.checkpoint
         run_eval(cfg, checkpoint, out_dir=args.run)
         return 0
+    if args.command == "sweep":
+        return _sweep(args)
     if args.command == "report":
         from softcpt_dist.report import ReportError, write_report
         try:
@@ -130,6 +140,33 @@ def _dispatch(args) -> int:
         generate_synthetic(args.root, SyntheticDataConfig())
         return 0
     raise ConfigError(f"unknown command {args.command}")
+
+
+def _sweep(args) -> int:
+    from softcpt_dist.files import atomic_write_text
+    from softcpt_dist.sweep import listing, load_sweep
+    sweep = load_sweep(args.file)
+    if args.count:
+        print(len(sweep.runs))
+        return 0
+    index = args.index if args.index is not None else os.environ.get("SLURM_ARRAY_TASK_ID")
+    if index is None or args.list:
+        print(listing(sweep))
+        return 0
+    if not 0 <= int(index) < len(sweep.runs):
+        raise ConfigError(f"sweep {args.file}: index {index} is outside 0..{len(sweep.runs) - 1}")
+    run = sweep.runs[int(index)]
+    if sweep.state(run) == "finished":
+        logger.info("sweep run %d (%s) finished already: skipped", run.index, run.name)
+        return 0
+    logger.info("sweep run %d of %d: %s", run.index, len(sweep.runs), run.name)
+    rc = main(["train", "--config", *sweep.configs, *run.overrides, *args.extra])
+    from softcpt_dist.distributed import world_info_from_env
+    if world_info_from_env().rank == 0:  # failed runs are listed by --list from this record
+        status = sweep.status_file(run)
+        status.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(status, json.dumps({"index": run.index, "rc": rc, "time": time.time()}) + "\n")
+    return rc
 
 
 def entry() -> None:

@@ -20,5 +20,6 @@ from softcpt_dist.model.methods import METHODS, Method, build_method, method_cla
 from softcpt_dist.model.weights import WeightsError
 
 __all__ = ["CLIPBackbone", "METHODS", "Method", "PromptClassifier", "TaskScores", "TaskTargets", "WeightsError",
-           "build_backbone", "build_method", "cosine_logits", "encode_images", "method_class", "method_label", "multitask_cross_entropy",
+           "build_backbone", "build_method", "cosine_logits", "encode_images", "method_class", "method_label",
+           "multitask_cross_entropy",
            "within_task_argmax", "within_task_mask"]

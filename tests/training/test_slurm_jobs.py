@@ -1,0 +1,111 @@
+"""slurm/train.sbatch on the local SLURM cluster (slurm/local_cluster.sh; .ci/run starts it): 2 CPU tasks
+train as 1 does, and a warning signal mid-training makes the job save, requeue itself and resume to
+the same learnable tensors as an uninterrupted run."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_distributed import needs_slurm
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+pytestmark = needs_slurm
+
+
+def _train_args(root, out, epochs):
+    return ["--config", str(REPO / "configs/default.yaml"), f"data.root={root}", "data.shots=0",
+            "data.train_augment=none", "optim.batch_size=8", f"optim.epochs={epochs}", "optim.lr=0.05",
+            f"train.output_dir={out}", "train.progress=false", "train.log_every=1"]
+
+
+def _sbatch(name, ntasks, args, tmp, wait=True):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env.update(SOFTCPT_PYTHON=sys.executable, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = ["sbatch", "--parsable", f"--job-name={name}", f"--ntasks-per-node={ntasks}", f"--output={tmp}/%x_%j.out",
+           "--export=ALL", *(["--wait"] if wait else []), str(REPO / "slurm/train.sbatch"), *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    return done, done.stdout.strip().split(";")[0]
+
+
+def _learnable(run):
+    states = torch.load(run / "prompt_checkpoint.pt", weights_only=True)["states"]
+    return {f"{s}/{k}": v for s, tensors in states.items() for k, v in tensors.items()}
+
+
+def _results(run):
+    return json.loads((run / "results.json").read_text())["tasks"]
+
+
+@pytest.fixture(scope="module")
+def two_task_run(small_data_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sbatch")
+    done, job = _sbatch("sb-two", 2, _train_args(small_data_root, tmp / "runs", 20), tmp)
+    log = next(tmp.glob("sb-two_*.out"), None)
+    assert done.returncode == 0, (done.stderr, log.read_text() if log else "")
+    assert "2 rank(s), launcher slurm" in log.read_text()
+    return tmp / "runs" / "sb-two"
+
+
+def test_two_tasks_train_as_one(two_task_run, small_data_root, tmp_path):
+    done, _ = _sbatch("sb-one", 1, _train_args(small_data_root, tmp_path / "runs", 20), tmp_path)
+    assert done.returncode == 0, done.stderr
+    one = tmp_path / "runs" / "sb-one"
+    assert _results(one) == _results(two_task_run)
+    for name, ref in _learnable(one).items():
+        torch.testing.assert_close(_learnable(two_task_run)[name], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_warning_signal_saves_requeues_and_resumes(two_task_run, small_data_root, tmp_path):
+    done, job = _sbatch("sb-requeue", 2, _train_args(small_data_root, tmp_path / "runs", 20), tmp_path, wait=False)
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "runs" / "sb-requeue"
+    latest = run / "checkpoints" / "joint" / "latest"
+    t0 = time.time()
+    while not latest.exists():  # mid-training: the first checkpoint (end of epoch 1) is written
+        assert time.time() - t0 < 300, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # what --signal=B:USR1@T sends
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        assert time.time() - t0 < 900, "the requeued job did not finish"
+        time.sleep(1)
+    log = next(tmp_path.glob(f"sb-requeue_{job}.out")).read_text()
+    assert "requeueing job" in log and "restart 1" in log, log[-3000:]
+    assert "resuming" in (run / "train.log").read_text()
+    assert _results(run) == _results(two_task_run)
+    reference = _learnable(two_task_run)
+    for name, value in _learnable(run).items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6)
+
+
+def test_array_sweep_then_report(small_data_root, tmp_path):
+    """Two array tasks (two seeds) of a sweep file, then `softcpt-dist report`: mean ± std by hand."""
+    import statistics
+
+    from softcpt_dist.report import write_report
+    from softcpt_dist.sweep import load_sweep
+
+    sweep_file = tmp_path / "seeds.yaml"
+    sweep_file.write_text(
+        f"configs: [{REPO / 'configs/default.yaml'}]\n"
+        f"overrides: [data.root={small_data_root}, data.shots=0, optim.batch_size=8, optim.epochs=2, "
+        f"train.output_dir={tmp_path / 'runs'}, train.progress=false]\n"
+        "grid:\n  train.seed: [1, 2]\nname: 'nata-seed{train.seed}'\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SOFTCPT_PYTHON=sys.executable, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    done = subprocess.run(["sbatch", "--wait", "--array=0-1", "--ntasks-per-node=1", f"--output={tmp_path}/%x_%A_%a.out",
+                           str(REPO / "slurm/sweep.sbatch"), str(sweep_file)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    logs = "".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert done.returncode == 0, (done.stderr, logs[-3000:])
+    sweep = load_sweep(sweep_file)
+    assert [sweep.state(r) for r in sweep.runs] == ["finished", "finished"]
+    means = [json.loads((tmp_path / "runs" / f"nata-seed{s}" / "results.json").read_text())["mean"] for s in (1, 2)]
+    text = write_report([tmp_path / "runs"])
+    assert f"{statistics.fmean(means):.2f} ± {statistics.stdev(means):.2f}" in text
