@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from softcpt_dist.config import ConfigError, TextConfig, choices
-from softcpt_dist.kernels.prompt_assembly import prompt_assembly
-from softcpt_dist.kernels.shared_prefix_attention import shared_prefix_attention
+# Modules, not names: a kernel module imported first imports this package back (its torch reference).
+from softcpt_dist.kernels import prompt_assembly as assembly_kernel
+from softcpt_dist.kernels import shared_prefix_attention as attention_kernel
 from softcpt_dist.model.batch_invariance import rowwise
 from softcpt_dist.model.prompt_layout import (LayoutCache, PromptBatch, SharedPrefixLayout, structure_key,
                                               tree_positions)
@@ -61,7 +62,7 @@ class Attention(nn.Module):
             q, k, v = qkv.view(b, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
             return self.out_proj(out.transpose(1, 2).reshape(b, length, width))
-        return self.out_proj(shared_prefix_attention(qkv, layout, self.heads, self.kernels))
+        return self.out_proj(attention_kernel.shared_prefix_attention(qkv, layout, self.heads, self.kernels))
 
 
 class TextBlock(nn.Module):
@@ -160,8 +161,8 @@ class TextEncoder(nn.Module):
     def _shared_prefix(self, prompts: PromptBatch) -> torch.Tensor:
         layout = self.layout(prompts)
         self.positions_encoded += layout.positions
-        x = prompt_assembly(prompts.tokens, prompts.ctx, self.positional_embedding, layout.node_source,
-                            layout.node_depth, self.dtype, self.kernels)
+        x = assembly_kernel.prompt_assembly(prompts.tokens, prompts.ctx, self.positional_embedding,
+                                            layout.node_source, layout.node_depth, self.dtype, self.kernels)
         return self._project(self._run_blocks(x, layout)[layout.eot_nodes])
 
     def _dense(self, embeddings: torch.Tensor, eot_positions: torch.Tensor) -> torch.Tensor:
