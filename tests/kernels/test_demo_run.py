@@ -1,6 +1,6 @@
 """The README's demo job with the kernels on (under the interpreter) trains the same prompts as with them
 off: every learnable tensor within max|on - off| / max|off| <= 1e-5 after all 50 epochs (measured
-about 3e-6), and the same test metrics.
+about 3e-6: 2.7e-6 for the task context, 2.3e-6 for the meta network), and the same test metrics.
 
 Both runs are the CLI in a fresh process, as a user starts them (``TRITON_INTERPRET=1 softcpt-dist
 train ...``): the interpreted run takes about 3 minutes on 2 cores.
