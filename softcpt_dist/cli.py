@@ -1,4 +1,5 @@
-"""Command line: ``softcpt-dist train|eval|data`` with ``--config`` files and ``key=value`` overrides.
+"""Command line: ``softcpt-dist train|eval|sweep|report|profile|scaling|data|setup``, with ``--config``
+files and ``key=value`` overrides.
 
 Exit codes: 0 success; 1 ``data check`` found problems, training stopped on a non-finite loss, or a
 file could not be written (a full disk; the message names the file); 2 a bad config, data, weights or
@@ -52,6 +53,17 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, help="write report.md and report.csv (and report.tex) here")
     rep.add_argument("--latex", action="store_true", help="also write report.tex")
     rep.add_argument("--digits", type=int, default=2)
+    pr = sub.add_parser("profile", help="time training steps: split, samples/s, FLOPs, MFU, memory")
+    pr.add_argument("--config", nargs="*", default=[], help="YAML files, merged in order")
+    pr.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    pr.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    pr.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: device table)")
+    pr.add_argument("--trace", action="store_true", help="also write a Chrome trace per rank (torch.profiler)")
+    pr.add_argument("--out", type=Path, help="profile folder (default <train.output_dir>/profile-<...>-<time>)")
+    pr.add_argument("--link-gb-s", type=float, help="cost model: per-rank interconnect bandwidth, GB/s")
+    pr.add_argument("--link-latency-us", type=float, help="cost model: per-hop latency, us")
+    pr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.arch=ViT-L-14")
+    _scaling_parser(sub)
     da = sub.add_parser("data", help="dataset utilities")
     da_sub = da.add_subparsers(dest="data_command", required=True)
     gen = da_sub.add_parser("generate", help="write the built-in synthetic dataset")
@@ -123,6 +135,11 @@ def _dispatch(args) -> int:
         except ReportError as err:
             raise ConfigError(str(err)) from None
         return 0
+    if args.command == "profile":
+        return _profile(args)
+    if args.command == "scaling":
+        from softcpt_dist.profiling.scaling_study import main as scaling_main
+        return scaling_main(args)
     if args.command == "setup":
         from softcpt_dist.training.engine import prebuild_ops
         built = prebuild_ops()
@@ -140,6 +157,46 @@ def _dispatch(args) -> int:
         generate_synthetic(args.root, SyntheticDataConfig())
         return 0
     raise ConfigError(f"unknown command {args.command}")
+
+
+def _scaling_parser(sub) -> None:
+    sc = sub.add_parser("scaling", help="profiles over world sizes (and models, class counts): CSV and plots")
+    sc_sub = sc.add_subparsers(dest="scaling_command", required=True)
+    run = sc_sub.add_parser("run", help="run `profile` at each world size and setting, then collect")
+    run.add_argument("--config", nargs="*", default=[], help="YAML files, merged in order")
+    run.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="world sizes (default 1 2)")
+    run.add_argument("--mode", choices=["strong", "weak", "both"], default="strong",
+                     help="strong: same global batch at every world size; weak: the same batch per rank")
+    run.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
+                     help="also vary a config key (model sizes, class counts); repeatable, all combinations")
+    run.add_argument("--launcher", choices=["auto", "torchrun", "srun"], default="auto",
+                     help="auto: srun inside a SLURM allocation, else torchrun on this machine")
+    run.add_argument("--gpus-per-node", type=int, help="srun: ranks per node (default $SLURM_NTASKS_PER_NODE)")
+    run.add_argument("--warmup", type=int, default=3)
+    run.add_argument("--steps", type=int, default=10)
+    run.add_argument("--peak-tflops", type=float)
+    run.add_argument("--out", type=Path, required=True, help="study folder: a profile folder per point, CSV, PNGs")
+    run.add_argument("overrides", nargs="*", help="key=value overrides for every point")
+    col = sc_sub.add_parser("collect", help="CSV and plots from profile folders that exist")
+    col.add_argument("profiles", nargs="+", type=Path, help="profile folders, or folders to search for them")
+    col.add_argument("--out", type=Path, required=True, help="where scaling.csv and the PNGs go")
+
+
+def _profile(args) -> int:
+    from softcpt_dist.profiling.step_profile import ProfileSettings, run_profile
+    from softcpt_dist.profiling.summary import markdown
+    from softcpt_dist.scaling import Link
+    link = None
+    if args.link_gb_s is not None or args.link_latency_us is not None:
+        if args.link_gb_s is None or args.link_latency_us is None:
+            raise ConfigError("profile: give both --link-gb-s and --link-latency-us (or neither)")
+        link = Link(args.link_gb_s, args.link_latency_us)
+    cfg = load_config(args.config, args.overrides)
+    record = run_profile(cfg, ProfileSettings(args.warmup, args.steps, args.peak_tflops, args.trace, args.out, link))
+    from softcpt_dist.distributed import rank
+    if rank() == 0:
+        print(markdown(record), end="")
+    return 0
 
 
 def _sweep(args) -> int:

@@ -71,7 +71,7 @@ def predict_scaling(method, world_sizes: Sequence[int], token_s: float, link: Li
     """Estimates for ``method`` (a built prompt method: its prompts are planned exactly as in training,
     all classes per step) at each world size."""
     all_classes = torch.arange(method.num_classes, device=method.class_task.device)
-    learnable = sum(p.numel() for p in method.learnable_parameters().values())
+    learnable = sum(getattr(p, "ds_numel", p.numel()) for p in method.learnable_parameters().values())  # ZeRO-3: full size
     out = []
     for world in world_sizes:
         plan = plan_shards(method.class_task.cpu(), lambda pos: method.text_positions(all_classes[pos]), world)

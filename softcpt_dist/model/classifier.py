@@ -15,6 +15,7 @@ from softcpt_dist.config import KernelsConfig, TextConfig
 from softcpt_dist.kernels import cosine_ce
 from softcpt_dist.model.class_shards import SavedBytes, class_shards
 from softcpt_dist.model.loss import TaskScores, TaskTargets, cosine_logits
+from softcpt_dist.profiling.phases import NULL_TIMER
 
 
 def encode_images(backbone: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -43,6 +44,7 @@ class PromptClassifier(nn.Module):
         self.kernels = (kernels or KernelsConfig()).enabled
         self.shards = class_shards(text or TextConfig())
         self.activation_bytes = 0  # autograd-saved bytes of the latest class-feature forward (its backward's memory)
+        self.timer = NULL_TIMER  # the profiler's PhaseTimer (softcpt-dist profile): image / text_forward / loss
 
     def class_features(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Raw text features of the selected global classes (default all) ``[C', E]``, sharded over ranks
@@ -73,18 +75,21 @@ class PromptClassifier(nn.Module):
         already be cached features ``[B, D]`` (2-D inputs skip the image encoder); pass
         ``image_features``/``class_features`` to skip an encoder explicitly."""
         if image_features is None:
-            image_features = encode_images(self.backbone, images)
+            with self.timer("image"):
+                image_features = encode_images(self.backbone, images)
         if class_features is None:
-            class_features = self.class_features(class_index)
+            with self.timer("text_forward"):
+                class_features = self.class_features(class_index)
         scale = self.backbone.logit_scale
         if targets is None:
             return cosine_logits(image_features, class_features, scale)
         if targets.targets is None:
             return TaskScores(None, cosine_ce.within_task_predict(image_features, class_features, scale, targets.tasks,
                                                                   targets.class_task, self.kernels))
-        return TaskScores(*cosine_ce.cosine_cross_entropy(image_features, class_features, scale, targets.tasks,
-                                                          targets.targets, targets.class_task, targets.task_weights,
-                                                          self.kernels))
+        with self.timer("loss"):
+            return TaskScores(*cosine_ce.cosine_cross_entropy(image_features, class_features, scale, targets.tasks,
+                                                              targets.targets, targets.class_task,
+                                                              targets.task_weights, self.kernels))
 
     def learnable_parameters(self) -> Dict[str, nn.Parameter]:
         return self.method.learnable_parameters()

@@ -107,6 +107,13 @@ class SharedPrefixLayout:
         """Token positions encoded per layer (dense: the sum of all prompts' lengths, or more padded)."""
         return int(self.node_source.shape[0])
 
+    @property
+    def attention_pairs(self) -> int:
+        """(query, key) pairs attention scores per layer: every node attends its ancestors and itself."""
+        if not hasattr(self, "_pairs"):
+            self._pairs = int((self.node_depth + 1).sum())
+        return self._pairs
+
     def to(self, device) -> "SharedPrefixLayout":
         return SharedPrefixLayout(self.node_source.to(device), self.node_depth.to(device),
                                   [b.to(device) for b in self.buckets], self.order.to(device),

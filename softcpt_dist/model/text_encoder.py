@@ -114,7 +114,9 @@ class TextEncoder(nn.Module):
             self.output_dim = self.text_projection.shape[1]
         self._layouts = LayoutCache(batch_invariant=batch_invariant)
         self._costs: Dict[bytes, int] = {}
-        self.positions_encoded = 0  # token positions (per layer) encoded so far: the text-side work done
+        # The text-side work done so far (the profiler's FLOP count): token positions (per layer),
+        # attention (query, key) pairs (per layer) and projected features.
+        self.positions_encoded = self.pairs_encoded = self.features_encoded = 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -161,6 +163,8 @@ class TextEncoder(nn.Module):
     def _shared_prefix(self, prompts: PromptBatch) -> torch.Tensor:
         layout = self.layout(prompts)
         self.positions_encoded += layout.positions
+        self.pairs_encoded += layout.attention_pairs
+        self.features_encoded += len(layout.eot_nodes)
         x = assembly_kernel.prompt_assembly(prompts.tokens, prompts.ctx, self.positional_embedding,
                                             layout.node_source, layout.node_depth, self.dtype, self.kernels)
         return self._project(self._run_blocks(x, layout)[layout.eot_nodes])
@@ -175,6 +179,8 @@ class TextEncoder(nn.Module):
             raise ValueError("this text encoder has no causal mask: sequences must span the full context")
         dtype = self.dtype
         self.positions_encoded += batch * length
+        self.pairs_encoded += batch * (length * (length + 1) // 2 if self.causal else length * length)
+        self.features_encoded += batch
         x = self._run_blocks(embeddings.to(dtype) + self.positional_embedding[:length].to(dtype), None)
         # LayerNorm acts per token, so pooling first and normalizing one token is exact and cheaper.
         return self._project(x[torch.arange(batch, device=x.device), eot_positions.to(x.device)])

@@ -227,6 +227,16 @@ class TrainEngine:
         return path is not None
 
 
+def deepspeed_collective_slots() -> list:
+    """``(object, attribute)`` pairs where DeepSpeed's torch backend keeps collectives it took from
+    torch.distributed at start-up (ZeRO's all-gathers and reduce-scatters call these): for the profiler's
+    communication timing, which wraps the others on torch.distributed itself."""
+    comm = sys.modules.get("deepspeed.comm.comm")
+    backend = getattr(comm, "cdb", None)
+    return [(backend, name) for name in ("all_gather_function", "reduce_scatter_function")
+            if backend is not None and callable(getattr(backend, name, None))]
+
+
 def partitions_its_module(ecfg: EngineConfig) -> bool:
     """A ZeRO-3 engine partitions and hooks the module it wraps for good: the next engine needs a fresh one."""
     return ecfg.zero_stage == 3

@@ -50,7 +50,7 @@ def log_results(results: Dict, split: str) -> None:
         logger.info("  %-20s %-24s %6.2f", key, r["metric"], r["value"])
 
 
-def _load_data_once(dcfg: DataConfig, train: TrainConfig) -> MultiTaskData:
+def load_data_once(dcfg: DataConfig, train: TrainConfig) -> MultiTaskData:
     """Every rank reads the data; only rank 0 generates the built-in dataset when it is missing."""
     if D.rank() == 0:
         ensure_builtin_data(dcfg)
@@ -58,7 +58,7 @@ def _load_data_once(dcfg: DataConfig, train: TrainConfig) -> MultiTaskData:
     return load_data(dcfg, train.seed, train.eval_split)
 
 
-def _classifier(cfg: Config, backbone, group) -> PromptClassifier:
+def build_classifier(cfg: Config, backbone, group) -> PromptClassifier:
     """The run's method on ``backbone`` for ``group``, its class prompts sharded over ranks per ``text.shard``."""
     return PromptClassifier(backbone, build_method(backbone, group, cfg.method, cfg.prompt), cfg.text, cfg.kernels)
 
@@ -77,7 +77,7 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
         ctx = start_run(cfg, run_path, name_folder=True)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         backbone = build_backbone(cfg.model, ctx.device, cfg.text, cfg.kernels)
-        data = _load_data_once(ctx.data, cfg.train)
+        data = load_data_once(ctx.data, cfg.train)
         if method.trains_prompts:
             _check_training(cfg, ctx, data, method)
         run = RunDir(ctx.path, is_main=ctx.world.is_main)
@@ -99,7 +99,7 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
             results, extra = method.fit(backbone, group, {s: inputs.loader(s, shard=False) for s in used}, cfg.method,
                                         split)
         elif not method.trains_prompts:
-            model = _classifier(cfg, backbone, group)
+            model = build_classifier(cfg, backbone, group)
             inputs = prepare_inputs(backbone, data, (split,), ctx.data, cfg.train, cfg.model.precision)
             results = _evaluate_scope(cfg, scopes(cfg.train, cfg.method, group)[0], model, inputs)
         else:
@@ -171,7 +171,7 @@ def _train_and_evaluate(cfg: Config, ctx: ResolvedRun, backbone, data: MultiTask
             seed_everything(cfg.train.seed, cfg.train.deterministic)
             backbone = build_backbone(cfg.model, ctx.device, cfg.text, cfg.kernels)
         seed_everything(cfg.train.seed, cfg.train.deterministic)  # each task's run independent of the others
-        model = _classifier(cfg, backbone, scope.group)
+        model = build_classifier(cfg, backbone, scope.group)
         weights = scope.group.task_weights(cfg.train.task_weights) if scope.key == "joint" else None
         samples, feats = scope.select(data.splits["train"], inputs.features.get("train"))
         checkpoints = TrainingCheckpoints(run.path / "checkpoints" / scope.key, cfg.train.keep_checkpoints,
@@ -207,7 +207,7 @@ def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = 
     ctx = start_run(cfg, out_dir)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     backbone = build_backbone(cfg.model, ctx.device, cfg.text, cfg.kernels)
-    data = _load_data_once(ctx.data, cfg.train)
+    data = load_data_once(ctx.data, cfg.train)
     split = cfg.train.eval_split
     states = None
     if method.trains_prompts:
@@ -234,7 +234,7 @@ def _evaluate_checkpoint(cfg: Config, ctx: ResolvedRun, backbone, data: MultiTas
     parts = []
     inputs = prepare_inputs(backbone, data, (cfg.train.eval_split,), ctx.data, cfg.train, cfg.model.precision)
     for scope in scopes(cfg.train, cfg.method, data.group):
-        model = _classifier(cfg, backbone, scope.group)
+        model = build_classifier(cfg, backbone, scope.group)
         if states is not None:
             if scope.key not in states:
                 raise CheckpointError(f"checkpoint {checkpoint} has no prompts for {scope.key!r} "

@@ -23,6 +23,7 @@ from softcpt_dist import distributed as D
 from softcpt_dist.config import TrainConfig
 from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.model.loss import TaskTargets
+from softcpt_dist.profiling.phases import NULL_TIMER
 from softcpt_dist.progress import progress
 from softcpt_dist.training.signals import Preempted, StopSignals
 
@@ -65,8 +66,10 @@ class TrainLoop:
 
     def __init__(self, engine, loader, sampler, group: TaskGroup, train: TrainConfig, *, epochs: int,
                  steps_per_epoch: int, grad_accum_steps: int, signals: StopSignals, run=None,
-                 task_weights: Optional[torch.Tensor] = None, scope: str = "joint", checkpoints=None):
+                 task_weights: Optional[torch.Tensor] = None, scope: str = "joint", checkpoints=None,
+                 timer=NULL_TIMER):
         self.engine, self.loader, self.sampler, self.group, self.cfg = engine, loader, sampler, group, train
+        self.timer = timer  # the profiler's (softcpt-dist profile): backward / optimizer phases
         self.epochs, self.steps_per_epoch, self.gas = epochs, steps_per_epoch, grad_accum_steps
         self.signals, self.run_dir, self.task_weights, self.checkpoints = signals, run, task_weights, checkpoints
         self.scope, self.tag = scope, "" if scope == "joint" else f"{scope}: "
@@ -89,7 +92,7 @@ class TrainLoop:
             consumed = 0
             for inputs, tasks, labels, _ in (bar if todo > 0 else ()):
                 consumed += 1
-                stop = self._step(inputs, tasks, labels, totals, epoch, lr, bar)
+                stop = self.step(inputs, tasks, labels, totals, epoch, lr, bar)
                 boundary, more = state.step % self.gas == 0, consumed < todo
                 if self.checkpoints is not None and boundary and more and (stop or (
                         self.cfg.checkpoint_every and state.step % self.cfg.checkpoint_every == 0)):
@@ -106,8 +109,9 @@ class TrainLoop:
             logger.warning("%s%d step(s) with a non-finite loss were skipped", self.tag, state.skipped)
         return state.history
 
-    def _step(self, inputs, tasks, labels, totals: torch.Tensor, epoch: int, lr: float, bar) -> bool:
-        """One micro-batch; returns whether any rank received a stop signal."""
+    def step(self, inputs, tasks, labels, totals: torch.Tensor, epoch: int, lr: float, bar=None) -> bool:
+        """One micro-batch (``run`` calls it; so does the profiler); returns whether any rank received a
+        stop signal. Needs ``self.state`` (``run`` sets it)."""
         state = self.state
         tasks = tasks.to(self.device)
         targets = self.group.global_labels(tasks, labels.to(self.device))
@@ -136,8 +140,10 @@ class TrainLoop:
             logger.warning("%sskipping a step with a non-finite loss at epoch %d, step %d", self.tag, epoch + 1,
                            state.step)
         else:
-            self.engine.backward(loss)
-            self.engine.step()
+            with self.timer("backward"):
+                self.engine.backward(loss)
+            with self.timer("optimizer"):
+                self.engine.step()
             with torch.no_grad():
                 totals += torch.tensor([loss.item() * inputs.shape[0], float((pred == targets).sum()),
                                         float(inputs.shape[0])], dtype=torch.float64)
@@ -145,7 +151,8 @@ class TrainLoop:
         if self.run_dir is not None and state.step % self.cfg.log_every == 0:
             self.run_dir.log_metrics({"kind": "step", "scope": self.scope, "epoch": epoch + 1, "step": state.step,
                                       "loss": global_loss, "lr": lr})
-        bar.set_postfix(loss=f"{global_loss:.4f}", lr=f"{lr:.2e}")
+        if bar is not None:
+            bar.set_postfix(loss=f"{global_loss:.4f}", lr=f"{lr:.2e}")
         return bool(flags[1] > 0)
 
     def _text_record(self, before: Dict[str, int], steps: int) -> Dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -14,6 +15,7 @@ from softcpt_dist.data.loaders import make_train_loader
 from softcpt_dist.data.sampler import TaskBalancedBatchSampler
 from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.distributed import WorldInfo, world_info_from_env
+from softcpt_dist.profiling.phases import NULL_TIMER
 from softcpt_dist.training.checkpoint import TrainingCheckpoints
 from softcpt_dist.training.engine import TrainEngine, check_repeated_steps, memory_report, micro_batch_size
 from softcpt_dist.training.loop import LoopState, TrainLoop
@@ -38,37 +40,63 @@ def train_prompts(model, group: TaskGroup, samples: List[Sample], transform, *, 
             return train_prompts(model, group, samples, transform, optim=optim, train=train, engine=engine,
                                  data=data, world=world, run=run, task_weights=task_weights, scope=scope,
                                  features=features, checkpoints=checkpoints, signals=own)
-    world_size, rank = D.world_size(), D.rank()
-    micro = micro_batch_size(optim, engine, world_size)
-    gas = engine.grad_accum_steps
-    loader, sampler = make_train_loader(samples, transform, micro, seed=train.seed, sampler=data.sampler,
-                                        num_workers=data.num_workers, features=features, rank=rank,
-                                        world_size=world_size)
-    tengine = TrainEngine(model, optim, engine, world or world_info_from_env(), micro)
-    tag = "" if scope == "joint" else f"{scope}: "
-    steps_per_epoch = _whole_steps(sampler, gas, tag)
-    state = LoopState()
+    prepared = prepare_training(model, group, samples, transform, optim=optim, train=train, engine=engine, data=data,
+                                world=world, run=run, task_weights=task_weights, scope=scope, features=features,
+                                checkpoints=checkpoints, signals=signals)
+    tengine, tag = prepared.engine, prepared.loop.tag
     if checkpoints is not None and train.resume:
-        saved = checkpoints.resume(tengine, sampler, train.resume)
+        saved = checkpoints.resume(tengine, prepared.sampler, train.resume)
         if saved is not None:
-            state = LoopState.from_checkpoint(saved, rank)
+            prepared.state = LoopState.from_checkpoint(saved, D.rank())
         if run is not None:  # what the killed run logged after its checkpoint is done again: drop it
-            run.cut_metrics(scope, state.step)
+            run.cut_metrics(scope, prepared.state.step)
     mem = memory_report(tengine.module)
     logger.info("%straining %s learnable parameters on %d %s of %d tasks: %d rank(s) x micro-batch %d x %d "
                 "accumulation = global batch %d, %d iterations/epoch (sampler %s%s), %d epochs, ZeRO stage %d; "
                 "rank 0 holds %.1f MiB frozen + %.2f MiB learnable parameters", tag, f"{tengine.num_learnable():,}",
-                len(samples), "cached feature rows" if features is not None else "images", len(group), world_size,
-                micro, gas, micro * gas * world_size, steps_per_epoch // gas, data.sampler.mode,
-                f", <= {data.sampler.tasks_per_batch} tasks/batch" if sampler.tasks_per_batch else "", optim.epochs,
-                engine.zero_stage, mem["frozen_param_bytes"] / 2**20, mem["learnable_param_bytes"] / 2**20)
+                len(samples), "cached feature rows" if features is not None else "images", len(group),
+                D.world_size(), prepared.micro_batch, engine.grad_accum_steps,
+                prepared.micro_batch * engine.grad_accum_steps * D.world_size(),
+                prepared.loop.steps_per_epoch // engine.grad_accum_steps, data.sampler.mode,
+                f", <= {data.sampler.tasks_per_batch} tasks/batch" if prepared.sampler.tasks_per_batch else "",
+                optim.epochs, engine.zero_stage, mem["frozen_param_bytes"] / 2**20,
+                mem["learnable_param_bytes"] / 2**20)
     tengine.train()
-    history = TrainLoop(tengine, loader, sampler, group, train, epochs=optim.epochs, steps_per_epoch=steps_per_epoch,
-                        grad_accum_steps=gas, signals=signals, run=run, task_weights=task_weights, scope=scope,
-                        checkpoints=checkpoints).run(state)
+    history = prepared.loop.run(prepared.state)
     _report_memory(tengine, tag, scope, run, engine.zero_stage)
     tengine.train(False)
     return history, tengine
+
+
+@dataclass
+class PreparedTraining:
+    """What a scope's training runs on: the engine, the loader and its sampler, the loop and its state."""
+
+    engine: TrainEngine
+    loader: object
+    sampler: TaskBalancedBatchSampler
+    loop: TrainLoop
+    state: LoopState
+    micro_batch: int
+
+
+def prepare_training(model, group: TaskGroup, samples: List[Sample], transform, *, optim: OptimConfig,
+                     train: TrainConfig, engine: EngineConfig, data: DataConfig, world: Optional[WorldInfo],
+                     run, task_weights: Optional[torch.Tensor], scope: str, features: Optional[torch.Tensor],
+                     checkpoints: Optional[TrainingCheckpoints], signals: StopSignals,
+                     timer=NULL_TIMER) -> PreparedTraining:
+    """This rank's loader, the engine and the loop, ready to run from the start (``train_prompts`` resumes
+    and runs them; ``softcpt-dist profile`` times their steps with ``timer``)."""
+    micro = micro_batch_size(optim, engine, D.world_size())
+    loader, sampler = make_train_loader(samples, transform, micro, seed=train.seed, sampler=data.sampler,
+                                        num_workers=data.num_workers, features=features, rank=D.rank(),
+                                        world_size=D.world_size())
+    tengine = TrainEngine(model, optim, engine, world or world_info_from_env(), micro)
+    steps_per_epoch = _whole_steps(sampler, engine.grad_accum_steps, "" if scope == "joint" else f"{scope}: ")
+    loop = TrainLoop(tengine, loader, sampler, group, train, epochs=optim.epochs, steps_per_epoch=steps_per_epoch,
+                     grad_accum_steps=engine.grad_accum_steps, signals=signals, run=run, task_weights=task_weights,
+                     scope=scope, checkpoints=checkpoints, timer=timer)
+    return PreparedTraining(tengine, loader, sampler, loop, LoopState(), micro)
 
 
 def _whole_steps(sampler, gas: int, tag: str) -> int:
