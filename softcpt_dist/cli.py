@@ -77,10 +77,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    if hasattr(args, "config"):
-        # `--config a.yaml b.yaml key=value`: argparse hands every token to --config; split them.
-        args.overrides = [c for c in args.config if "=" in c] + list(args.overrides)
-        args.config = [c for c in args.config if "=" not in c]
+    for option in ("config", "ranks"):
+        if hasattr(args, option):
+            # `--config a.yaml b.yaml key=value`: argparse hands every token to --config; split them.
+            given = getattr(args, option)
+            args.overrides = [c for c in given if "=" in c] + list(args.overrides)
+            setattr(args, option, [c for c in given if "=" not in c])
     setup_console_logging()
     from softcpt_dist.training.signals import EXIT_PREEMPTED, Preempted
     try:
@@ -164,7 +166,7 @@ def _scaling_parser(sub) -> None:
     sc_sub = sc.add_subparsers(dest="scaling_command", required=True)
     run = sc_sub.add_parser("run", help="run `profile` at each world size and setting, then collect")
     run.add_argument("--config", nargs="*", default=[], help="YAML files, merged in order")
-    run.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="world sizes (default 1 2)")
+    run.add_argument("--ranks", nargs="+", default=["1", "2"], help="world sizes (default 1 2)")
     run.add_argument("--mode", choices=["strong", "weak", "both"], default="strong",
                      help="strong: same global batch at every world size; weak: the same batch per rank")
     run.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",

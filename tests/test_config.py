@@ -82,3 +82,15 @@ def test_stop_signals_are_configurable_and_checked():
         assert signal.getsignal(signal.SIGUSR1) != signals._handle  # USR1 is left alone (NCCL may own it)
         os.kill(os.getpid(), signal.SIGUSR2)
         assert signals.received == signal.SIGUSR2
+
+
+@pytest.mark.parametrize("arch", ["ViT-L-14", "ViT-H-14", "ViT-bigG-14"])
+@pytest.mark.parametrize("benchmark", ["general10", "plant6", "fashion20"])
+def test_large_model_recipes_fit_one_node_of_8_gpus(arch, benchmark):
+    from softcpt_dist.training.engine import micro_batch_size
+    cfg = load_config([REPO / "configs" / "recipes" / arch.lower() / f"{benchmark}.yaml"])
+    assert (cfg.model.arch, cfg.data.dataset, cfg.data.shots) == (arch, benchmark, 16)
+    assert (cfg.model.device, cfg.model.precision, cfg.engine.backend) == ("cuda", "bf16", "nccl")
+    assert cfg.data.cache.enabled and cfg.data.cache.train_views == cfg.optim.epochs  # a view per epoch
+    assert micro_batch_size(cfg.optim, cfg.engine, 8) == 4 and cfg.optim.lr == 0.002  # the paper's protocol
+    assert cfg.train.stop_signals == ["USR2", "TERM"]

@@ -55,14 +55,16 @@ class Attention(nn.Module):
         self.heads, self.causal, self.kernels = mha.num_heads, causal, kernels
 
     def forward(self, x: torch.Tensor, layout: Optional[SharedPrefixLayout] = None) -> torch.Tensor:
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         width = x.shape[-1]
         if layout is None:  # [B, L, D], causal
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
             b, length = x.shape[:2]
             q, k, v = qkv.view(b, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
             return self.out_proj(out.transpose(1, 2).reshape(b, length, width))
-        return self.out_proj(attention_kernel.shared_prefix_attention(qkv, layout, self.heads, self.kernels))
+        # Packed node rows: a few task prompts alone can be fewer rows than BLAS's small-product switch.
+        qkv = rowwise(lambda rows: F.linear(rows, self.in_proj_weight, self.in_proj_bias), x)
+        return rowwise(self.out_proj, attention_kernel.shared_prefix_attention(qkv, layout, self.heads, self.kernels))
 
 
 class TextBlock(nn.Module):
@@ -77,7 +79,9 @@ class TextBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: Optional[SharedPrefixLayout] = None) -> torch.Tensor:
         x = x + self.ls_1(self.attn(self.ln_1(x), layout))
-        return x + self.ls_2(self.mlp(self.ln_2(x)))
+        if layout is None:
+            return x + self.ls_2(self.mlp(self.ln_2(x)))
+        return x + self.ls_2(rowwise(self.mlp, self.ln_2(x)))  # packed rows: see Attention.forward
 
 
 class TextEncoder(nn.Module):

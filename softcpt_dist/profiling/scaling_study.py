@@ -78,7 +78,11 @@ def run_study(args) -> int:
         raise ConfigError("scaling run --launcher srun: not inside a SLURM allocation (no SLURM_JOB_ID)")
     per_node = args.gpus_per_node or int(os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
     modes = ("strong", "weak") if args.mode == "both" else (args.mode,)
-    if any(w < 1 for w in args.ranks):
+    try:
+        ranks = sorted({int(w) for w in args.ranks})
+    except ValueError:
+        raise ConfigError(f"scaling run --ranks: world sizes are integers (got {args.ranks})") from None
+    if not ranks or ranks[0] < 1:
         raise ConfigError(f"scaling run --ranks: world sizes must be >= 1 (got {args.ranks})")
     points = []
     for varied in _vary(args.vary):
@@ -86,7 +90,7 @@ def run_study(args) -> int:
         cfg = load_config(args.config, overrides)  # a bad config or key fails here, before anything runs
         base = cfg.optim.batch_size
         for mode in modes:
-            for world in sorted(set(args.ranks)):
+            for world in ranks:
                 batch = base if mode == "strong" else base * world
                 if batch % (world * cfg.engine.grad_accum_steps):
                     raise ConfigError(f"scaling run ({mode}): optim.batch_size={batch} does not split over {world} "

@@ -109,3 +109,30 @@ def test_array_sweep_then_report(small_data_root, tmp_path):
     means = [json.loads((tmp_path / "runs" / f"nata-seed{s}" / "results.json").read_text())["mean"] for s in (1, 2)]
     text = write_report([tmp_path / "runs"])
     assert f"{statistics.fmean(means):.2f} ± {statistics.stdev(means):.2f}" in text
+
+
+def _job_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env.update(SOFTCPT_PYTHON=sys.executable, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def test_profile_and_scaling_jobs(small_data_root, tmp_path):
+    """profile.sbatch on 2 tasks, and scaling.sbatch running its points (1 and 2 ranks) as srun steps."""
+    import csv
+
+    common = ["--config", str(REPO / "configs/default.yaml"), "--warmup", "1", "--steps", "3",
+              f"data.root={small_data_root}", "data.shots=0", "optim.batch_size=8", "train.progress=false"]
+    for script, extra, env in [("profile.sbatch", [], _job_env(PROFILE_OUT=str(tmp_path / "prof"))),
+                               ("scaling.sbatch", ["--ranks", "1", "2"], _job_env(SCALING_OUT=str(tmp_path / "study")))]:
+        done = subprocess.run(["sbatch", "--wait", "--ntasks-per-node=2", f"--output={tmp_path}/%x_%j.out",
+                               str(REPO / "slurm" / script), *extra, *common], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=900)
+        logs = "".join(p.read_text() for p in tmp_path.glob("*.out"))
+        assert done.returncode == 0, (script, done.stderr, logs[-3000:])
+    record = json.loads((tmp_path / "prof" / "profile.json").read_text())
+    assert record["config"]["world_size"] == 2 and len(record["memory"]) == 2
+    with open(tmp_path / "study" / "scaling.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["world_size"]) for r in rows] == [1, 2]
+    assert all((tmp_path / "study" / f"{name}.png").is_file() for name in ("throughput", "efficiency", "memory"))
