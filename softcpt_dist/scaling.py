@@ -27,6 +27,7 @@ from typing import List, Sequence
 import torch
 
 from softcpt_dist.model.class_shards import plan_shards
+from softcpt_dist.training.engine import full_numel
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def predict_scaling(method, world_sizes: Sequence[int], token_s: float, link: Li
     """Estimates for ``method`` (a built prompt method: its prompts are planned exactly as in training,
     all classes per step) at each world size."""
     all_classes = torch.arange(method.num_classes, device=method.class_task.device)
-    learnable = sum(getattr(p, "ds_numel", p.numel()) for p in method.learnable_parameters().values())  # ZeRO-3: full size
+    learnable = sum(full_numel(p) for p in method.learnable_parameters().values())
     out = []
     for world in world_sizes:
         plan = plan_shards(method.class_task.cpu(), lambda pos: method.text_positions(all_classes[pos]), world)

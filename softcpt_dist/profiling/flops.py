@@ -10,8 +10,9 @@ product of an ``[r, i]`` input with an ``[i, o]`` weight costs ``2 r i o``. Per 
   values) and ``8 d`` backward (their four gradient products); the shared-prefix layout counts only
   the pairs a node really attends (its ancestors and itself), the dense path ``L (L + 1) / 2`` per
   prompt. Each feature is projected: ``2 d E`` forward, ``2 d E`` backward.
-* learnable linear layers (the meta network): ``2 r i o`` forward, ``2 r i o`` backward for the weight
-  gradient plus ``2 r i o`` when the input needs a gradient (the task feature of learnable task context).
+* the meta network (learnable; its linear layers on ``r`` real rows): ``2 r i o`` forward, ``2 r i o``
+  backward for the weight gradient plus ``2 r i o`` for the input gradient (the first layer's only when
+  its input needs one: the task feature of learnable task context).
 * head: cosine logits of ``B`` images against ``C`` classes, ``2 B C E`` forward and ``2 B C E``
   backward (class-feature gradients; cached image features need none).
 * image (frozen, no gradients): one forward per image, counted once by torch's ``FlopCounterMode``
@@ -25,6 +26,9 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
+
+from softcpt_dist.model.meta_net import MetaNet
+from softcpt_dist.training.engine import full_numel
 
 # Dense peak TFLOP/s by (device-name substring, precision); the first match wins (more specific first).
 # fp32 is the CUDA-core rate (torch leaves TF32 matmuls off by default). Override with --peak-tflops.
@@ -50,10 +54,6 @@ def peak_tflops(device_name: str, precision: str) -> Optional[float]:
     return None
 
 
-def _numel(p: torch.Tensor) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions: the full size
-
-
 @dataclass(frozen=True)
 class TextShape:
     """What the text FLOPs depend on: layers, width, the blocks' weight elements, projection size."""
@@ -67,8 +67,8 @@ class TextShape:
     def of(cls, encoder) -> "TextShape":
         weights = 0
         for block in encoder.blocks:
-            weights += _numel(block.attn.in_proj_weight) + _numel(block.attn.out_proj.weight)
-            weights += sum(_numel(m.weight) for m in block.mlp.modules() if isinstance(m, nn.Linear))
+            weights += full_numel(block.attn.in_proj_weight) + full_numel(block.attn.out_proj.weight)
+            weights += sum(full_numel(m.weight) for m in block.mlp.modules() if isinstance(m, nn.Linear))
         return cls(len(encoder.blocks), encoder.width, weights, encoder.output_dim)
 
 
@@ -97,20 +97,24 @@ def text_flops(shape: TextShape, work: TextWork) -> Dict[str, int]:
 
 
 class LinearCounter:
-    """Counts the FLOPs of the learnable ``nn.Linear`` layers of ``module`` (the meta network) as they run."""
+    """Counts the FLOPs of the meta networks of ``module`` as they run, on their real rows (``rowwise``
+    pads small products with zero rows, which are not model FLOPs)."""
 
     def __init__(self, module: nn.Module):
         self.forward = self.backward = 0
-        self._hooks = [m.register_forward_hook(self._count) for m in module.modules()
-                       if isinstance(m, nn.Linear) and m.weight.requires_grad]
+        self._hooks = [m.register_forward_hook(self._count) for m in module.modules() if isinstance(m, MetaNet)]
 
-    def _count(self, layer: nn.Linear, inputs, output) -> None:
+    def _count(self, net: nn.Module, inputs, output) -> None:
         if not torch.is_grad_enabled():
             return
         x = inputs[0]
-        flops = 2 * (x.numel() // x.shape[-1]) * layer.in_features * layer.out_features
-        self.forward += flops
-        self.backward += flops * (2 if x.requires_grad else 1)
+        rows = x.numel() // x.shape[-1]
+        sizes = [layer.in_features * layer.out_features for layer in net.modules() if isinstance(layer, nn.Linear)]
+        self.forward += 2 * rows * sum(sizes)
+        # Weight gradients of every layer; input gradients of all but the first, and of the first when its
+        # input (the task feature of learnable task context) needs one.
+        inputs_grad = sum(sizes[1:]) + (sizes[0] if x.requires_grad and sizes else 0)
+        self.backward += 2 * rows * (sum(sizes) + inputs_grad)
 
     def total(self) -> Dict[str, int]:
         return {"forward": self.forward, "backward": self.backward}

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 # torch.distributed's collectives, looked up on the package at call time by our code and DeepSpeed's
-# torch backend (which also keeps two of them as attributes: engine.deepspeed_collective_slots()).
+# torch backend (which also keeps two of them as attributes: engine.engine_collective_slots()).
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
                "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "reduce", "all_to_all_single",
                "all_to_all", "barrier", "all_reduce_coalesced")

@@ -30,7 +30,7 @@ from softcpt_dist.profiling.flops import (LinearCounter, StepFlops, TextShape, T
 from softcpt_dist.profiling.phases import NULL_TIMER, PhaseTimer, timed_collectives
 from softcpt_dist.scaling import Link
 from softcpt_dist.seeding import seed_everything
-from softcpt_dist.training.engine import deepspeed_collective_slots, memory_report
+from softcpt_dist.training.engine import engine_collective_slots, memory_report
 from softcpt_dist.training.experiment import build_classifier, load_data_once
 from softcpt_dist.training.inputs import prepare_inputs
 from softcpt_dist.training.loop import LoopState, batch_classes
@@ -139,7 +139,7 @@ def _time_steps(prepared, group, timer: PhaseTimer, settings: ProfileSettings, p
     batches, image_per_sample, steps, tracer = _batches(prepared), None, [], None
     engine.train()
     try:
-        with timed_collectives(timer, deepspeed_collective_slots()):
+        with timed_collectives(timer, engine_collective_slots()):
             for i in range(settings.warmup + settings.steps):
                 if i == settings.warmup:
                     timer.steps.clear()

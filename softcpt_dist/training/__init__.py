@@ -8,6 +8,7 @@ Library API (stable)::
     result = training.run(load_config(["configs/default.yaml"], ["optim.epochs=5"]))
     result.path, result.results["mean"], result.history[-1]["loss"]
     training.run_eval(cfg, result.path / "prompt_checkpoint.pt")
+    record = training.profile(cfg)  # softcpt-dist profile: time split, FLOPs, MFU (profile.json's content)
 
 The heavy modules load on first use, so importing this package (or the CLI) stays cheap.
 """
@@ -34,4 +35,11 @@ def run_eval(cfg: "Config", checkpoint: Optional[Path], out_dir: Optional[Path] 
     return _run_eval(cfg, checkpoint, out_dir)
 
 
-__all__ = ["run", "run_eval"]
+def profile(cfg: "Config", settings=None) -> Dict:
+    """Time ``cfg``'s training steps (``softcpt_dist.profiling.step_profile.ProfileSettings``: warm-up, steps,
+    peak, trace, folder); returns the profile record, also written as ``profile.json``/``profile.md``."""
+    from softcpt_dist.profiling.step_profile import ProfileSettings, run_profile
+    return run_profile(cfg, settings or ProfileSettings())
+
+
+__all__ = ["run", "run_eval", "profile"]

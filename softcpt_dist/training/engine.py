@@ -204,7 +204,7 @@ class TrainEngine:
 
     def num_learnable(self) -> int:
         """Elements of the learnable tensors (their full size, also when ZeRO-3 partitions them)."""
-        return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.learnable_parameters().values())
+        return sum(full_numel(p) for p in self.model.learnable_parameters().values())
 
     def learnable_state_dict(self) -> Dict[str, torch.Tensor]:
         """Full (gathered) learnable tensors on CPU, identical on every rank."""
@@ -227,7 +227,7 @@ class TrainEngine:
         return path is not None
 
 
-def deepspeed_collective_slots() -> list:
+def engine_collective_slots() -> list:
     """``(object, attribute)`` pairs where DeepSpeed's torch backend keeps collectives it took from
     torch.distributed at start-up (ZeRO's all-gathers and reduce-scatters call these): for the profiler's
     communication timing, which wraps the others on torch.distributed itself."""
@@ -235,6 +235,11 @@ def deepspeed_collective_slots() -> list:
     backend = getattr(comm, "cdb", None)
     return [(backend, name) for name in ("all_gather_function", "reduce_scatter_function")
             if backend is not None and callable(getattr(backend, name, None))]
+
+
+def full_numel(p: torch.Tensor) -> int:
+    """A parameter's full element count, also when ZeRO-3 partitions it (its local tensor is then empty)."""
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def partitions_its_module(ecfg: EngineConfig) -> bool:
