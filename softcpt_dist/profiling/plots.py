@@ -77,7 +77,7 @@ def draw(rows: List[Dict], out: Path) -> List[Path]:
                 ax.axhline(100.0, color="grey", lw=0.8)
                 ax.set_ylim(bottom=0)
             if name == "memory":
-                ax.set_ylim(bottom=0)
+                ax.set_ylim(0, 1.15 * max([r[key] for r in rows if r["mode"] == mode] + [1.0]))
             _rank_axis(ax, worlds)
             ax.set_ylabel(label)
             ax.set_title(f"{mode} scaling")

@@ -111,6 +111,13 @@ def cost_model(cfg: Config, method, main: Dict[str, List[float]], steps: List[Di
                             for e in estimates]}
 
 
+def _flops(value: float) -> str:
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
+        if value >= scale:
+            return f"{value / scale:,.3g} {unit}"
+    return f"{value:,.0f} FLOP"
+
+
 def _mib(value) -> str:
     return "n/a" if value is None else f"{value / 2**20:,.1f}"
 
@@ -138,8 +145,8 @@ def markdown(record: Dict) -> str:
               f"slowest rank's median step {record['slowest_rank_step_ms']:.3f} ms",
               f"- throughput: {record['samples_per_s']:,.1f} samples/s, {record['text_positions_per_s']:,.0f} text "
               f"token positions/s (per step per rank: {', '.join(f'{p:,.0f}' for p in record['text_positions_per_step'])})",
-              f"- model FLOPs per step (all ranks): {record['flops_per_step'] / 1e9:,.3f} GFLOP ("
-              + ", ".join(f"{k} {val / 1e9:,.3f}" for k, val in record["flops_by_part"].items() if val) + ")",
+              f"- model FLOPs per step (all ranks): {_flops(record['flops_per_step'])} ("
+              + ", ".join(f"{k} {_flops(val)}" for k, val in record["flops_by_part"].items() if val) + ")",
               f"- achieved: {record['achieved_tflops_per_rank']:,.3f} TFLOP/s per rank; "
               + (f"peak {record['peak_tflops']:,.1f} TFLOP/s ({record['peak_source']}): MFU "
                  f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None
