@@ -15,7 +15,7 @@ from softcpt_dist.config import KernelsConfig, TextConfig
 from softcpt_dist.kernels import cosine_ce
 from softcpt_dist.model.class_shards import SavedBytes, class_shards
 from softcpt_dist.model.loss import TaskScores, TaskTargets, cosine_logits
-from softcpt_dist.profiling.phases import NULL_TIMER
+from softcpt_dist.step_phases import NULL_TIMER
 
 
 def encode_images(backbone: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from softcpt_dist.model import build_backbone, method_class, method_label
 from softcpt_dist.profiling import environment, summary
 from softcpt_dist.profiling.flops import (LinearCounter, StepFlops, TextShape, TextWork, head_flops,
                                           image_flops_per_sample, text_flops)
-from softcpt_dist.profiling.phases import NULL_TIMER, PhaseTimer, timed_collectives
+from softcpt_dist.step_phases import NULL_TIMER, PhaseTimer, timed_collectives
 from softcpt_dist.scaling import Link
 from softcpt_dist.seeding import seed_everything
 from softcpt_dist.training.engine import engine_collective_slots, memory_report

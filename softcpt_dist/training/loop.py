@@ -23,7 +23,7 @@ from softcpt_dist import distributed as D
 from softcpt_dist.config import TrainConfig
 from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.model.loss import TaskTargets
-from softcpt_dist.profiling.phases import NULL_TIMER
+from softcpt_dist.step_phases import NULL_TIMER
 from softcpt_dist.progress import progress
 from softcpt_dist.training.signals import Preempted, StopSignals
 

@@ -15,7 +15,7 @@ from softcpt_dist.data.loaders import make_train_loader
 from softcpt_dist.data.sampler import TaskBalancedBatchSampler
 from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.distributed import WorldInfo, world_info_from_env
-from softcpt_dist.profiling.phases import NULL_TIMER
+from softcpt_dist.step_phases import NULL_TIMER
 from softcpt_dist.training.checkpoint import TrainingCheckpoints
 from softcpt_dist.training.engine import TrainEngine, check_repeated_steps, memory_report, micro_batch_size
 from softcpt_dist.training.loop import LoopState, TrainLoop
