@@ -1,4 +1,5 @@
-"""Task groups for the text-side benchmarks: Plant-6 with its real class names, General-10's shape.
+"""Task groups for the text-side benchmarks: Plant-6 with its real class names, General-10's shape; and
+either as a ``task_folders`` dataset of noise images (``write_folders``), for profiling without the datasets.
 
 Plant-6's six datasets and their classes (cleaned the way the readers clean folder names). For
 General-10 (1,191 classes) the names are made up, with each dataset's class count and a spread of
@@ -8,6 +9,7 @@ name lengths like its real names (from one-word textures to long car model names
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 from softcpt_dist.data.paper_groups import GENERAL10, PLANT6
 from softcpt_dist.data.tasks import TaskGroup, TaskSpec
@@ -66,3 +68,29 @@ def general10(seed: int = 0) -> TaskGroup:
 
 
 GROUPS = {"plant6": plant6, "general10": general10}
+
+
+def write_folders(group: TaskGroup, root: Path, per_class: int = 2, size: int = 32) -> Path:
+    """A ``task_folders`` dataset of ``group``'s tasks and class names (plain noise images): ``per_class``
+    training images per class, one validation and one test image."""
+    import numpy as np
+    from PIL import Image
+
+    from softcpt_dist.data.task_folders import write_task_manifest
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", 1), ("test", 1)):
+        for task in group.tasks:
+            for c in range(task.num_classes):
+                folder = root / split / task.key / str(c)
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    write_task_manifest(root, group.tasks)
+    return root
+
+
+if __name__ == "__main__":  # python benchmarks/group_shapes.py general10 OUT_DIR [PER_CLASS]
+    import sys
+
+    write_folders(GROUPS[sys.argv[1]](), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 2)
+    print(f"wrote {sys.argv[1]}'s shape to {sys.argv[2]}")

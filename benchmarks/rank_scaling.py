@@ -36,22 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def plant6_folders(root: Path, per_class: int = 2, size: int = 32) -> Path:
     """A ``task_folders`` dataset with Plant-6's tasks and class names (plain noise images)."""
     import softcpt_dist  # noqa: F401  (the torchvision shim first)
-    import numpy as np
-    from PIL import Image
-
-    from group_shapes import plant6
-    from softcpt_dist.data.task_folders import write_task_manifest
-    rng = np.random.default_rng(0)
-    group = plant6()
-    for split, n in (("train", per_class), ("val", 1), ("test", 1)):
-        for task in group.tasks:
-            for c in range(task.num_classes):
-                folder = root / split / task.key / str(c)
-                folder.mkdir(parents=True, exist_ok=True)
-                for i in range(n):
-                    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    write_task_manifest(root, group.tasks)
-    return root
+    from group_shapes import plant6, write_folders
+    return write_folders(plant6(), root, per_class, size)
 
 
 def run(nproc: int, work: Path, name: str, args, extra) -> dict:
