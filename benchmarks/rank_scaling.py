@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def plant6_folders(root: Path, per_class: int = 2, size: int = 32) -> Path:
     """A ``task_folders`` dataset with Plant-6's tasks and class names (plain noise images)."""
-    import softcpt_dist  # noqa: F401  (the torchvision shim first)
     from group_shapes import plant6, write_folders
     return write_folders(plant6(), root, per_class, size)
 

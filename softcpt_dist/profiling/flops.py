@@ -22,7 +22,7 @@ product of an ``[r, i]`` input with an ``[i, o]`` weight costs ``2 r i o``. Per 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -169,15 +169,3 @@ class StepFlops:
     def total(self) -> int:
         return sum(sum(p.values()) for p in self.parts.values())
 
-    def by_part(self) -> Dict[str, int]:
-        return {name: sum(p.values()) for name, p in self.parts.items()}
-
-
-def sum_steps(steps: List[StepFlops]) -> StepFlops:
-    out = StepFlops()
-    for step in steps:
-        for name, passes in step.parts.items():
-            mine = out.parts.setdefault(name, {})
-            for key, value in passes.items():
-                mine[key] = mine.get(key, 0) + value
-    return out

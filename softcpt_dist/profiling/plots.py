@@ -13,8 +13,9 @@ import logging
 from pathlib import Path
 from typing import Dict, List
 
+from softcpt_dist.profiling.summary import SPLIT
+
 logger = logging.getLogger(__name__)
-PHASES = ("image", "text_forward", "loss", "backward", "optimizer", "communication", "other")
 
 
 def _pyplot():
@@ -91,7 +92,7 @@ def _step_split(plt, rows: List[Dict], path: Path, device: str) -> Path:
     fig, ax = plt.subplots(figsize=(max(6.4, 0.9 * len(rows) + 2), 4.6))
     labels = [f"{r['series']}\n{r['world_size']} rank(s)" for r in rows]
     bottom = [0.0] * len(rows)
-    for i, phase in enumerate(PHASES):
+    for i, phase in enumerate(SPLIT):
         heights = [r[f"{phase}_ms"] for r in rows]
         ax.bar(range(len(rows)), heights, bottom=bottom, color=f"C{i}", label=phase)
         bottom = [b + h for b, h in zip(bottom, heights)]

@@ -24,12 +24,12 @@ from typing import Dict, List, Tuple
 
 from softcpt_dist.config import ConfigError, load_config
 from softcpt_dist.files import atomic_write_text
+from softcpt_dist.profiling.summary import SPLIT
 
 logger = logging.getLogger(__name__)
 POINT_RECORD = "scaling_point.json"  # what `run` asked of a point: its mode and varied keys
 SERIES_KEYS = ("arch", "precision", "method", "dataset", "tasks", "classes", "zero_stage", "text_path", "text_shard",
                "kernels", "cached_features", "activation_checkpointing", "device")
-PHASE_COLUMNS = ("image", "text_forward", "loss", "backward", "optimizer", "communication", "other")
 
 
 def main(args) -> int:
@@ -95,10 +95,10 @@ def run_study(args) -> int:
                 if batch % (world * cfg.engine.grad_accum_steps):
                     raise ConfigError(f"scaling run ({mode}): optim.batch_size={batch} does not split over {world} "
                                       f"rank(s) x engine.grad_accum_steps={cfg.engine.grad_accum_steps}")
-                points.append((mode, varied, world, overrides + [f"optim.batch_size={batch}"]))
+                points.append((mode, varied, world, overrides + [f"optim.batch_size={batch}"], cfg.model.device))
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []
-    for mode, varied, world, overrides in points:
+    for mode, varied, world, overrides, device in points:
         folder = args.out / _point_name(mode, varied, world)
         if (folder / "profile.json").is_file():
             logger.info("scaling: %s has its profile already: kept", folder.name)
@@ -109,7 +109,7 @@ def run_study(args) -> int:
         if args.peak_tflops is not None:
             command += ["--peak-tflops", str(args.peak_tflops)]
         env = {**os.environ, **env}
-        if load_config(args.config, overrides).model.device == "cpu":
+        if device == "cpu":
             env.setdefault("OMP_NUM_THREADS", "1")  # one core per rank: 2 ranks use 2 cores
         logger.info("scaling: %s (%s, %d rank(s)): %s", folder.name, mode, world, " ".join(command))
         if subprocess.run(command, env=env).returncode != 0 or not (folder / "profile.json").is_file():
@@ -152,7 +152,7 @@ def _row(path: Path) -> Dict:
                text_positions_per_s=record["text_positions_per_s"],
                tflops_per_rank=record["achieved_tflops_per_rank"], mfu=record["mfu"],
                peak_memory_mib=max(b or 0 for b in record["peak_memory_bytes"]) / 2**20, folder=str(path.parent))
-    row.update({f"{p}_ms": record["split_ms"][p]["median"] for p in PHASE_COLUMNS})
+    row.update({f"{p}_ms": record["split_ms"][p]["median"] for p in SPLIT})
     row["_cost_model"] = record.get("cost_model")
     return row
 

@@ -110,9 +110,7 @@ def _batches(prepared):
     """The training loader's micro-batches, epoch after epoch (as the loop reads them)."""
     epoch = 0
     while True:
-        prepared.sampler.set_epoch(epoch)
-        if hasattr(prepared.loader.dataset, "set_epoch"):
-            prepared.loader.dataset.set_epoch(epoch)
+        prepared.loop.begin_epoch(epoch)
         for n, batch in enumerate(prepared.loader, start=1):
             yield batch
             if n == prepared.loop.steps_per_epoch:

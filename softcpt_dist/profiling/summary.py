@@ -11,7 +11,8 @@ from softcpt_dist.model import method_label
 from softcpt_dist.profiling.flops import peak_tflops
 from softcpt_dist.scaling import Link, predict_scaling
 
-PHASES = ("image", "text_forward", "loss", "backward", "optimizer", "communication")
+PHASES = ("image", "text_forward", "loss", "backward", "optimizer", "communication")  # timed
+SPLIT = (*PHASES, "other")  # the split as reported: the timed phases and the rest of the step
 COST_MODEL_WORLDS = (1, 2, 4, 8, 16, 32, 64)
 LINKS = {"cuda": Link(300.0, 5.0), "cpu": Link(10.0, 20.0)}  # NVLink-class; gloo over loopback (as measured here)
 
@@ -51,7 +52,7 @@ def summarize(cfg: Config, ranks: List[Dict], settings, env: Dict, method, cache
     world = len(ranks)
     main = phase_seconds(ranks[0]["steps"])
     step_s = statistics.median(main["step"])
-    split = {name: spread_ms(main[name]) for name in (*PHASES, "other")}
+    split = {name: spread_ms(main[name]) for name in SPLIT}
     flops_step = sum(_mean([s["flops_total"] for s in r["steps"]]) for r in ranks)
     by_part = {}
     for r in ranks:
@@ -136,7 +137,7 @@ def markdown(record: Dict) -> str:
              f"- {record['steps']} timed steps after {record['warmup']} warm-up; rank 0's split (phase boundaries "
              "synchronize the device; every collective counts as communication)", "",
              "| phase | median ms | p10 ms | p90 ms | share of step |", "|---|---:|---:|---:|---:|"]
-    for name in (*PHASES, "other"):
+    for name in SPLIT:
         s = record["split_ms"][name]
         lines.append(f"| {name} | {s['median']:.3f} | {s['p10']:.3f} | {s['p90']:.3f} | "
                      f"{100 * s['median'] / step['median']:.1f}% |")

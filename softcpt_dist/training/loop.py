@@ -80,9 +80,7 @@ class TrainLoop:
     def run(self, state: LoopState) -> List[Dict]:
         self.state = state
         for epoch in range(state.epoch, self.epochs):
-            self.sampler.set_epoch(epoch)
-            if hasattr(self.loader.dataset, "set_epoch"):
-                self.loader.dataset.set_epoch(epoch)
+            self.begin_epoch(epoch)
             lr, t0, text0 = self.engine.schedule.lr, time.perf_counter(), self.engine.module.text_counters()
             totals, state.totals = state.totals, _zeros()
             prior_seconds, state.seconds = state.seconds, 0.0
@@ -108,6 +106,12 @@ class TrainLoop:
         if state.skipped:
             logger.warning("%s%d step(s) with a non-finite loss were skipped", self.tag, state.skipped)
         return state.history
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Seed the sampler and the dataset's augmentation (or cached-view choice) for ``epoch``."""
+        self.sampler.set_epoch(epoch)
+        if hasattr(self.loader.dataset, "set_epoch"):
+            self.loader.dataset.set_epoch(epoch)
 
     def step(self, inputs, tasks, labels, totals: torch.Tensor, epoch: int, lr: float, bar=None) -> bool:
         """One micro-batch (``run`` calls it; so does the profiler); returns whether any rank received a
