@@ -1,4 +1,4 @@
-"""Command line: ``softcpt-dist train|eval|sweep|report|profile|scaling|data|setup``, with ``--config``
+"""Command line: ``softcpt-dist train|eval|sweep|report|profile|scaling|pretrain-micro|data|setup``, with ``--config``
 files and ``key=value`` overrides.
 
 Exit codes: 0 success; 1 ``data check`` found problems, training stopped on a non-finite loss, or a
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", nargs="*", default=[], help="YAML files (without --run)")
     ev.add_argument("--checkpoint", type=Path, help="prompt checkpoint (default: the run's)")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.eval_split=val")
+    pm = sub.add_parser("pretrain-micro", help="pre-train the micro CLIP on the generated world (cached; reused)")
+    pm.add_argument("--config", nargs="*", default=[], help="YAML files (model.arch, model.micro.*)")
+    pm.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.micro.steps=1000")
     sub.add_parser("setup", help="build DeepSpeed's JIT ops for this machine now (else built on first use)")
     sw = sub.add_parser("sweep", help="list a sweep file's runs, or run one of them (a job-array task)")
     sw.add_argument("file", type=Path, help="sweep file (see softcpt_dist/sweep.py)")
@@ -142,6 +145,13 @@ def _dispatch(args) -> int:
     if args.command == "scaling":
         from softcpt_dist.profiling.scaling_study import main as scaling_main
         return scaling_main(args)
+    if args.command == "pretrain-micro":
+        from softcpt_dist.micro.pretrain import micro_clip
+        implied = [] if args.config or any(o.startswith("model.arch=") for o in args.overrides) \
+            else ["model.arch=softcpt-micro"]
+        cfg = load_config(args.config, implied + list(args.overrides))
+        print(micro_clip(cfg.model.arch, cfg.model.micro, cfg.train.progress))
+        return 0
     if args.command == "setup":
         from softcpt_dist.training.engine import prebuild_ops
         built = prebuild_ops()

@@ -14,39 +14,24 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from softcpt_dist.config_fields import ConfigError, choices, non_negative, one_of, positive  # noqa: F401
+from softcpt_dist.micro.settings import MicroGroupConfig, MicroPretrainConfig
 from softcpt_dist.signal_names import signal_number
 from softcpt_dist.yaml_words import as_written, bool_word
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names it."""
-
-
-def one_of(default, *choices):
-    """A field whose value must be one of ``choices`` (checked by ``validate``; the one place they are listed)."""
-    return field(default=default, metadata={"choices": (default, *choices)})
-
-
-def positive(default):
-    """A field that must be > 0."""
-    return field(default=default, metadata={"positive": True})
-
-
-def non_negative(default):
-    """A field that must be >= 0."""
-    return field(default=default, metadata={"non_negative": True})
 
 
 @dataclass
 class ModelConfig:
     arch: str = "softcpt-tiny"  # any open_clip architecture name, e.g. RN50, ViT-B-16, ViT-L-14
-    # open_clip pretrained tag (e.g. "openai"), a local weights file, or null for random init.
+    # open_clip pretrained tag (e.g. "openai"), a local weights file, micro (the micro CLIP, pre-trained here on
+    # first use: model.micro), or null for random init.
     pretrained: Optional[str] = None
     precision: str = one_of("fp32", "bf16", "fp16")  # frozen CLIP weights; learnable tensors stay fp32
     device: str = "cpu"  # several ranks on CUDA: each uses cuda:<local rank>
     cache_dir: Optional[str] = None  # where open_clip looks for / stores tagged weights
     # null: QuickGELU when loading OpenAI's original checkpoints, else the architecture's default.
     quick_gelu: Optional[bool] = None
+    micro: MicroPretrainConfig = field(default_factory=MicroPretrainConfig)  # model.pretrained=micro
 
 
 @dataclass
@@ -122,7 +107,8 @@ class FeatureCacheConfig:
 
 @dataclass
 class DataConfig:
-    # synthetic | task_folders | general10 | plant6 | fashion20 | split_dk | custom (see softcpt_dist.data.loading)
+    # synthetic | micro | task_folders | general10 | plant6 | fashion20 | split_dk | custom
+    # (see softcpt_dist.data.loading)
     dataset: str = "synthetic"
     root: str = "data/synthetic"
     group_file: Optional[str] = None  # custom: YAML task group; split_dk: the split_dk_*.json file
@@ -134,8 +120,9 @@ class DataConfig:
     train_augment: str = one_of("paper", "none")  # paper: random resized crop 0.08-1, bicubic, flip
     num_workers: int = 0
     skip_bad_images: bool = False  # true: decode every used image first, drop and report unreadable ones
-    generate_if_missing: bool = True  # built-in synthetic data only
+    generate_if_missing: bool = True  # built-in synthetic and micro data only
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    micro: MicroGroupConfig = field(default_factory=MicroGroupConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
 
@@ -179,6 +166,9 @@ class TrainConfig:
     log_every: int = positive(10)  # iterations between log lines
     eval_batch_size: int = positive(100)
     eval_split: str = one_of("test", "val")
+    # also score zero-shot CLIP (each task's template) on eval_split: logged beside the run's scores, and
+    # kept in results.json under "zero_shot"
+    compare_zeroshot: bool = False
     output_dir: str = "runs"
     run_name: Optional[str] = None  # null: <method>-<variant>-<timestamp>
     deterministic: bool = True
@@ -203,11 +193,6 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-
-
-def choices(section: type, name: str) -> tuple:
-    """The allowed values of a ``one_of`` field, e.g. ``choices(SamplerConfig, "mode")``."""
-    return next(f.metadata["choices"] for f in fields(section) if f.name == name)
 
 
 def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:

@@ -10,6 +10,16 @@ A sweep file (YAML)::
       train.seed: [1, 2, 3]
     name: "{method.variant}-{data.shots}shot-seed{train.seed}"   # run name (default: all grid values)
 
+A grid entry that maps names to sets of overrides is an axis of named settings, for runs that differ in
+several keys at once (methods and their options)::
+
+    grid:
+      method:
+        zeroshot: {method.name: zeroshot}
+        coop-CA: {method.name: coop, method.coop_mode: CA}
+      data.shots: [1, 2, 4]
+    name: "{method}-{data.shots}shot"
+
 ``softcpt-dist sweep FILE --list`` shows the runs and their state; ``--index I`` (default
 ``$SLURM_ARRAY_TASK_ID``) runs the I-th unless it finished (its run folder has ``results.json``);
 ``slurm/sweep.sbatch`` is the job array. Each run resolves its own config (the grid point's
@@ -93,21 +103,28 @@ def load_sweep(path: Path) -> Sweep:
     if unknown:
         raise ConfigError(f"sweep file {path}: unknown keys {sorted(unknown)} (configs, overrides, grid, name)")
     grid = raw.get("grid") or {}
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ConfigError(f"sweep file {path}: grid must map config keys to non-empty lists of values")
+    if not isinstance(grid, dict) or not all(isinstance(v, (list, dict)) and v for v in grid.values()):
+        raise ConfigError(f"sweep file {path}: grid must map config keys to non-empty lists of values (or axis "
+                          "names to mappings of named override sets)")
+    for axis, named in grid.items():
+        if isinstance(named, dict) and not all(isinstance(o, dict) for o in named.values()):
+            raise ConfigError(f"sweep file {path}: grid axis {axis!r}: each named setting must map config keys "
+                              "to values")
     configs = [str((path.parent / c) if not Path(c).is_absolute() and not Path(c).exists() else c)
                for c in raw.get("configs") or []]
     base = [str(o) for o in raw.get("overrides") or []]
     runs, names = [], {}
-    for index, values in enumerate(itertools.product(*grid.values())):
+    for index, values in enumerate(itertools.product(*(list(v) for v in grid.values()))):
         point = dict(zip(grid, values))
         name = _name(raw.get("name"), point, index)
+        settings = {k: v for axis, value in point.items()
+                    for k, v in (grid[axis][value] if isinstance(grid[axis], dict) else {axis: value}).items()}
         if name in names:
             raise ConfigError(f"sweep file {path}: runs {names[name]} and {index} are both named {name!r}; "
                               "put every grid key into `name`")
         names[name] = index
         overrides = base + [f"{k}={OmegaConf.to_yaml(v).strip() if isinstance(v, (list, dict)) else v}"
-                            for k, v in point.items()] + [f"train.run_name={name}"]
+                            for k, v in settings.items()] + [f"train.run_name={name}"]
         runs.append(SweepRun(index, name, overrides, point))
     return Sweep(path, configs, runs)
 

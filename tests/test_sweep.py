@@ -74,3 +74,31 @@ def test_the_papers_sweep_files_resolve(monkeypatch):
         configs = [sweep.config(r) for r in sweep.runs]
         assert len({(c.method.name, c.method.variant, c.method.coop_mode, c.data.shots, c.train.seed)
                     for c in configs}) == len(configs)
+
+
+def test_named_settings_axis_sets_several_keys_per_value(tmp_path):
+    grid = ("grid:\n  method:\n    zs: {method.name: zeroshot}\n"
+            "    coop-CA: {method.name: coop, method.coop_mode: CA}\n  data.shots: [1, 2]\n")
+    sweep = load_sweep(_file(tmp_path, grid, name="{method}-{data.shots}"))
+    assert [r.name for r in sweep.runs] == ["zs-1", "zs-2", "coop-CA-1", "coop-CA-2"]
+    assert sweep.runs[2].overrides[2:] == ["method.name=coop", "method.coop_mode=CA", "data.shots=1",
+                                           "train.run_name=coop-CA-1"]
+    cfg = sweep.config(sweep.runs[3])
+    assert (cfg.method.name, cfg.method.coop_mode, cfg.data.shots) == ("coop", "CA", 2)
+    with pytest.raises(ConfigError, match="grid axis 'method': each named setting must map config keys"):
+        load_sweep(_file(tmp_path, "grid:\n  method:\n    zs: zeroshot\n"))
+
+
+def test_the_micro_comparison_sweep_resolves(monkeypatch):
+    """configs/micro/compare.yaml: 7 methods x 5 shots x 3 seeds, each run a distinct valid config."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    sweep = load_sweep(repo / "configs" / "micro" / "compare.yaml")
+    configs = [sweep.config(r) for r in sweep.runs]
+    assert len(configs) == 105
+    methods = {(c.method.name, c.method.variant if c.method.name == "softcpt" else c.method.coop_mode)
+               for c in configs}
+    assert len(methods) == 7 and {c.data.dataset for c in configs} == {"micro"}
+    assert {c.model.pretrained for c in configs} == {"micro"}

@@ -2,8 +2,9 @@
 
 ``data.dataset`` names a reader:
 
-- ``synthetic``: the built-in generated group (made on first use); ``task_folders``: the same layout
-  for user data (``tasks.json`` + ``<split>/<task key>/<class index>/``);
+- ``synthetic``: the built-in generated group (made on first use); ``micro``: the micro world's
+  7-task group (``softcpt_dist.micro``, made on first use); ``task_folders``: the same layout for user
+  data (``tasks.json`` + ``<split>/<task key>/<class index>/``);
 - ``general10``, ``plant6``: the paper's groups from CoOp / official SoftCPT split files;
 - ``fashion20``: Fashion-20 (``images/<task id>/<class id>/`` + ``task_info.csv``);
 - ``split_dk``: any official multi-task ``split_dk_*.json`` (``data.group_file``);
@@ -26,11 +27,14 @@ from softcpt_dist.data.paper_groups import read_benchmark, read_fashion20, read_
 from softcpt_dist.data.synthetic import generate_synthetic
 from softcpt_dist.data.task_folders import MANIFEST, read_task_folders
 from softcpt_dist.data.tasks import DataError
+from softcpt_dist.files import exclusive
+from softcpt_dist.micro.group import check_group, write_group
 
 logger = logging.getLogger(__name__)
 
 _READERS = {
     "synthetic": lambda cfg: read_task_folders(cfg.root),
+    "micro": lambda cfg: read_task_folders(cfg.root),
     "task_folders": lambda cfg: read_task_folders(cfg.root),
     "general10": lambda cfg: read_benchmark("general10", cfg.root, cfg.split_format),
     "plant6": lambda cfg: read_benchmark("plant6", cfg.root, cfg.split_format),
@@ -49,12 +53,22 @@ def _read_custom(cfg: DataConfig) -> MultiTaskData:
 
 
 def ensure_builtin_data(cfg: DataConfig) -> None:
-    """Generate the built-in dataset if it is configured and missing (call on one rank first)."""
+    """Generate the built-in dataset (synthetic or micro) if it is configured and missing (call on one rank
+    first; of several jobs, one generates it and the others wait for it)."""
     root = Path(cfg.root)
-    if cfg.dataset == "synthetic" and not (root / MANIFEST).is_file():
+    if cfg.dataset not in ("synthetic", "micro"):
+        return
+    with exclusive(root):
+        if cfg.dataset == "micro" and check_group(root, cfg.micro):
+            return
+        if (root / MANIFEST).is_file() and cfg.dataset == "synthetic":
+            return
         if not cfg.generate_if_missing:
             raise DataError(f"built-in dataset not found at {root} (data.generate_if_missing=false)")
-        generate_synthetic(root, cfg.synthetic)
+        if cfg.dataset == "micro":
+            write_group(root, cfg.micro)
+        else:
+            generate_synthetic(root, cfg.synthetic)
 
 
 def read_dataset(cfg: DataConfig) -> MultiTaskData:

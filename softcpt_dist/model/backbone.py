@@ -8,6 +8,7 @@ partitioned parameters only around ``forward()``, can shard the frozen weights.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +25,7 @@ from softcpt_dist.model.weights import WeightsError, load_into, local_weights
 logger = logging.getLogger(__name__)
 
 _MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+MICRO = "micro"  # model.pretrained: the micro CLIP (softcpt_dist.micro), pre-trained on first use
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # model.precision's choices
 
 
@@ -105,12 +107,18 @@ def build_backbone(cfg: ModelConfig, device: Optional[str] = None, text: Optiona
                    kernels: Optional[KernelsConfig] = None) -> CLIPBackbone:
     """The frozen CLIP named by ``cfg.arch`` with weights from a tag, a local file, or none, on
     ``device`` (default ``cfg.device``); ``text`` chooses the text encoding path (default shared prefix),
-    ``kernels`` whether its attention and input assembly use the Triton kernels (default auto)."""
+    ``kernels`` whether its attention and input assembly use the Triton kernels (default auto).
+    ``pretrained=micro`` pre-trains the micro CLIP of ``cfg.micro`` first unless it is cached."""
     validate_section(cfg, "model")
     ensure_builtin_configs()
     if cfg.arch not in open_clip.list_models():
         raise ConfigError(f"model.arch={cfg.arch!r} is not an open_clip architecture; "
                           f"e.g. RN50, ViT-B-16, ViT-L-14, softcpt-tiny (see open_clip.list_models())")
+    if cfg.pretrained == MICRO:
+        from softcpt_dist.micro.pretrain import micro_clip
+        # Pre-trained here with the architecture's own activation: an ordinary local weights file from now on.
+        cfg = replace(cfg, pretrained=str(micro_clip(cfg.arch, cfg.micro)),
+                      quick_gelu=bool(cfg.quick_gelu))
     pretrained = cfg.pretrained
     path, state, fmt = local_weights(pretrained)
     kwargs = dict(precision="fp32", device="cpu", force_quick_gelu=_quick_gelu(cfg, path, fmt),

@@ -8,7 +8,7 @@ method needs is asked of its class (``softcpt_dist.model.methods.Method``), neve
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -19,6 +19,7 @@ from softcpt_dist.data.loading import ensure_builtin_data, load_data
 from softcpt_dist.data.transforms import train_transform
 from softcpt_dist.metrics import markdown_table, merge_task_results
 from softcpt_dist.kernels._triton import describe as describe_kernels
+from softcpt_dist.model.methods.zeroshot import ZeroShotCLIP
 from softcpt_dist.model import PromptClassifier, build_backbone, build_method, method_class, method_label
 from softcpt_dist.seeding import seed_everything
 from softcpt_dist.training.checkpoint import (CHECKPOINT_NAME, CheckpointError, TrainingCheckpoints,
@@ -35,6 +36,7 @@ from softcpt_dist.training.trainer import check_training_setup, train_prompts
 
 logger = logging.getLogger(__name__)
 FEWSHOT_RECORD = "fewshot_split.json"  # the exact few-shot subsets, for audit
+ZEROSHOT_KEY = "zero_shot"  # results.json: zero-shot CLIP's scores beside the run's (train.compare_zeroshot)
 
 
 @dataclass
@@ -44,10 +46,25 @@ class RunResult:
     history: List[Dict]  # per-epoch training records (all scopes)
 
 
-def log_results(results: Dict, split: str) -> None:
-    logger.info("%s: mean over tasks %.2f", split, results["mean"])
+def log_results(results: Dict, split: str, zeroshot: Optional[Dict] = None, label: str = "") -> None:
+    """Per-task scores; with ``zeroshot`` (``train.compare_zeroshot``) zero-shot CLIP's beside them."""
+    if zeroshot is None:
+        logger.info("%s: mean over tasks %.2f", split, results["mean"])
+        for key, r in results["tasks"].items():
+            logger.info("  %-20s %-24s %6.2f", key, r["metric"], r["value"])
+        return
+    logger.info("%s: %-20s %-24s %14s %10s", split, "task", "metric", label, "zero-shot")
     for key, r in results["tasks"].items():
-        logger.info("  %-20s %-24s %6.2f", key, r["metric"], r["value"])
+        logger.info("  %-24s %-24s %14.2f %10.2f", key, r["metric"], r["value"], zeroshot["tasks"][key]["value"])
+    logger.info("  %-24s %-24s %14.2f %10.2f", "mean over tasks", "", results["mean"], zeroshot["mean"])
+
+
+def _zeroshot(cfg: Config, ctx: ResolvedRun, backbone, data: MultiTaskData) -> Dict:
+    """Zero-shot CLIP (each task's template) scored on the run's evaluation split, as a baseline."""
+    zs = replace(cfg, method=replace(cfg.method, name=ZeroShotCLIP.name))
+    inputs = prepare_inputs(backbone, data, (cfg.train.eval_split,), ctx.data, cfg.train, cfg.model.precision)
+    return _evaluate_scope(zs, scopes(zs.train, zs.method, data.group)[0], build_classifier(zs, backbone, data.group),
+                           inputs)
 
 
 def load_data_once(dcfg: DataConfig, train: TrainConfig) -> MultiTaskData:
@@ -106,8 +123,10 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
             # A stop signal during training (train.stop_signals): stop at the next step boundary, save, exit 75.
             with StopSignals(cfg.train.stop_signals) as signals:
                 results, history = _train_and_evaluate(cfg, ctx, backbone, data, run, signals, record)
+        if cfg.train.compare_zeroshot and (method.trains_prompts or method.fits):  # zero-shot itself: no
+            extra[ZEROSHOT_KEY] = _zeroshot(cfg, ctx, backbone, data)
         _write_results(run, cfg, results, extra)
-        log_results(results, split)
+        log_results(results, split, extra.get(ZEROSHOT_KEY), method_label(cfg.method))
         return RunResult(run.path, results, history)
     finally:
         early_log.close()

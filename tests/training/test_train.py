@@ -200,3 +200,17 @@ def test_metrics_are_mirrored_to_tensorboard(default_run):
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [e.step for e in losses] == [r["epoch"] for r in epochs]
     assert [e.value for e in losses] == pytest.approx([r["loss"] for r in epochs])
+
+
+def test_compare_zeroshot_scores_zero_shot_clip_beside_the_run(tmp_path, small_data_root, caplog):
+    caplog.set_level("INFO", logger="softcpt_dist")
+    rc = main(["train", "--config", str(REPO / "configs/default.yaml"), f"data.root={small_data_root}",
+               f"train.output_dir={tmp_path}", "train.run_name=cmp", "optim.epochs=1", "train.progress=false",
+               "train.compare_zeroshot=true", "data.synthetic.train_per_class=6", "data.synthetic.val_per_class=2",
+               "data.synthetic.test_per_class=3", "data.synthetic.image_size=32", "data.synthetic.seed=3"])
+    assert rc == 0
+    results = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    zeroshot = results["zero_shot"]
+    assert set(zeroshot["tasks"]) == set(results["tasks"]) == set(CHANCE)
+    assert zeroshot["mean"] == pytest.approx(sum(t["value"] for t in zeroshot["tasks"].values()) / len(CHANCE))
+    assert any("softcpt-NATA" in r.message and "zero-shot" in r.message for r in caplog.records)

@@ -1,0 +1,34 @@
+"""Config sections of the micro world: ``model.micro`` (pre-training the micro CLIP) and ``data.micro``
+(its few-shot group)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from softcpt_dist.config_fields import non_negative, positive
+
+
+@dataclass
+class MicroPretrainConfig:
+    """``model.pretrained=micro``: a CLIP of ``model.arch`` pre-trained contrastively on the micro world
+    (AdamW, linear warm-up, cosine to zero), cached under ``dir`` in one file per arch and settings."""
+
+    dir: str = "data/micro"
+    seed: int = 0  # initialisation and the pre-training scenes
+    steps: int = positive(700)
+    batch_size: int = positive(128)  # scenes (and captions) per step; each step draws fresh ones
+    lr: float = positive(0.002)
+    weight_decay: float = non_negative(0.1)
+    warmup_steps: int = non_negative(20)
+    log_every: int = positive(25)  # steps per loss-curve point and log line
+
+
+@dataclass
+class MicroGroupConfig:
+    """``data.dataset=micro``: one task per attribute of the micro world, written to ``data.root`` on first
+    use; test images show only combinations that pre-training holds out."""
+
+    train_per_class: int = positive(32)
+    val_per_class: int = positive(8)
+    test_per_class: int = positive(50)
+    seed: int = 0
