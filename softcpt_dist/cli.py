@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--index", type=int, help="run this run (default $SLURM_ARRAY_TASK_ID) unless it finished")
     sw.add_argument("--list", action="store_true", help="list the runs and their states (the default)")
     sw.add_argument("--count", action="store_true", help="print the number of runs (for sbatch --array)")
+    sw.add_argument("--all", action="store_true", help="run every unfinished run, one after another, in this process")
     sw.add_argument("extra", nargs="*", help="key=value overrides added to every run, before any --index")
     rep = sub.add_parser("report", help="the paper's tables (mean ± std over seeds) from finished runs")
     rep.add_argument("runs", nargs="+", type=Path, help="run folders, or folders to search for them")
@@ -212,24 +213,37 @@ def _profile(args) -> int:
 
 
 def _sweep(args) -> int:
-    from softcpt_dist.files import atomic_write_text
     from softcpt_dist.sweep import listing, load_sweep
     sweep = load_sweep(args.file)
     if args.count:
         print(len(sweep.runs))
         return 0
+    if args.all:
+        from softcpt_dist.training.signals import EXIT_PREEMPTED
+        codes = []
+        for run in sweep.runs:
+            codes.append(_sweep_run(sweep, run, args.extra))
+            if codes[-1] == EXIT_PREEMPTED:  # a stop signal stops the sweep too (rerun --all to go on)
+                return EXIT_PREEMPTED
+        print(listing(sweep))
+        return 1 if any(codes) else 0
     index = args.index if args.index is not None else os.environ.get("SLURM_ARRAY_TASK_ID")
     if index is None or args.list:
         print(listing(sweep))
         return 0
     if not 0 <= int(index) < len(sweep.runs):
         raise ConfigError(f"sweep {args.file}: index {index} is outside 0..{len(sweep.runs) - 1}")
-    run = sweep.runs[int(index)]
+    return _sweep_run(sweep, sweep.runs[int(index)], args.extra)
+
+
+def _sweep_run(sweep, run, extra: List[str]) -> int:
+    """Run one run of ``sweep`` unless it finished; record its exit code beside the run folders."""
+    from softcpt_dist.files import atomic_write_text
     if sweep.state(run) == "finished":
         logger.info("sweep run %d (%s) finished already: skipped", run.index, run.name)
         return 0
     logger.info("sweep run %d of %d: %s", run.index, len(sweep.runs), run.name)
-    rc = main(["train", "--config", *sweep.configs, *run.overrides, *args.extra])
+    rc = main(["train", "--config", *sweep.configs, *run.overrides, *extra])
     from softcpt_dist.distributed import world_info_from_env
     if world_info_from_env().rank == 0:  # failed runs are listed by --list from this record
         status = sweep.status_file(run)

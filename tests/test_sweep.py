@@ -102,3 +102,14 @@ def test_the_micro_comparison_sweep_resolves(monkeypatch):
                for c in configs}
     assert len(methods) == 7 and {c.data.dataset for c in configs} == {"micro"}
     assert {c.model.pretrained for c in configs} == {"micro"}
+
+
+def test_all_runs_every_unfinished_run_in_one_process(tmp_path, small_data_root, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"overrides: [train.output_dir={tmp_path / 'runs'}, data.root={small_data_root}, "
+                    "method.name=zeroshot, train.progress=false]\ngrid:\n  train.seed: [1, 2]\nname: 's{train.seed}'\n")
+    (tmp_path / "runs" / "s1").mkdir(parents=True)
+    (tmp_path / "runs" / "s1" / "results.json").write_text("{}")  # finished: skipped
+    assert main(["sweep", str(path), "--all"]) == 0
+    assert (tmp_path / "runs" / "s2" / "results.json").is_file()
+    assert capsys.readouterr().out.splitlines()[-1] == "2 runs: 2 finished"

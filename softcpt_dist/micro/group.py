@@ -1,8 +1,9 @@
-"""The micro world's few-shot group (``data.dataset=micro``): one task per attribute, as image files.
+"""The micro world's few-shot group (``data.dataset=micro``): one task per learnt attribute, as image files.
 
 Each image is a scene with the task's attribute set to the class and every other attribute drawn at
-random; train and val scenes show combinations pre-training saw, test scenes only held-out ones
-(``softcpt_dist.micro.world.held_out``). Written as PNG files in the ``task_folders`` layout, so every
+random among the combinations pre-training held out (``softcpt_dist.micro.world.held_out``): the group
+is a downstream domain that the micro CLIP never saw, few-shot training images included, as benchmark
+images are for real CLIP. Written as PNG files in the ``task_folders`` layout, so every
 reader path, the feature cache and ``data check`` treat it like user data.
 """
 
@@ -22,11 +23,13 @@ from softcpt_dist.micro.settings import MicroGroupConfig
 from softcpt_dist.micro.world import ATTRIBUTES, WORLD_VERSION, render, sample_scene
 
 logger = logging.getLogger(__name__)
+GROUP_VERSION = 2  # bump when the group's tasks or sampling change
 STAMP = "micro_group.json"  # what the folder was generated with; a mismatch is refused, never overwritten
 
-# Task names and zero-shot templates in the captions' own words.
+# Task names and zero-shot templates in the captions' own words. Shape is in the captions but not a task:
+# the micro CLIP's few minutes of pre-training leave it at chance (zero-shot ~20 % of 6 shapes; a linear
+# probe of its image features ~30 % on seen scenes), so no method could be compared on it.
 TASKS = (
-    TaskSpec("shape", "object shape", ATTRIBUTES["shape"], "accuracy", "a photo of a {}."),
     TaskSpec("colour", "object colour", ATTRIBUTES["colour"], "accuracy", "a photo of a {} object."),
     TaskSpec("size", "object size", ATTRIBUTES["size"], "accuracy", "a photo of a {} object."),
     TaskSpec("count", "number of objects", ATTRIBUTES["count"], "accuracy", "a photo of {} objects."),
@@ -37,7 +40,8 @@ TASKS = (
 
 
 def _stamp(cfg: MicroGroupConfig) -> dict:
-    return {"world_version": WORLD_VERSION, "seed": cfg.seed, "train_per_class": cfg.train_per_class,
+    return {"world_version": WORLD_VERSION, "group_version": GROUP_VERSION, "seed": cfg.seed,
+            "train_per_class": cfg.train_per_class,
             "val_per_class": cfg.val_per_class, "test_per_class": cfg.test_per_class}
 
 
@@ -70,7 +74,7 @@ def write_group(root: str | Path, cfg: MicroGroupConfig = MicroGroupConfig()) ->
                 key = f"{cfg.seed}:group:{split}:{task.key}:{label}"
                 rng = random.Random(key)
                 for n in range(per_split[split]):
-                    scene = sample_scene(rng, novel=split == "test", fixed={task.key: label})
+                    scene = sample_scene(rng, novel=True, fixed={task.key: label})
                     image = render(scene, f"{key}:{n}").permute(1, 2, 0).numpy()
                     Image.fromarray(image).save(folder / f"{n:04d}.png")
     atomic_write_text(root / STAMP, json.dumps(_stamp(cfg), indent=2))

@@ -15,7 +15,7 @@ class MicroPretrainConfig:
 
     dir: str = "data/micro"
     seed: int = 0  # initialisation and the pre-training scenes
-    steps: int = positive(700)
+    steps: int = positive(600)
     batch_size: int = positive(128)  # scenes (and captions) per step; each step draws fresh ones
     lr: float = positive(0.002)
     weight_decay: float = non_negative(0.1)

@@ -5,7 +5,7 @@ Library API (stable)::
     from softcpt_dist.config import load_config
     from softcpt_dist import training
 
-    result = training.run(load_config(["configs/default.yaml"], ["optim.epochs=5"]))
+    result = training.run(load_config(["configs/synthetic.yaml"], ["optim.epochs=5"]))
     result.path, result.results["mean"], result.history[-1]["loss"]
     training.run_eval(cfg, result.path / "prompt_checkpoint.pt")
     record = training.profile(cfg)  # softcpt-dist profile: time split, FLOPs, MFU (profile.json's content)

@@ -27,7 +27,7 @@ def _demo(tmp: Path, name: str, enabled: str, interpret: bool) -> Path:
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    cmd = [sys.executable, "-m", "softcpt_dist.cli", "train", "--config", str(REPO / "configs/default.yaml"),
+    cmd = [sys.executable, "-m", "softcpt_dist.cli", "train", "--config", str(REPO / "configs/synthetic.yaml"),
            f"data.root={tmp / 'data'}", f"train.output_dir={tmp / 'runs'}", f"train.run_name={name}",
            f"kernels.enabled={enabled}", f"optim.epochs={EPOCHS}", "train.progress=false"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)

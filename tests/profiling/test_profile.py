@@ -15,7 +15,7 @@ WARMUP, STEPS, BATCH = 1, 4, 8
 
 
 def _args(root, out, *extra):
-    return ["profile", "--config", str(REPO / "configs/default.yaml"), f"data.root={root}", "data.shots=0",
+    return ["profile", "--config", str(REPO / "configs/synthetic.yaml"), f"data.root={root}", "data.shots=0",
             f"optim.batch_size={BATCH}", f"train.output_dir={out}", "train.progress=false", "--warmup", str(WARMUP),
             "--steps", str(STEPS), "--out", str(out / "profile"), *extra]
 

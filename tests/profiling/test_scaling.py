@@ -17,7 +17,7 @@ PNGS = ("throughput.png", "efficiency.png", "memory.png", "step_split.png")
 @pytest.fixture(scope="module")
 def study(small_data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("scaling") / "study"
-    args = ["scaling", "run", "--config", str(REPO / "configs/default.yaml"), "--ranks", "1", "2", "--warmup", "1",
+    args = ["scaling", "run", "--config", str(REPO / "configs/synthetic.yaml"), "--ranks", "1", "2", "--warmup", "1",
             "--steps", "3", "--out", str(out), f"data.root={small_data_root}", "data.shots=0", "optim.batch_size=8",
             "train.progress=false"]
     assert main(args) == 0
@@ -88,6 +88,6 @@ def test_collect_infers_weak_scaling(study, tmp_path):
 def test_bad_input_is_named(tmp_path, caplog, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if args[0] == "run":
-        args[1:1] = ["--config", str(REPO / "configs/default.yaml")]
+        args[1:1] = ["--config", str(REPO / "configs/synthetic.yaml")]
     assert main(["scaling", *args]) == 2
     assert message in caplog.text

@@ -20,7 +20,7 @@ pytestmark = needs_slurm
 
 
 def _train_args(root, out, epochs):
-    return ["--config", str(REPO / "configs/default.yaml"), f"data.root={root}", "data.shots=0",
+    return ["--config", str(REPO / "configs/synthetic.yaml"), f"data.root={root}", "data.shots=0",
             "data.train_augment=none", "optim.batch_size=8", f"optim.epochs={epochs}", "optim.lr=0.05",
             f"train.output_dir={out}", "train.progress=false", "train.log_every=1"]
 
@@ -93,7 +93,7 @@ def test_array_sweep_then_report(small_data_root, tmp_path):
 
     sweep_file = tmp_path / "seeds.yaml"
     sweep_file.write_text(
-        f"configs: [{REPO / 'configs/default.yaml'}]\n"
+        f"configs: [{REPO / 'configs/synthetic.yaml'}]\n"
         f"overrides: [data.root={small_data_root}, data.shots=0, optim.batch_size=8, optim.epochs=2, "
         f"train.output_dir={tmp_path / 'runs'}, train.progress=false]\n"
         "grid:\n  train.seed: [1, 2]\nname: 'nata-seed{train.seed}'\n")
@@ -121,7 +121,7 @@ def test_profile_and_scaling_jobs(small_data_root, tmp_path):
     """profile.sbatch on 2 tasks, and scaling.sbatch running its points (1 and 2 ranks) as srun steps."""
     import csv
 
-    common = ["--config", str(REPO / "configs/default.yaml"), "--warmup", "1", "--steps", "3",
+    common = ["--config", str(REPO / "configs/synthetic.yaml"), "--warmup", "1", "--steps", "3",
               f"data.root={small_data_root}", "data.shots=0", "optim.batch_size=8", "train.progress=false"]
     for script, extra, env in [("profile.sbatch", [], _job_env(PROFILE_OUT=str(tmp_path / "prof"))),
                                ("scaling.sbatch", ["--ranks", "1", "2"], _job_env(SCALING_OUT=str(tmp_path / "study")))]:

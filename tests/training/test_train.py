@@ -1,4 +1,5 @@
-"""End-to-end training: the default job learns, runs are reproducible, CLIP stays frozen, stepping modes."""
+"""End-to-end training on the pipeline check (configs/synthetic.yaml): it learns, runs are reproducible, CLIP
+stays frozen, stepping modes."""
 
 import copy
 import json
@@ -25,9 +26,9 @@ CHANCE = {"colour": 20.0, "tone": 100 / 3, "size": 50.0, "pattern": 100 / 3}
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """The README's default job, in-process, with its data and runs in a temp folder."""
+    """The pipeline check (random-init CLIP, the synthetic 4 tasks), in-process, in a temp folder."""
     tmp = tmp_path_factory.mktemp("default-job")
-    rc = main(["train", "--config", str(REPO / "configs/default.yaml"), f"data.root={tmp / 'data'}",
+    rc = main(["train", "--config", str(REPO / "configs/synthetic.yaml"), f"data.root={tmp / 'data'}",
                f"train.output_dir={tmp / 'runs'}", "train.progress=false"])
     assert rc == 0
     return tmp / "runs" / "demo"
@@ -204,7 +205,7 @@ def test_metrics_are_mirrored_to_tensorboard(default_run):
 
 def test_compare_zeroshot_scores_zero_shot_clip_beside_the_run(tmp_path, small_data_root, caplog):
     caplog.set_level("INFO", logger="softcpt_dist")
-    rc = main(["train", "--config", str(REPO / "configs/default.yaml"), f"data.root={small_data_root}",
+    rc = main(["train", "--config", str(REPO / "configs/synthetic.yaml"), f"data.root={small_data_root}",
                f"train.output_dir={tmp_path}", "train.run_name=cmp", "optim.epochs=1", "train.progress=false",
                "train.compare_zeroshot=true", "data.synthetic.train_per_class=6", "data.synthetic.val_per_class=2",
                "data.synthetic.test_per_class=3", "data.synthetic.image_size=32", "data.synthetic.seed=3"])
