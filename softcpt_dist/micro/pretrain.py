@@ -26,6 +26,7 @@ import softcpt_dist  # noqa: F401  (applies the torchvision import shim before o
 import open_clip
 
 from softcpt_dist.micro.settings import MicroPretrainConfig
+from softcpt_dist.model.arch_configs import ensure_builtin_configs
 from softcpt_dist import distributed as D
 from softcpt_dist.files import atomic_torch_save, atomic_write_text, exclusive
 from softcpt_dist.micro.world import WORLD_VERSION, caption, render_batch, sample_scene
@@ -84,7 +85,6 @@ def _lr(step: int, cfg) -> float:
 def pretrain(arch: str, cfg: MicroPretrainConfig, out: Path, show_progress: bool = True) -> Path:
     """Pre-train ``arch`` from random init on the micro world; save its state dict to ``out`` (atomic) with
     ``<out>.json`` beside it (settings, loss curve, time)."""
-    from softcpt_dist.model.backbone import ensure_builtin_configs
     ensure_builtin_configs()
     p = cfg
     torch.manual_seed(cfg.seed)

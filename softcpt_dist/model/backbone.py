@@ -19,21 +19,14 @@ import softcpt_dist  # noqa: F401  (applies the torchvision import shim before o
 import open_clip
 
 from softcpt_dist.config import ConfigError, KernelsConfig, ModelConfig, TextConfig, validate_section
+from softcpt_dist.model.arch_configs import ensure_builtin_configs  # noqa: F401  (re-exported)
 from softcpt_dist.model.text_encoder import TextEncoder, text_tower
 from softcpt_dist.model.weights import WeightsError, load_into, local_weights
 
 logger = logging.getLogger(__name__)
 
-_MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 MICRO = "micro"  # model.pretrained: the micro CLIP (softcpt_dist.micro), pre-trained on first use
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # model.precision's choices
-
-
-def ensure_builtin_configs() -> None:
-    """Make the project's tiny test architectures known to open_clip (idempotent)."""
-    names = {p.stem for p in _MODEL_CONFIG_DIR.glob("*.json")}
-    if not names.issubset(open_clip.list_models()):
-        open_clip.add_model_config(_MODEL_CONFIG_DIR)
 
 
 class ImageEncoder(nn.Module):
