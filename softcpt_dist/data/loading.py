@@ -59,9 +59,7 @@ def ensure_builtin_data(cfg: DataConfig) -> None:
     if cfg.dataset not in ("synthetic", "micro"):
         return
     with exclusive(root):
-        if cfg.dataset == "micro" and check_group(root, cfg.micro):
-            return
-        if (root / MANIFEST).is_file() and cfg.dataset == "synthetic":
+        if check_group(root, cfg.micro) if cfg.dataset == "micro" else (root / MANIFEST).is_file():
             return
         if not cfg.generate_if_missing:
             raise DataError(f"built-in dataset not found at {root} (data.generate_if_missing=false)")

@@ -86,7 +86,6 @@ def pretrain(arch: str, cfg: MicroPretrainConfig, out: Path, show_progress: bool
     """Pre-train ``arch`` from random init on the micro world; save its state dict to ``out`` (atomic) with
     ``<out>.json`` beside it (settings, loss curve, time)."""
     ensure_builtin_configs()
-    p = cfg
     torch.manual_seed(cfg.seed)
     model = open_clip.create_model(arch, pretrained=None)
     tokenizer = open_clip.get_tokenizer(arch)
@@ -94,15 +93,15 @@ def pretrain(arch: str, cfg: MicroPretrainConfig, out: Path, show_progress: bool
     size = pre["size"] if isinstance(pre["size"], int) else pre["size"][0]
     mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1) * 255
     std = torch.tensor(pre["std"]).view(1, 3, 1, 1) * 255
-    opt = torch.optim.AdamW(_param_groups(model, p.weight_decay), lr=p.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     model.train()
     curve, start, window = [], time.time(), []
-    logger.info("pre-training %s on the micro world: %d steps of %d scenes", arch, p.steps, p.batch_size)
-    bar = progress(range(p.steps), desc="pretrain-micro", enabled=show_progress)
+    logger.info("pre-training %s on the micro world: %d steps of %d scenes", arch, cfg.steps, cfg.batch_size)
+    bar = progress(range(cfg.steps), desc="pretrain-micro", enabled=show_progress)
     for step in bar:
-        images, tokens = scene_batch(cfg.seed, step, p.batch_size, tokenizer, size)
+        images, tokens = scene_batch(cfg.seed, step, cfg.batch_size, tokenizer, size)
         for group in opt.param_groups:
-            group["lr"] = _lr(step, p)
+            group["lr"] = _lr(step, cfg)
         image_f, text_f, scale = model((images.float() - mean) / std, tokens)[:3]
         logits = scale * image_f @ text_f.t()
         target = torch.arange(len(logits))
@@ -113,17 +112,17 @@ def pretrain(arch: str, cfg: MicroPretrainConfig, out: Path, show_progress: bool
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         window.append(loss.item())
-        if len(window) == p.log_every or step + 1 == p.steps:
+        if len(window) == cfg.log_every or step + 1 == cfg.steps:
             mean_loss = sum(window) / len(window)
             curve.append({"step": step + 1, "loss": round(mean_loss, 4), "lr": opt.param_groups[0]["lr"]})
-            logger.info("pretrain-micro step %d/%d  loss %.4f  logit scale %.1f  %.0f s", step + 1, p.steps,
+            logger.info("pretrain-micro step %d/%d  loss %.4f  logit scale %.1f  %.0f s", step + 1, cfg.steps,
                         mean_loss, model.logit_scale.exp().item(), time.time() - start)
             bar.set_postfix(loss=f"{mean_loss:.3f}")
             window = []
     seconds = time.time() - start
     atomic_torch_save(model.state_dict(), out)
     atomic_write_text(out.with_suffix(".json"), json.dumps({
-        "arch": arch, "world_version": WORLD_VERSION, "settings": asdict(p),
+        "arch": arch, "world_version": WORLD_VERSION, "settings": asdict(cfg),
         "seconds": round(seconds, 1), "curve": curve}, indent=2))
     logger.info("pre-trained %s in %.0f s: %s", arch, seconds, out)
     return out
