@@ -183,7 +183,9 @@ def _gather_worker(rank, world, port, queue):
     loss.backward()
     grad = weight.grad.clone()
     dist.all_reduce(grad)
-    queue.put((rank, feats.detach(), grad / world))  # averaged over ranks, as DeepSpeed does
+    # Plain lists, not tensors: a tensor on a queue is shared through a file descriptor the parent must fetch
+    # from this process while it is alive, and this process may have exited by then.
+    queue.put((rank, feats.detach().tolist(), (grad / world).tolist()))  # averaged over ranks, as DeepSpeed does
     dist.destroy_process_group()
 
 
@@ -197,7 +199,7 @@ def test_gather_rows_returns_every_share_and_the_global_gradient():
     procs = [ctx.Process(target=_gather_worker, args=(r, world, port, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    results = dict((r, (f, g)) for r, f, g in (queue.get(timeout=120) for _ in procs))
+    results = {r: (torch.tensor(f), torch.tensor(g)) for r, f, g in (queue.get(timeout=120) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
