@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -98,6 +99,26 @@ def prebuild_ops() -> Dict[str, str]:
     return built
 
 
+SHM_OP = "deepspeed_shm_comm"
+
+
+@contextmanager
+def no_shm_op_for_one_rank(deepspeed, world_size: int):
+    """DeepSpeed's CPU communication backend JIT-compiles its shared-memory collective op when it starts
+    (about 30 s on a fresh machine), even for one process, which has no peer to share memory with. For
+    one rank the op is marked unavailable while the backend starts; with several it is built as before."""
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if world_size != 1 or not isinstance(compatible, dict) or SHM_OP not in compatible:
+        yield
+        return
+    before = compatible[SHM_OP]
+    compatible[SHM_OP] = False
+    try:
+        yield
+    finally:
+        compatible[SHM_OP] = before
+
+
 def check_repeated_steps(k: int, ecfg: EngineConfig) -> None:
     """``k`` optimizer steps per gradient (official stepping) need a plain, unpartitioned optimizer."""
     if k > 1 and (ecfg.zero_stage > 0 or ecfg.grad_clip > 0 or ecfg.grad_accum_steps > 1):
@@ -147,7 +168,7 @@ class TrainEngine:
         self.optimizer = build_optimizer(model.learnable_parameters().values(), optim)
         self.schedule = EpochLRSchedule(self.optimizer, optim)
         self.ds_config = deepspeed_config(ecfg, D.world_size(), micro_batch)  # the process group's, as the loader's
-        with launcher_env(world):
+        with launcher_env(world), no_shm_op_for_one_rank(deepspeed, D.world_size()):
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config,
                                                         dist_init_required=False)
         # DeepSpeed reads its checkpoint files with weights_only=False, which would run any code a file

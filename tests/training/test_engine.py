@@ -9,7 +9,7 @@ from softcpt_dist.kernels import cosine_ce  # the loss dispatcher: its torch pat
 from softcpt_dist import seeding
 from softcpt_dist.cli import main
 from softcpt_dist.config import ConfigError, load_config
-from softcpt_dist.training.engine import deepspeed_config, micro_batch_size
+from softcpt_dist.training.engine import SHM_OP, deepspeed_config, micro_batch_size, no_shm_op_for_one_rank
 from softcpt_dist.model.loss import multitask_cross_entropy
 from softcpt_dist.model import build_method
 from softcpt_dist.model import PromptClassifier
@@ -128,3 +128,17 @@ def test_a_fresh_run_under_an_old_name_drops_its_checkpoints(small_data_root, tm
     before = state.stat().st_mtime_ns
     assert main(_args(small_data_root, tmp_path, "again", "optim.epochs=1", "optim.lr=0.5")) == 0
     assert state.stat().st_mtime_ns != before  # written by the new run, not kept from the old one
+
+
+def test_one_rank_starts_deepspeed_without_building_its_shared_memory_op():
+    """One process has no peer: DeepSpeed's shared-memory collective (a 30 s JIT build on a fresh machine)
+    is marked unavailable while its backend starts, and restored after; several ranks keep it."""
+    import types
+    fake = types.SimpleNamespace(ops=types.SimpleNamespace(__compatible_ops__={SHM_OP: True}))
+    with no_shm_op_for_one_rank(fake, world_size=1):
+        assert fake.ops.__compatible_ops__[SHM_OP] is False
+    assert fake.ops.__compatible_ops__[SHM_OP] is True
+    with no_shm_op_for_one_rank(fake, world_size=2):
+        assert fake.ops.__compatible_ops__[SHM_OP] is True
+    from softcpt_dist.training.engine import import_deepspeed
+    assert SHM_OP in import_deepspeed().ops.__compatible_ops__  # the name DeepSpeed uses today
