@@ -256,6 +256,9 @@ def validate_section(section, prefix: str) -> None:
             if value not in f.metadata["choices"]:
                 raise ConfigError(f"{key}={value!r} is not one of {list(f.metadata['choices'])}")
             setattr(section, f.name, value)
+        elif "length" in f.metadata:
+            if len(value) != f.metadata["length"] or min(value) <= 0:
+                raise ConfigError(f"{key} must be {f.metadata['length']} numbers > 0, got {list(value)}")
         elif f.metadata.get("positive") and value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
         elif f.metadata.get("non_negative") and value < 0:

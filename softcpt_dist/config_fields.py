@@ -23,6 +23,11 @@ def positive(default):
     return field(default=default, metadata={"positive": True})
 
 
+def positive_list(default: list):
+    """A list field of ``len(default)`` numbers, each > 0 (e.g. per-channel gains)."""
+    return field(default_factory=lambda: list(default), metadata={"positive": True, "length": len(default)})
+
+
 def non_negative(default):
     """A field that must be >= 0."""
     return field(default=default, metadata={"non_negative": True})

@@ -3,8 +3,10 @@
 Each image is a scene with the task's attribute set to the class and every other attribute drawn at
 random among the combinations pre-training held out (``softcpt_dist.micro.world.held_out``): the group
 is a downstream domain that the micro CLIP never saw, few-shot training images included, as benchmark
-images are for real CLIP. Written as PNG files in the ``task_folders`` layout, so every
-reader path, the feature cache and ``data check`` treat it like user data.
+images are for real CLIP. They are also taken with another camera (``data.micro.zoom``, ``colour_gain``):
+a consistent shift that zero-shot prompts cannot know and a few labelled shots reveal. Written as PNG
+files in the ``task_folders`` layout, so every reader path, the feature cache and ``data check`` treat it
+like user data.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from softcpt_dist.data.task_folders import MANIFEST, SPLITS, write_task_manifest
 from softcpt_dist.data.tasks import DataError, TaskSpec
 from softcpt_dist.files import atomic_write_text
 from softcpt_dist.micro.settings import MicroGroupConfig
-from softcpt_dist.micro.world import ATTRIBUTES, WORLD_VERSION, render, sample_scene
+from softcpt_dist.micro.world import ATTRIBUTES, WORLD_VERSION, Camera, render, sample_scene
 
 logger = logging.getLogger(__name__)
-GROUP_VERSION = 2  # bump when the group's tasks or sampling change
+GROUP_VERSION = 3  # bump when the group's tasks or sampling change
 STAMP = "micro_group.json"  # what the folder was generated with; a mismatch is refused, never overwritten
 
 # Task names and zero-shot templates in the captions' own words. Shape is in the captions but not a task:
@@ -42,7 +44,8 @@ TASKS = (
 def _stamp(cfg: MicroGroupConfig) -> dict:
     return {"world_version": WORLD_VERSION, "group_version": GROUP_VERSION, "seed": cfg.seed,
             "train_per_class": cfg.train_per_class,
-            "val_per_class": cfg.val_per_class, "test_per_class": cfg.test_per_class}
+            "val_per_class": cfg.val_per_class, "test_per_class": cfg.test_per_class,
+            "zoom": cfg.zoom, "colour_gain": list(cfg.colour_gain)}
 
 
 def check_group(root: Path, cfg: MicroGroupConfig) -> bool:
@@ -56,7 +59,8 @@ def check_group(root: Path, cfg: MicroGroupConfig) -> bool:
     found = json.loads(stamp_file.read_text())
     if found != _stamp(cfg):
         raise DataError(f"data.root={root} holds a micro group made with {found}, not the configured {_stamp(cfg)}; "
-                        "set data.root to another folder (or remove that one)")
+                        "set data.root to another folder, or remove that one (it is generated: the next run writes "
+                        "it anew; runs made on it keep their results)")
     return True
 
 
@@ -65,6 +69,7 @@ def write_group(root: str | Path, cfg: MicroGroupConfig = MicroGroupConfig()) ->
     root = Path(root)
     if check_group(root, cfg):
         return root
+    camera = Camera(cfg.zoom, tuple(cfg.colour_gain))
     per_split = {"train": cfg.train_per_class, "val": cfg.val_per_class, "test": cfg.test_per_class}
     for split in SPLITS:
         for task in TASKS:
@@ -75,7 +80,7 @@ def write_group(root: str | Path, cfg: MicroGroupConfig = MicroGroupConfig()) ->
                 rng = random.Random(key)
                 for n in range(per_split[split]):
                     scene = sample_scene(rng, novel=True, fixed={task.key: label})
-                    image = render(scene, f"{key}:{n}").permute(1, 2, 0).numpy()
+                    image = render(scene, f"{key}:{n}", camera=camera).permute(1, 2, 0).numpy()
                     Image.fromarray(image).save(folder / f"{n:04d}.png")
     atomic_write_text(root / STAMP, json.dumps(_stamp(cfg), indent=2))
     write_task_manifest(root, TASKS)  # last: marks a complete group

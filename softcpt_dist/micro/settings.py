@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List
 
-from softcpt_dist.config_fields import non_negative, positive
+from softcpt_dist.config_fields import non_negative, positive, positive_list
 
 
 @dataclass
@@ -26,9 +27,13 @@ class MicroPretrainConfig:
 @dataclass
 class MicroGroupConfig:
     """``data.dataset=micro``: one task per attribute of the micro world, written to ``data.root`` on first
-    use; test images show only combinations that pre-training holds out."""
+    use; every image shows a combination that pre-training holds out, through the group's own camera."""
 
     train_per_class: int = positive(32)
     val_per_class: int = positive(8)
     test_per_class: int = positive(50)
     seed: int = 0
+    # The group's camera (softcpt_dist.micro.world.Camera); pre-training's is zoom 1 and gains 1. Zoomed
+    # in 1.4x, a "small" object looks medium and a "medium" one large: zero-shot prompts cannot know that.
+    zoom: float = positive(1.4)
+    colour_gain: List[float] = positive_list([1.0, 1.0, 1.0])  # R, G, B

@@ -53,6 +53,23 @@ def sample_scene(rng: random.Random, novel: bool = False, fixed: Dict[str, int] 
     raise ValueError(f"no {'novel' if novel else 'seen'} scene has {fixed}")
 
 
+@dataclass(frozen=True)
+class Camera:
+    """How a set of images is taken: pre-training uses the identity camera; the few-shot group's camera
+    differs (zoomed in, a colour cast), a consistent shift of the kind benchmark images show against web
+    images, which zero-shot prompts cannot know and a few labelled shots reveal."""
+
+    zoom: float = 1.0  # object radius factor
+    colour_gain: tuple = (1.0, 1.0, 1.0)  # per RGB channel, on the finished picture
+
+    def __post_init__(self):
+        if self.zoom <= 0 or len(self.colour_gain) != 3 or min(self.colour_gain) <= 0:
+            raise ValueError(f"a camera needs zoom > 0 and three positive colour gains, not {self}")
+
+
+PRETRAINING_CAMERA = Camera()
+
+
 @dataclass
 class _Layout:
     """Per-scene random nuisances, drawn once per scene from its generator."""
@@ -67,9 +84,9 @@ class _Layout:
     orientation: int
 
 
-def _layout(rng: random.Random, scene: Dict[str, int], size: int) -> _Layout:
+def _layout(rng: random.Random, scene: Dict[str, int], size: int, zoom: float) -> _Layout:
     k = scene["count"] + 1
-    r = rng.uniform(*_RADIUS[ATTRIBUTES["size"][scene["size"]]]) * size / 64
+    r = rng.uniform(*_RADIUS[ATTRIBUTES["size"][scene["size"]]]) * size / 64 * zoom
     third = size / 3
     x0 = third * scene["position"]
     slot = size / k  # the objects stand one above the other, each in its own slot
@@ -85,7 +102,7 @@ def _layout(rng: random.Random, scene: Dict[str, int], size: int) -> _Layout:
     base = tuple(min(255, max(0, c + rng.randint(-12, 12))) for c in bg)
     shade = tuple(min(255, max(0, c + delta)) for c in base)
     return _Layout(centres, r, rng.uniform(0, 2 * math.pi), fill, (base, shade),
-                   rng.uniform(5.0, 8.0) * size / 64, rng.uniform(0, 1), rng.randrange(3))
+                   rng.uniform(5.0, 8.0) * size / 64 * zoom, rng.uniform(0, 1), rng.randrange(3))
 
 
 def _pattern_mask(name: str, lay: _Layout, yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
@@ -130,10 +147,10 @@ def _shape_distance(name: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     raise ValueError(f"unknown shape {name!r}")
 
 
-def render(scene: Dict[str, int], seed, size: int = 64) -> torch.Tensor:
+def render(scene: Dict[str, int], seed, size: int = 64, camera: Camera = PRETRAINING_CAMERA) -> torch.Tensor:
     """One scene as a ``[3, size, size]`` uint8 image; deterministic in ``seed`` (any hashable)."""
     rng = random.Random(str(seed))
-    lay = _layout(rng, scene, size)
+    lay = _layout(rng, scene, size, camera.zoom)
     coords = torch.arange(size, dtype=torch.float32) + 0.5
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     base, shade = (torch.tensor(c, dtype=torch.float32).view(3, 1, 1) for c in lay.shade)
@@ -147,6 +164,8 @@ def render(scene: Dict[str, int], seed, size: int = 64) -> torch.Tensor:
         u, v = cos * dx + sin * dy, -sin * dx + cos * dy
         alpha = (0.5 - _shape_distance(shape, u, v) * lay.radius).clamp(0, 1)  # one-pixel anti-aliased edge
         img = img * (1 - alpha) + fill * alpha
+    if camera.colour_gain != PRETRAINING_CAMERA.colour_gain:
+        img = img * torch.tensor(camera.colour_gain, dtype=torch.float32).view(3, 1, 1)
     noise = torch.randn(img.shape, generator=torch.Generator().manual_seed(rng.getrandbits(62))) * 6.0
     return (img + noise).round().clamp(0, 255).to(torch.uint8)
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from softcpt_dist.cli import main
-from softcpt_dist.config import DataConfig, ModelConfig, load_config
+from softcpt_dist.config import ConfigError, DataConfig, ModelConfig, load_config
 from softcpt_dist.data.loading import ensure_builtin_data, read_dataset
 from softcpt_dist.data.tasks import DataError
 from softcpt_dist.micro.group import TASKS, write_group
 from softcpt_dist.micro.pretrain import micro_clip, weights_path
 from softcpt_dist.micro.settings import MicroGroupConfig, MicroPretrainConfig
-from softcpt_dist.micro.world import ATTRIBUTES, caption, held_out, render, sample_scene
+from softcpt_dist.micro.world import ATTRIBUTES, Camera, caption, held_out, render, sample_scene
 from softcpt_dist.model.backbone import build_backbone
 
 TINY_PRETRAIN = dict(steps=3, batch_size=8, warmup_steps=1, log_every=1)
@@ -42,6 +42,23 @@ def test_render_is_deterministic_and_seed_dependent():
     a, b, c = render(scene, "k"), render(scene, "k"), render(scene, "other")
     assert a.dtype == torch.uint8 and a.shape == (3, 64, 64)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_the_group_camera_zooms_in_and_casts_colour_and_the_identity_camera_changes_nothing():
+    scene = {a: 0 for a in ATTRIBUTES} | {"colour": 0, "background": 0, "pattern": 0}  # one red circle on plain black
+    plain = render(scene, "k")
+    assert torch.equal(render(scene, "k", camera=Camera()), plain)  # pre-training's images are unchanged
+    area = (plain[0].float() > 120).sum()
+    zoomed = (render(scene, "k", camera=Camera(zoom=1.4))[0].float() > 120).sum()
+    assert 1.6 < zoomed / area < 2.4  # ~1.4 ** 2
+    cast = render(scene, "k", camera=Camera(colour_gain=(1.0, 1.0, 0.5))).float()
+    assert torch.allclose(cast[:2].mean(), plain[:2].float().mean(), atol=0.5)
+    assert cast[2].mean() < 0.6 * plain[2].float().mean()
+    with pytest.raises(ValueError, match="camera"):
+        Camera(zoom=0)
+    for bad in ("data.micro.zoom=0", "data.micro.colour_gain=[1,1]", "data.micro.colour_gain=[1,0,1]"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config([], [bad])
 
 
 def test_captions_name_only_the_scenes_values():
@@ -73,9 +90,10 @@ def test_group_is_written_in_the_task_folders_layout_and_read_back(tmp_path):
 
 def test_group_folder_of_other_settings_or_data_is_refused(tmp_path, small_data_root):
     write_group(tmp_path / "group", SMALL_GROUP)
-    other = MicroGroupConfig(train_per_class=3, val_per_class=1, test_per_class=2, seed=5)
-    with pytest.raises(DataError, match="data.root=.*micro group made with"):
-        ensure_builtin_data(DataConfig(dataset="micro", root=str(tmp_path / "group"), micro=other))
+    for other in (MicroGroupConfig(train_per_class=3, val_per_class=1, test_per_class=2, seed=5),
+                  MicroGroupConfig(train_per_class=2, val_per_class=1, test_per_class=2, seed=5, zoom=1.0)):
+        with pytest.raises(DataError, match="data.root=.*micro group made with"):
+            ensure_builtin_data(DataConfig(dataset="micro", root=str(tmp_path / "group"), micro=other))
     with pytest.raises(DataError, match="not a micro group"):
         ensure_builtin_data(DataConfig(dataset="micro", root=str(small_data_root)))
 
