@@ -1,10 +1,10 @@
 """What the micro world is for: its pre-trained CLIP transfers zero-shot above chance on every task, and
-prompt tuning improves on zero-shot given enough shots.
+SoftCPT at 4 shots improves on zero-shot, as prompt tuning does on real benchmarks.
 
-The module pre-trains the micro CLIP once with the default settings (about 4.5 min here: shorter
-pre-training leaves the position task at chance), on the default group. SoftCPT NATA is tested at 16
-shots, where all three seeds of the README's comparison beat zero-shot (by 1.1 to 3.1 points); at 4
-shots it does not yet (the issue's target; see the README)."""
+The module pre-trains the micro CLIP once with the default settings (about 4 min here: shorter
+pre-training leaves the position task near chance) and writes the default group; each training run on
+it then takes seconds. SoftCPT NATA is the default job (4 shots), run with the paper's three seeds: their
+mean beats zero-shot by about 3 points (see the README's table)."""
 
 import json
 from pathlib import Path
@@ -38,6 +38,8 @@ def test_zero_shot_is_above_chance_on_every_task(world):
         assert results["tasks"][task.key]["value"] > chance + 5, (task.key, results["tasks"][task.key], chance)
 
 
-def test_softcpt_at_16_shots_beats_zero_shot_on_the_group_mean(world):
-    results = _train(world, "softcpt", "data.shots=16")
-    assert results["mean"] > results["zero_shot"]["mean"] + 1, (results["mean"], results["zero_shot"]["mean"])
+def test_softcpt_at_4_shots_beats_zero_shot_on_the_group_mean_over_three_seeds(world):
+    runs = [_train(world, f"softcpt-seed{seed}", f"train.seed={seed}") for seed in (1, 2, 3)]
+    assert all(r["shots"] == 4 for r in runs)
+    means, zero_shot = [r["mean"] for r in runs], runs[0]["zero_shot"]["mean"]
+    assert sum(means) / 3 > zero_shot + 1.5, (means, zero_shot)
