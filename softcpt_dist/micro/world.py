@@ -59,7 +59,7 @@ class Camera:
     differs (zoomed in, a colour cast), a consistent shift of the kind benchmark images show against web
     images, which zero-shot prompts cannot know and a few labelled shots reveal."""
 
-    zoom: float = 1.0  # object radius factor
+    zoom: float = 1.0  # factor on object radii and pattern periods
     colour_gain: tuple = (1.0, 1.0, 1.0)  # per RGB channel, on the finished picture
 
     def __post_init__(self):
