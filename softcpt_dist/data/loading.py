@@ -3,7 +3,7 @@
 ``data.dataset`` names a reader:
 
 - ``synthetic``: the built-in generated group (made on first use); ``micro``: the micro world's
-  7-task group (``softcpt_dist.micro``, made on first use); ``task_folders``: the same layout for user
+  6-task group (``softcpt_dist.micro``, made on first use); ``task_folders``: the same layout for user
   data (``tasks.json`` + ``<split>/<task key>/<class index>/``);
 - ``general10``, ``plant6``: the paper's groups from CoOp / official SoftCPT split files;
 - ``fashion20``: Fashion-20 (``images/<task id>/<class id>/`` + ``task_info.csv``);
