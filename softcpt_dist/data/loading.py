@@ -28,7 +28,6 @@ from softcpt_dist.data.synthetic import generate_synthetic
 from softcpt_dist.data.task_folders import MANIFEST, read_task_folders
 from softcpt_dist.data.tasks import DataError
 from softcpt_dist.files import exclusive
-from softcpt_dist.micro.group import check_group, write_group
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +57,8 @@ def ensure_builtin_data(cfg: DataConfig) -> None:
     root = Path(cfg.root)
     if cfg.dataset not in ("synthetic", "micro"):
         return
+    from softcpt_dist.micro.group import check_group, write_group  # micro builds on data: imported on use
+
     with exclusive(root):
         if check_group(root, cfg.micro) if cfg.dataset == "micro" else (root / MANIFEST).is_file():
             return
