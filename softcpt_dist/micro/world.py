@@ -2,8 +2,9 @@
 
 A scene is one to three identical objects (shape, colour, size) standing together in the left, middle
 or right third of a textured background (colour, pattern). Nuisances: rotation, placement, size and
-colour jitter, pattern period/phase/orientation, pixel noise. Rendering is a few torch operations per
-scene (a batch of 256 in well under a second), so pre-training draws fresh scenes every step.
+colour jitter, pattern period/phase/orientation, pixel noise. A batch renders in a few tensor operations
+(128 scenes in tens of milliseconds), so pre-training draws fresh scenes every step; rendering uses only
+exact arithmetic, so every CPU draws the same pixels.
 
 A quarter of the (shape, colour, background) combinations never occur in pre-training (``held_out``;
 every pair of values does). Test images of the few-shot group are drawn from those combinations only,
@@ -12,14 +13,15 @@ so zero-shot transfer there is to scenes never seen as a whole, as with real CLI
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-WORLD_VERSION = 1  # bump when rendering or captions change: cached micro CLIPs and groups are then stale
+WORLD_VERSION = 2  # bump when rendering or captions change: cached micro CLIPs and groups are then stale
 
 # Attribute -> values; the values are the words captions use and the few-shot classes' names.
 ATTRIBUTES: Dict[str, tuple] = {
@@ -105,23 +107,32 @@ def _layout(rng: random.Random, scene: Dict[str, int], size: int, zoom: float) -
                    rng.uniform(5.0, 8.0) * size / 64 * zoom, rng.uniform(0, 1), rng.randrange(3))
 
 
-def _pattern_mask(name: str, lay: _Layout, yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-    """1 where the background takes its second shade."""
-    p = lay.period
-    if name == "plain":
-        return torch.zeros_like(xx)
-    if name == "striped":
-        coord = (yy, xx, (xx + yy) / math.sqrt(2))[lay.orientation]
-        return (((coord / p + lay.phase) % 1.0) < 0.5).float()
-    if name == "checkered":
-        return ((torch.floor(xx / p + lay.phase) + torch.floor(yy / p + lay.phase)) % 2).float()
-    # dotted: a dot in every cell of a grid
-    u, v = (xx / p + lay.phase) % 1.0 - 0.5, (yy / p + lay.phase) % 1.0 - 0.5
-    return ((u * u + v * v) < 0.06).float()
+def _pattern_masks(lays: List[_Layout], patterns: List[str], yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+    """``[B, S, S]``: 1 where each scene's background takes its second shade."""
+    period = torch.tensor([lay.period for lay in lays], dtype=torch.float32).view(-1, 1, 1)
+    phase = torch.tensor([lay.phase for lay in lays], dtype=torch.float32).view(-1, 1, 1)
+    u, v = torch.broadcast_tensors(xx / period + phase, yy / period + phase)  # [B, S, S] in pattern cells
+    mask = torch.zeros(u.shape)
+    for name in ("striped", "checkered", "dotted"):
+        rows = torch.tensor([i for i, p in enumerate(patterns) if p == name], dtype=torch.long)
+        if len(rows) == 0:
+            continue
+        ur, vr = u[rows], v[rows]
+        if name == "striped":  # along x, y or the diagonal
+            orient = torch.tensor([lays[i].orientation for i in rows.tolist()]).view(-1, 1, 1)
+            coord = torch.where(orient == 0, vr, torch.where(orient == 1, ur, (ur + vr) / math.sqrt(2)))
+            mask[rows] = ((coord % 1.0) < 0.5).float()
+        elif name == "checkered":
+            mask[rows] = ((torch.floor(ur) + torch.floor(vr)) % 2).float()
+        else:  # a dot in every cell of a grid
+            du, dv = ur % 1.0 - 0.5, vr % 1.0 - 0.5
+            mask[rows] = ((du * du + dv * dv) < 0.06).float()
+    return mask
 
 
 def _shape_distance(name: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Signed distance (in radii, negative inside) to a shape of radius 1 at the origin."""
+    """Signed distance (in radii, negative inside) to a shape of radius 1 at the origin. Only IEEE-exact
+    operations (no transcendental functions of tensors): the same pixels on every CPU and batch size."""
     rho = torch.sqrt(u * u + v * v)
     if name == "circle":
         return rho - 1.0
@@ -139,40 +150,86 @@ def _shape_distance(name: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         bar_h = torch.maximum(u.abs() - 1.0, v.abs() - arm)
         bar_v = torch.maximum(v.abs() - 1.0, u.abs() - arm)
         return torch.minimum(bar_h, bar_v)
-    if name == "star":
-        phi = torch.atan2(v, u)
-        return rho - (0.45 + 0.6 * ((1 + torch.cos(5 * phi)) / 2) ** 2)
+    if name == "star":  # five points: cos(5 phi) as the Chebyshev polynomial T5 of cos(phi) = u / rho
+        c = torch.where(rho > 0, u / rho.clamp_min(1e-12), torch.ones_like(u))
+        cos5 = ((16 * c * c - 20) * c * c + 5) * c
+        return rho - (0.45 + 0.6 * ((1 + cos5) / 2) ** 2)
     if name == "ring":
         return (rho - 0.78).abs() - 0.24
     raise ValueError(f"unknown shape {name!r}")
 
 
+def _object_alpha(lays: List[_Layout], shapes: List[str], slot: int, yy: torch.Tensor,
+                  xx: torch.Tensor) -> torch.Tensor:
+    """``[n, S, S]`` coverage of the ``slot``-th object of each given scene (a one-pixel anti-aliased edge)."""
+    cx = torch.tensor([lay.centres[slot][0] for lay in lays], dtype=torch.float32).view(-1, 1, 1)
+    cy = torch.tensor([lay.centres[slot][1] for lay in lays], dtype=torch.float32).view(-1, 1, 1)
+    radius = torch.tensor([lay.radius for lay in lays], dtype=torch.float32).view(-1, 1, 1)
+    cos = torch.tensor([math.cos(lay.angle) for lay in lays], dtype=torch.float32).view(-1, 1, 1)
+    sin = torch.tensor([math.sin(lay.angle) for lay in lays], dtype=torch.float32).view(-1, 1, 1)
+    dx, dy = (xx - cx) / radius, (yy - cy) / radius
+    u, v = cos * dx + sin * dy, -sin * dx + cos * dy
+    alpha = torch.empty(u.shape)
+    for name in set(shapes):
+        rows = torch.tensor([i for i, s in enumerate(shapes) if s == name], dtype=torch.long)
+        alpha[rows] = (0.5 - _shape_distance(name, u[rows], v[rows]) * radius[rows]).clamp(0, 1)
+    return alpha
+
+
+def render_batch(scenes: Sequence[Dict[str, int]], seeds: Sequence, size: int = 64,
+                 camera: Camera = PRETRAINING_CAMERA) -> torch.Tensor:
+    """``[B, 3, size, size]`` uint8; each image deterministic in its ``seed`` (any hashable) alone, and the
+    same on every CPU kind, thread count and batch size (exact arithmetic and integer noise only)."""
+    rngs = [random.Random(str(seed)) for seed in seeds]
+    lays = [_layout(rng, scene, size, camera.zoom) for rng, scene in zip(rngs, scenes)]
+    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    yy, xx = coords.view(1, size, 1), coords.view(1, 1, size)
+    base = torch.tensor([lay.shade[0] for lay in lays], dtype=torch.float32).view(-1, 3, 1, 1)
+    shade = torch.tensor([lay.shade[1] for lay in lays], dtype=torch.float32).view(-1, 3, 1, 1)
+    second = _pattern_masks(lays, [ATTRIBUTES["pattern"][s["pattern"]] for s in scenes], yy, xx).unsqueeze(1)
+    img = base * (1 - second) + shade * second
+    shapes = [ATTRIBUTES["shape"][s["shape"]] for s in scenes]
+    fill = torch.tensor([lay.fill for lay in lays], dtype=torch.float32).view(-1, 3, 1, 1)
+    for slot in range(max(len(lay.centres) for lay in lays)):
+        rows = [i for i, lay in enumerate(lays) if len(lay.centres) > slot]
+        alpha = _object_alpha([lays[i] for i in rows], [shapes[i] for i in rows], slot, yy, xx).unsqueeze(1)
+        index = torch.tensor(rows, dtype=torch.long)
+        img[index] = img[index] * (1 - alpha) + fill[index] * alpha
+    if camera.colour_gain != PRETRAINING_CAMERA.colour_gain:
+        img = img * torch.tensor(camera.colour_gain, dtype=torch.float32).view(1, 3, 1, 1)
+    # Pixel noise: the sum of two uniform integers in [-7, 7] (std 6.1), hashed from each image's own seed.
+    noise = _pixel_noise([rng.getrandbits(62) for rng in rngs], img.shape[1:])
+    return (img.round() + noise).clamp(0, 255).to(torch.uint8)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (int64 tensors, every product below 2**63: exact on every CPU)."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@functools.lru_cache(maxsize=1)
+def _noise_bank() -> torch.Tensor:
+    """2**20 noise values, each the sum of two uniform integers in [-7, 7] (std 6.1), made by an integer hash."""
+    bits = _mix32(torch.arange(_NOISE_BANK, dtype=torch.int64) * 0x9E3779B9 & 0xFFFFFFFF)
+    low, high = ((bits & 0xFFFF) * 15) >> 16, ((bits >> 16) * 15) >> 16  # two uniform draws in 0..14
+    return (low + high - 14).float()
+
+
+_NOISE_BANK = 1 << 20
+
+
+def _pixel_noise(seeds: List[int], shape) -> torch.Tensor:
+    """``[B, *shape]`` integer-valued noise, each image's a window of the bank at an offset its seed picks."""
+    count = math.prod(shape)
+    offsets = torch.tensor([s % (_NOISE_BANK - count) for s in seeds], dtype=torch.int64).view(-1, 1)
+    return _noise_bank()[offsets + torch.arange(count)].view(len(seeds), *shape)
+
+
 def render(scene: Dict[str, int], seed, size: int = 64, camera: Camera = PRETRAINING_CAMERA) -> torch.Tensor:
     """One scene as a ``[3, size, size]`` uint8 image; deterministic in ``seed`` (any hashable)."""
-    rng = random.Random(str(seed))
-    lay = _layout(rng, scene, size, camera.zoom)
-    coords = torch.arange(size, dtype=torch.float32) + 0.5
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    base, shade = (torch.tensor(c, dtype=torch.float32).view(3, 1, 1) for c in lay.shade)
-    second = _pattern_mask(ATTRIBUTES["pattern"][scene["pattern"]], lay, yy, xx)
-    img = base * (1 - second) + shade * second
-    shape = ATTRIBUTES["shape"][scene["shape"]]
-    cos, sin = math.cos(lay.angle), math.sin(lay.angle)
-    fill = torch.tensor(lay.fill, dtype=torch.float32).view(3, 1, 1)
-    for cx, cy in lay.centres:
-        dx, dy = (xx - cx) / lay.radius, (yy - cy) / lay.radius
-        u, v = cos * dx + sin * dy, -sin * dx + cos * dy
-        alpha = (0.5 - _shape_distance(shape, u, v) * lay.radius).clamp(0, 1)  # one-pixel anti-aliased edge
-        img = img * (1 - alpha) + fill * alpha
-    if camera.colour_gain != PRETRAINING_CAMERA.colour_gain:
-        img = img * torch.tensor(camera.colour_gain, dtype=torch.float32).view(3, 1, 1)
-    noise = torch.randn(img.shape, generator=torch.Generator().manual_seed(rng.getrandbits(62))) * 6.0
-    return (img + noise).round().clamp(0, 255).to(torch.uint8)
-
-
-def render_batch(scenes: Sequence[Dict[str, int]], seeds: Sequence, size: int = 64) -> torch.Tensor:
-    """``[B, 3, size, size]`` uint8."""
-    return torch.stack([render(s, k, size) for s, k in zip(scenes, seeds)])
+    return render_batch([scene], [seed], size, camera)[0]
 
 
 # --- captions -------------------------------------------------------------------------------------------
@@ -183,6 +240,11 @@ _POSITION = {"left": ("on the left", "at the left", "on the left side"),
 _TEMPLATES = ("a photo of {obj}{where}{bg}.", "{obj}{where}{bg}.", "an image of {obj}{where}{bg}.",
               "a picture showing {obj}{bg}{where}.", "a rendering of {obj}{where}{bg}.",
               "there {be} {obj}{where}{bg}.", "a photo of {obj}{bg}{where}.")
+# How often a caption names each attribute (independently; at least one is named). The spatial attributes
+# are named most: a small CLIP pre-trained for a few hundred steps learns them last, and captions that
+# seldom name them leave position at chance. Shape is never named: it varies as a nuisance only.
+MENTION = {"shape": 0.0, "colour": 0.57, "size": 0.85, "count": 0.85, "position": 0.85, "background": 0.57,
+           "pattern": 0.57}
 _NOUNS = ("object", "shape", "thing")
 
 
@@ -190,11 +252,12 @@ def _plural(noun: str) -> str:
     return noun + ("es" if noun.endswith("s") else "s")
 
 
-def caption(scene: Dict[str, int], rng: random.Random) -> str:
-    """A caption naming a random subset of the scene's attributes (1 to all 7, each size as likely: short
-    captions are as common as full ones), in varied wording."""
+def caption(scene: Dict[str, int], rng: random.Random, said: Optional[Sequence[str]] = None) -> str:
+    """A caption naming the attributes ``said``, by default each with its ``MENTION`` probability."""
     words = {a: ATTRIBUTES[a][i] for a, i in scene.items()}
-    said = rng.sample(list(ATTRIBUTES), rng.randint(1, len(ATTRIBUTES)))
+    if said is None:
+        named = [a for a, p in MENTION.items() if p > 0]
+        said = [a for a in named if rng.random() < MENTION[a]] or [rng.choice(named)]
     many = words["count"] != "one"
     noun = words["shape"] if "shape" in said else rng.choice(_NOUNS)
     noun = _plural(noun) if many else noun
@@ -207,5 +270,15 @@ def caption(scene: Dict[str, int], rng: random.Random) -> str:
     where = " " + rng.choice(_POSITION[words["position"]]) if "position" in said else ""
     bg_words = " ".join(words[a] for a in ("pattern", "background") if a in said)
     bg = f" on a {bg_words} background" if bg_words else ""
-    template = rng.choice(_TEMPLATES)
-    return template.format(obj=obj, where=where, bg=bg, be="are" if many else "is")
+    return rng.choice(_TEMPLATES).format(obj=obj, where=where, bg=bg, be="are" if many else "is")
+
+
+def vocabulary() -> str:
+    """Every word a caption can use, once each (pre-training trains only these rows of the token embedding)."""
+    words = set()
+    for text in (*_TEMPLATES, *(p for ps in _POSITION.values() for p in ps), *_NOUNS, "one a single some an a on background is are"):
+        words.update(text.replace("{", " {").replace("}", "} ").split())
+    for values in ATTRIBUTES.values():
+        words.update(values)
+    words.update(_plural(n) for n in (*_NOUNS, *ATTRIBUTES["shape"]))
+    return " ".join(sorted({w.strip(".") for w in words if "{" not in w} - {""}) + ["."])
