@@ -22,15 +22,14 @@ from softcpt_dist.data.task_folders import MANIFEST, SPLITS, write_task_manifest
 from softcpt_dist.data.tasks import DataError, TaskSpec
 from softcpt_dist.files import atomic_write_text
 from softcpt_dist.micro.settings import MicroGroupConfig
-from softcpt_dist.micro.world import ATTRIBUTES, WORLD_VERSION, Camera, render, sample_scene
+from softcpt_dist.micro.world import ATTRIBUTES, WORLD_VERSION, Camera, render_batch, sample_scene
 
 logger = logging.getLogger(__name__)
 GROUP_VERSION = 3  # bump when the group's tasks or sampling change
 STAMP = "micro_group.json"  # what the folder was generated with; a mismatch is refused, never overwritten
 
-# Task names and zero-shot templates in the captions' own words. Shape is in the captions but not a task:
-# the micro CLIP's few minutes of pre-training leave it at chance (zero-shot ~20 % of 6 shapes; a linear
-# probe of its image features ~30 % on seen scenes), so no method could be compared on it.
+# Task names and zero-shot templates in the captions' own words. Shape is not a task: captions never name
+# it (``world.MENTION``), so it varies as a nuisance only.
 TASKS = (
     TaskSpec("colour", "object colour", ATTRIBUTES["colour"], "accuracy", "a photo of a {} object."),
     TaskSpec("size", "object size", ATTRIBUTES["size"], "accuracy", "a photo of a {} object."),
@@ -78,9 +77,9 @@ def write_group(root: str | Path, cfg: MicroGroupConfig = MicroGroupConfig()) ->
                 folder.mkdir(parents=True, exist_ok=True)
                 key = f"{cfg.seed}:group:{split}:{task.key}:{label}"
                 rng = random.Random(key)
-                for n in range(per_split[split]):
-                    scene = sample_scene(rng, novel=True, fixed={task.key: label})
-                    image = render(scene, f"{key}:{n}", camera=camera).permute(1, 2, 0).numpy()
+                scenes = [sample_scene(rng, novel=True, fixed={task.key: label}) for _ in range(per_split[split])]
+                images = render_batch(scenes, [f"{key}:{n}" for n in range(len(scenes))], camera=camera)
+                for n, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
                     Image.fromarray(image).save(folder / f"{n:04d}.png")
     atomic_write_text(root / STAMP, json.dumps(_stamp(cfg), indent=2))
     write_task_manifest(root, TASKS)  # last: marks a complete group
