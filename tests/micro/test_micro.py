@@ -12,9 +12,10 @@ from softcpt_dist.config import ConfigError, DataConfig, ModelConfig, load_confi
 from softcpt_dist.data.loading import ensure_builtin_data, read_dataset
 from softcpt_dist.data.tasks import DataError
 from softcpt_dist.micro.group import TASKS, write_group
-from softcpt_dist.micro.pretrain import micro_clip, weights_path
+from softcpt_dist.micro.pretrain import WorldText, micro_clip, scene_batch, weights_path
 from softcpt_dist.micro.settings import MicroGroupConfig, MicroPretrainConfig
-from softcpt_dist.micro.world import ATTRIBUTES, Camera, caption, held_out, render, sample_scene
+from softcpt_dist.micro.world import (ATTRIBUTES, MENTION, Camera, caption, held_out, render, render_batch,
+                                      sample_scene)
 from softcpt_dist.model.backbone import build_backbone
 
 TINY_PRETRAIN = dict(steps=3, batch_size=8, warmup_steps=1, log_every=1)
@@ -42,6 +43,24 @@ def test_render_is_deterministic_and_seed_dependent():
     a, b, c = render(scene, "k"), render(scene, "k"), render(scene, "other")
     assert a.dtype == torch.uint8 and a.shape == (3, 64, 64)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_a_batch_renders_each_scene_exactly_as_alone_whatever_the_thread_count():
+    rng = random.Random(4)
+    scenes = [sample_scene(rng) for _ in range(12)]
+    seeds = [f"b{i}" for i in range(12)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = render_batch(scenes, seeds, camera=Camera(zoom=1.2))
+        torch.set_num_threads(2)
+        two = render_batch(scenes, seeds, camera=Camera(zoom=1.2))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # exact arithmetic only: the same pixels on every CPU and thread count
+    for i in (0, 5, 11):
+        assert torch.equal(one[i], render(scenes[i], seeds[i], camera=Camera(zoom=1.2)))
+    assert torch.equal(render_batch(scenes[3:5], seeds[3:5]), render_batch(scenes, seeds)[3:5])
 
 
 def test_the_group_camera_zooms_in_and_casts_colour_and_the_identity_camera_changes_nothing():
@@ -72,6 +91,49 @@ def test_captions_name_only_the_scenes_values():
             assert not (wrong & words), (text, attribute)
             if attribute == "shape":  # plural nouns
                 assert not ({v + "s" for v in wrong} & words), text
+
+
+def test_captions_name_the_spatial_attributes_most_and_shape_never():
+    rng = random.Random(3)
+    named = {a: 0 for a in ATTRIBUTES}
+    scenes = [sample_scene(rng) for _ in range(2000)]
+    for scene in scenes:
+        text = caption(scene, rng)
+        named["shape"] += any(w.rstrip("s") in ATTRIBUTES["shape"] for w in text.rstrip(".").split())
+        for attribute in ("size", "colour", "pattern"):
+            named[attribute] += ATTRIBUTES[attribute][scene[attribute]] in text.split()
+        named["position"] += any(w in text for w in ("left", "middle", "centre", "right"))
+    assert named["shape"] == 0
+    for attribute in ("size", "colour", "pattern", "position"):
+        assert abs(named[attribute] / len(scenes) - MENTION[attribute]) < 0.05, (attribute, named)
+    forced = caption(sample_scene(rng, fixed={"position": 2}), rng, said=["position"])
+    assert "right" in forced and not any(c in forced for c in ATTRIBUTES["colour"])
+
+
+def test_world_text_is_encode_text_and_its_tokenizer_the_clip_tokenizer(tmp_path):
+    import open_clip
+
+    from softcpt_dist.model.arch_configs import ensure_builtin_configs
+
+    ensure_builtin_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model("softcpt-micro", pretrained=None)
+    tokenizer = open_clip.get_tokenizer("softcpt-micro")
+    text = WorldText(model, tokenizer)
+    images, tokens = scene_batch(0, 0, 16, text.tokenize)
+    assert images.shape == (16, 3, 64, 64)
+    rng = random.Random(0)
+    captions = [caption(sample_scene(rng), rng) for _ in range(16)]
+    assert torch.equal(text.tokenize(captions), tokenizer(captions))
+    with torch.no_grad():
+        text.rows.add_(0.1)  # trained rows differ from the model's own until written back
+        text.write_back()
+        full = model.encode_text(tokens)
+        assert (text(tokens) - full).abs().max() < 2e-6  # fp32 rounding: the cut only drops padding
+    with pytest.raises(ValueError, match="vocabulary"):
+        text(tokenizer(["a photo of a dog."]))
+    with pytest.raises(ValueError, match="lower-case"):
+        text.tokenize(["A Red object."])
 
 
 SMALL_GROUP = MicroGroupConfig(train_per_class=2, val_per_class=1, test_per_class=2, seed=5)

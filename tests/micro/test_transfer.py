@@ -1,45 +1,40 @@
 """What the micro world is for: its pre-trained CLIP transfers zero-shot above chance on every task, and
-SoftCPT at 4 shots improves on zero-shot, as prompt tuning does on real benchmarks.
+SoftCPT at 4 shots learns what the group's camera shift hides from zero-shot prompts (object size).
 
-The module pre-trains the micro CLIP once with the default settings (about 4 min here: shorter
-pre-training leaves the position task near chance) and writes the default group; each training run on
-it then takes seconds. SoftCPT NATA is the default job (4 shots), run with the paper's three seeds: their
-mean beats zero-shot by about 3 points (see the README's table)."""
+Both tests train on the session's ``micro_world`` (tests/conftest.py): the first pre-trains the default
+micro CLIP once for the whole session (about 2.5 min on 2 cores) and writes the default group; each run on
+them then takes seconds. SoftCPT NATA is the default job, run with the paper's three seeds. The thresholds
+sit inside what held over pre-training seeds 0-2 with 1 and 2 threads (docs/results.md#the-micro-world):
+zero-shot at least 9.7 points above chance on every task, SoftCPT's size gain at least 5.0 points."""
 
 import json
 from pathlib import Path
-
-import pytest
 
 from softcpt_dist.cli import main
 from softcpt_dist.micro.group import TASKS
 
 REPO = Path(__file__).resolve().parents[2]
+ZERO_SHOT_MARGIN = 5.0  # points above chance, on every task
+SIZE_GAIN = 2.0  # points of SoftCPT (seeds 1-3 averaged) over zero-shot on the size task
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("micro")
-    return tmp, [f"model.micro.dir={tmp / 'clip'}", f"data.root={tmp / 'group'}", f"data.cache.dir={tmp / 'features'}",
-                 f"train.output_dir={tmp / 'runs'}", "train.progress=false"]
-
-
-def _train(world, name, *overrides):
-    tmp, common = world
+def _train(micro_world, name, *overrides):
+    tmp, common = micro_world
     assert main(["train", "--config", str(REPO / "configs/default.yaml"), *common, f"train.run_name={name}",
                  *overrides]) == 0
     return json.loads((tmp / "runs" / name / "results.json").read_text())
 
 
-def test_zero_shot_is_above_chance_on_every_task(world):
-    results = _train(world, "zs", "method.name=zeroshot")
+def test_zero_shot_is_above_chance_on_every_task(micro_world):
+    results = _train(micro_world, "zs", "method.name=zeroshot")
     for task in TASKS:
         chance = 100 / task.num_classes
-        assert results["tasks"][task.key]["value"] > chance + 5, (task.key, results["tasks"][task.key], chance)
+        assert results["tasks"][task.key]["value"] > chance + ZERO_SHOT_MARGIN, (task.key, results["tasks"], chance)
 
 
-def test_softcpt_at_4_shots_beats_zero_shot_on_the_group_mean_over_three_seeds(world):
-    runs = [_train(world, f"softcpt-seed{seed}", f"train.seed={seed}") for seed in (1, 2, 3)]
+def test_softcpt_at_4_shots_learns_the_size_the_camera_shift_hides_from_zero_shot(micro_world):
+    runs = [_train(micro_world, f"softcpt-seed{seed}", f"train.seed={seed}") for seed in (1, 2, 3)]
     assert all(r["shots"] == 4 for r in runs)
-    means, zero_shot = [r["mean"] for r in runs], runs[0]["zero_shot"]["mean"]
-    assert sum(means) / 3 > zero_shot + 1.5, (means, zero_shot)
+    size = sum(r["tasks"]["size"]["value"] for r in runs) / 3
+    zero_shot = runs[0]["zero_shot"]["tasks"]["size"]["value"]
+    assert size > zero_shot + SIZE_GAIN, ([r["tasks"]["size"]["value"] for r in runs], zero_shot)
