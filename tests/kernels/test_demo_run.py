@@ -1,5 +1,5 @@
-"""The README's demo job with the kernels on (under the interpreter) trains the same prompts as with them
-off: every learnable tensor within max|on - off| / max|off| <= 1e-5, and the same test metrics.
+"""The pipeline-check job (configs/synthetic.yaml) with the kernels on (under the interpreter) trains the
+same prompts as with them off: every learnable tensor within max|on - off| / max|off| <= 1e-5, and the same test metrics.
 
 The demo's first 10 epochs (of 50): over all 50 the two runs' rounding differences grow with the
 steps, by a factor that depends on the CPU's BLAS (measured 2.3e-6 on the first machines, 1.6e-5 on
@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from softcpt_dist.kernels import _triton
+
+pytestmark = pytest.mark.slow  # see pyproject.toml: not in the quick set
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 10

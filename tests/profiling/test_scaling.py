@@ -10,6 +10,8 @@ import pytest
 
 from softcpt_dist.cli import main
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: not in the quick set
+
 REPO = Path(__file__).resolve().parents[2]
 PNGS = ("throughput.png", "efficiency.png", "memory.png", "step_split.png")
 

@@ -19,6 +19,8 @@ import torch.multiprocessing as mp
 
 from test_distributed import _env, _losses, _weights
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: not in the quick set
+
 HERE = Path(__file__).resolve().parent
 # max |two - one| / max |one|: per learnable tensor, and over the logged loss sequence. Measured: most
 # cases below 5e-6, the largest 1.3e-5 (ZeRO-3 NATA, task-grouped batches, on an AVX-512 machine).

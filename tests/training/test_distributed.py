@@ -14,6 +14,8 @@ import torch
 
 from softcpt_dist.distributed import WorldInfo, first_slurm_host, world_info_from_env
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: not in the quick set
+
 TOL = dict(rtol=1e-4, atol=1e-5)  # fp32 after 18 SGD steps; only the summation order of gradients differs
 
 

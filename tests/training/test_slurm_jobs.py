@@ -13,6 +13,8 @@ import pytest
 import torch
 from test_distributed import needs_slurm
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: not in the quick set
+
 REPO = Path(__file__).resolve().parents[2]
 
 
