@@ -19,8 +19,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CHANCE = {"colour": 100 / 6, "size": 100 / 3, "count": 100 / 3, "position": 100 / 3, "background": 25.0,
-          "pattern": 25.0}
 
 
 def one_clip(out: Path, seed: int, split: str, lrs: list) -> list:
@@ -50,14 +48,17 @@ def one_clip(out: Path, seed: int, split: str, lrs: list) -> list:
 
 
 def table(rows: list) -> str:
-    tasks = list(CHANCE)
+    from softcpt_dist.micro.group import TASKS
+
+    chance = {task.key: 100 / task.num_classes for task in TASKS}
+    tasks = list(chance)
     lines = ["| pre-training | lr | zero-shot " + " / ".join(tasks) + " | zero-shot mean | SoftCPT seeds 1/2/3 "
              "| SoftCPT − zero-shot, mean | SoftCPT − zero-shot, size | zero-shot − chance, lowest task |",
              "|---|---:|---|---:|---|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["lr"], r["threads"], r["seed"])):
         size = sum(s["size"] for s in r["softcpt"]) / 3 - r["zero_shot"]["size"]
         gain = sum(r["softcpt_means"]) / 3 - r["zero_shot_mean"]
-        margin = min(r["zero_shot"][t] - CHANCE[t] for t in tasks)
+        margin = min(r["zero_shot"][t] - chance[t] for t in tasks)
         lines.append(f"| seed {r['seed']}, {r['threads']} thread(s) | {r['lr']} | "
                      + " / ".join(f"{r['zero_shot'][t]:.1f}" for t in tasks)
                      + f" | {r['zero_shot_mean']:.2f} | " + " / ".join(f"{m:.2f}" for m in r["softcpt_means"])

@@ -209,15 +209,15 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+_NOISE_BANK = 1 << 20  # values in the pixel-noise table
+
+
 @functools.lru_cache(maxsize=1)
 def _noise_bank() -> torch.Tensor:
     """2**20 noise values, each the sum of two uniform integers in [-7, 7] (std 6.1), made by an integer hash."""
     bits = _mix32(torch.arange(_NOISE_BANK, dtype=torch.int64) * 0x9E3779B9 & 0xFFFFFFFF)
     low, high = ((bits & 0xFFFF) * 15) >> 16, ((bits >> 16) * 15) >> 16  # two uniform draws in 0..14
     return (low + high - 14).float()
-
-
-_NOISE_BANK = 1 << 20
 
 
 def _pixel_noise(seeds: List[int], shape) -> torch.Tensor:
