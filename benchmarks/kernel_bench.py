@@ -41,9 +41,9 @@ import torch  # noqa: E402
 
 from group_shapes import GROUPS  # noqa: E402
 from softcpt_dist.config import MethodConfig, PromptConfig  # noqa: E402
-from softcpt_dist.kernels import cosine_ce  # noqa: E402
-from softcpt_dist.kernels.prompt_assembly import prompt_assembly  # noqa: E402
-from softcpt_dist.kernels.shared_prefix_attention import shared_prefix_attention  # noqa: E402
+from softcpt_dist.model.loss import cosine_cross_entropy  # noqa: E402  (the kernels' dispatchers: model side)
+from softcpt_dist.model.prompt_layout import prompt_assembly  # noqa: E402
+from softcpt_dist.model.tree_attention import shared_prefix_attention  # noqa: E402
 from softcpt_dist.model.backbone import _DTYPES, CLIPBackbone, ensure_builtin_configs  # noqa: E402
 from softcpt_dist.model.methods.softcpt import SoftCPT  # noqa: E402
 
@@ -170,7 +170,7 @@ def bench_loss(args, backbone, group):
     def run(enabled):
         def step():
             txt.grad = None
-            loss, _ = cosine_ce.cosine_cross_entropy(img, txt, backbone.logit_scale, tasks, targets, class_task,
+            loss, _ = cosine_cross_entropy(img, txt, backbone.logit_scale, tasks, targets, class_task,
                                                      enabled=enabled)
             loss.backward()
         return step
@@ -190,7 +190,7 @@ def bench_step(args, backbone, group, method, layout):
         def step():
             backbone.text_encoder.set_kernels(enabled)
             method.zero_grad(set_to_none=True)
-            loss, _ = cosine_ce.cosine_cross_entropy(img, method(), backbone.logit_scale, tasks, targets, class_task,
+            loss, _ = cosine_cross_entropy(img, method(), backbone.logit_scale, tasks, targets, class_task,
                                                      enabled=enabled)
             loss.backward()
         return step

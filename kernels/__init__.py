@@ -4,8 +4,10 @@
 - ``shared_prefix_attention``: attention over the shared-prefix prompt tree, forward and backward;
 - ``cosine_ce``: cosine logits + per-task cross-entropy (and within-task predictions), fused.
 
-Each module holds its Triton kernel(s), an autograd function and a dispatcher; the PyTorch path in
-``softcpt_dist.model`` is the reference and the fallback. ``_triton.use_triton`` decides (config
-``kernels.enabled``: ``auto`` runs Triton on CUDA tensors and, under ``TRITON_INTERPRET=1``, on fp32
-CPU tensors).
+Each module holds its Triton kernel(s) and an autograd function over plain tensors, and imports
+nothing of ``softcpt_dist.model``. The model's dispatchers decide when to call them and keep the
+PyTorch reference and fallback: ``model.prompt_layout.prompt_assembly``,
+``model.tree_attention.shared_prefix_attention``, ``model.loss.{cosine_cross_entropy,
+within_task_predict}``. ``_triton.use_triton`` is their shared decision (config ``kernels.enabled``:
+``auto`` runs Triton on CUDA tensors and, under ``TRITON_INTERPRET=1``, on fp32 CPU tensors).
 """

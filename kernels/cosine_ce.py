@@ -13,8 +13,9 @@ log-sum-exp, the target's logit and the within-task argmax:
   features require it; cached features do not); per class tile and chunk: the class-feature gradient
   and each class's share of the ``logit_scale`` gradient. Each output has one writer: deterministic.
 
-The reference is ``softcpt_dist.model.loss`` (``cosine_logits``, ``multitask_cross_entropy``,
-``within_task_argmax``).
+The kernels take plain tensors; the model's dispatchers (``softcpt_dist.model.loss.cosine_cross_entropy``
+and ``within_task_predict``) decide when to call them, and its PyTorch path (``cosine_logits``,
+``multitask_cross_entropy``, ``within_task_argmax``) is the reference.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from typing import Optional, Tuple
 import torch
 
 from softcpt_dist.kernels._triton import dot_precision, kernel, tl, use_triton
-from softcpt_dist.model.loss import cosine_logits, multitask_cross_entropy, within_task_argmax
 
 BLOCK_B = 16  # samples per tile
 BLOCK_E = 64  # embedding chunk (the dot products' reduction step, and the gradients' column tile)
@@ -252,9 +252,11 @@ def _common_dtype(image_features: torch.Tensor, class_features: torch.Tensor):
     return image_features, class_features
 
 
-def _triton_ok(enabled, image_features, class_features, logit_scale, tasks, class_task, targets=None) -> bool:
-    """Whether the fused path applies: Triton available for these tensors, each task's columns contiguous
-    (``class_task`` sorted) and every target inside its sample's task (the reference raises otherwise)."""
+def fused_applies(enabled: str, image_features: torch.Tensor, class_features: torch.Tensor,
+                  logit_scale: torch.Tensor, tasks: torch.Tensor, class_task: torch.Tensor,
+                  targets: Optional[torch.Tensor] = None) -> bool:
+    """Whether the fused path applies: Triton available for these tensors (``kernels.enabled``), each task's
+    columns contiguous (``class_task`` sorted) and every target inside its sample's task."""
     tensors = [image_features, class_features, logit_scale, tasks, class_task]
     if not use_triton(enabled, *tensors):
         return False
@@ -264,39 +266,30 @@ def _triton_ok(enabled, image_features, class_features, logit_scale, tasks, clas
     return bool(torch.stack(checks).all())
 
 
-def cosine_cross_entropy(image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: torch.Tensor,
-                         tasks: torch.Tensor, targets: torch.Tensor, class_task: torch.Tensor,
-                         task_weights: Optional[torch.Tensor] = None,
-                         enabled: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
-    """Dispatcher: ``(loss, predictions)``: the multi-task loss of ``exp(logit_scale) * cos`` logits (per-task
-    softmax cross-entropy over each sample's own task's columns, summed and divided by the batch size;
-    ``task_weights [T]`` scale each task's terms) and each sample's within-task argmax column."""
-    if image_features.shape[0] == 0:
-        raise ValueError("empty batch")
-    if _triton_ok(enabled, image_features, class_features, logit_scale, tasks, class_task, targets):
-        image_features, class_features = _common_dtype(image_features, class_features)
-        weight = None if task_weights is None else task_weights.to(image_features.device).float()[tasks].contiguous()
-        per_sample, preds = _CosineCE.apply(image_features, class_features, logit_scale.reshape(()),
-                                            tasks.contiguous(), targets.contiguous(), class_task.contiguous(), weight)
-        return per_sample.sum() / image_features.shape[0], preds
-    logits = cosine_logits(image_features, class_features, logit_scale)
-    loss = multitask_cross_entropy(logits, tasks, targets, class_task, task_weights)
-    with torch.no_grad():
-        return loss, within_task_argmax(logits, tasks, class_task)
+def fused_cosine_cross_entropy(image_features: torch.Tensor, class_features: torch.Tensor,
+                               logit_scale: torch.Tensor, tasks: torch.Tensor, targets: torch.Tensor,
+                               class_task: torch.Tensor,
+                               task_weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, predictions)`` where ``fused_applies``: the multi-task loss of ``exp(logit_scale) * cos``
+    logits (per-task softmax cross-entropy over each sample's own task's columns, summed and divided by
+    the batch size; ``task_weights [T]`` scale each task's terms) and each sample's within-task argmax."""
+    image_features, class_features = _common_dtype(image_features, class_features)
+    weight = None if task_weights is None else task_weights.to(image_features.device).float()[tasks].contiguous()
+    per_sample, preds = _CosineCE.apply(image_features, class_features, logit_scale.reshape(()),
+                                        tasks.contiguous(), targets.contiguous(), class_task.contiguous(), weight)
+    return per_sample.sum() / image_features.shape[0], preds
 
 
-def within_task_predict(image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: torch.Tensor,
-                        tasks: torch.Tensor, class_task: torch.Tensor, enabled: str = "auto") -> torch.Tensor:
-    """Dispatcher, evaluation entry: each sample's predicted column among its own task's columns."""
-    if _triton_ok(enabled, image_features, class_features, logit_scale, tasks, class_task):
-        image_features, class_features = (t.contiguous() for t in _common_dtype(image_features, class_features))
-        n, dim = image_features.shape
-        order, col_start, col_end, _, _ = _tiles(tasks, class_task.contiguous())
-        pred = torch.empty(n, dtype=torch.long, device=image_features.device)
-        _sample_tile[(-(-n // BLOCK_B), 1)](
-            image_features, class_features, order, col_start, col_end, pred, pred, logit_scale.reshape(()), pred,
-            pred, pred, pred, pred, n, dim, image_features.stride(0), class_features.stride(0), HAS_TARGET=False,
-            HAS_WEIGHT=False, BACKWARD=False, BLOCK_B=BLOCK_B, BLOCK_C=_block_c(dim), BLOCK_E=BLOCK_E,
-            PRECISION=dot_precision(image_features.dtype))
-        return pred
-    return within_task_argmax(cosine_logits(image_features, class_features, logit_scale), tasks, class_task)
+def fused_within_task_predict(image_features: torch.Tensor, class_features: torch.Tensor,
+                              logit_scale: torch.Tensor, tasks: torch.Tensor, class_task: torch.Tensor) -> torch.Tensor:
+    """Each sample's predicted column among its own task's columns, where ``fused_applies``."""
+    image_features, class_features = (t.contiguous() for t in _common_dtype(image_features, class_features))
+    n, dim = image_features.shape
+    order, col_start, col_end, _, _ = _tiles(tasks, class_task.contiguous())
+    pred = torch.empty(n, dtype=torch.long, device=image_features.device)
+    _sample_tile[(-(-n // BLOCK_B), 1)](
+        image_features, class_features, order, col_start, col_end, pred, pred, logit_scale.reshape(()), pred,
+        pred, pred, pred, pred, n, dim, image_features.stride(0), class_features.stride(0), HAS_TARGET=False,
+        HAS_WEIGHT=False, BACKWARD=False, BLOCK_B=BLOCK_B, BLOCK_C=_block_c(dim), BLOCK_E=BLOCK_E,
+        PRECISION=dot_precision(image_features.dtype))
+    return pred

@@ -7,16 +7,16 @@ nodes that use it with a segmented reduction (rows sorted by context row, each s
 order by one program), not float atomics, so context gradients are bitwise reproducible. Token and
 positional embeddings get gradients the same way when they require them (frozen CLIP: never).
 
-The reference is ``PromptBatch.rows`` plus the positional embedding (``softcpt_dist.model``).
+The kernel takes plain tensors; the model's dispatcher (``softcpt_dist.model.prompt_layout.prompt_assembly``)
+decides when to call it, and its PyTorch path (``PromptBatch.rows`` plus the positional embedding) is
+the reference.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from softcpt_dist.kernels._triton import block, kernel, tl, use_triton
+from softcpt_dist.kernels._triton import block, kernel, tl
 
 BLOCK_ROWS = 16
 BLOCK_GROUPS = 16
@@ -116,27 +116,10 @@ class _PromptAssembly(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def reference_prompt_assembly(tokens: torch.Tensor, context: torch.Tensor, positional: torch.Tensor,
-                              source: torch.Tensor, depth: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The PyTorch path: ``PromptBatch.rows`` semantics (a context row cast to the tokens' dtype) plus the
-    positional embedding of each row's depth, in ``dtype``."""
-    from softcpt_dist.model.prompt_layout import PromptBatch  # the package's own definition of a row
-
-    rows = PromptBatch(tokens, context, source, source, source).rows(source)
-    return rows.to(dtype) + positional[depth].to(dtype)
-
-
-def prompt_assembly(tokens: torch.Tensor, context: torch.Tensor, positional: torch.Tensor, source: torch.Tensor,
-                    depth: torch.Tensor, dtype: Optional[torch.dtype] = None, enabled: str = "auto") -> torch.Tensor:
-    """Dispatcher: packed encoder input ``[R, D]``; row ``i`` is ``tokens[source[i]]`` (``source >= 0``) or
-    ``context[-1 - source[i]]`` (``< 0``), plus ``positional[depth[i]]``, in ``dtype`` (default the
-    tokens'). Triton where ``use_triton`` says so, else the reference."""
-    dtype = dtype or tokens.dtype
+def triton_prompt_assembly(tokens: torch.Tensor, context: torch.Tensor, positional: torch.Tensor,
+                           source: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    """Packed encoder input ``[R, D]`` in the tokens' dtype: row ``i`` is ``tokens[source[i]]`` (``source >= 0``)
+    or ``context[-1 - source[i]]`` (``< 0``), plus ``positional[depth[i]]``; every width equal."""
     if context.shape[0] == 0:
         context = tokens.new_zeros(0, tokens.shape[1])
-    if tokens.shape[1] != positional.shape[1] or context.shape[1] != tokens.shape[1]:
-        raise ValueError(f"prompt assembly: widths differ (tokens {tokens.shape[1]}, context {context.shape[1]}, "
-                         f"positional {positional.shape[1]})")
-    if use_triton(enabled, tokens, context, positional, source, depth) and dtype == tokens.dtype:
-        return _PromptAssembly.apply(tokens, context, positional, source, depth, dtype)
-    return reference_prompt_assembly(tokens, context, positional, source, depth, dtype)
+    return _PromptAssembly.apply(tokens, context, positional, source, depth, tokens.dtype)

@@ -13,19 +13,20 @@ Tiles follow from that:
   ``[c, max subtree_end)``; dK and dV loop over those. Each program owns its rows of dQ or dK/dV,
   so the backward is deterministic (no atomics).
 
-The reference is the bucketed PyTorch path (``softcpt_dist.model.tree_attention``).
+The kernel takes plain tensors (the nodes' ``qkv``, ``node_parent`` and ``subtree_end``); the model's
+dispatcher (``softcpt_dist.model.tree_attention.shared_prefix_attention``) decides when to call it, and
+its bucketed PyTorch path is the reference.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Dict, Optional
 
 import torch
 
-from softcpt_dist.kernels._triton import block, dot_precision, interpreting, kernel, tl, use_triton
-from softcpt_dist.model.prompt_layout import SharedPrefixLayout
-from softcpt_dist.model.tree_attention import bucket_attention
+from softcpt_dist.kernels._triton import block, dot_precision, interpreting, kernel, tl
 
 # (query nodes per tile, key nodes per inner step; the first a multiple of the second). On a GPU, small
 # tiles: a tile's own rows are mostly other classes' suffixes, masked. The interpreter pays per
@@ -47,12 +48,13 @@ class TilePlan:
     ancestors: torch.Tensor  # int64
 
 
-def tile_plan(layout: SharedPrefixLayout, block_m: int) -> TilePlan:
-    """The plan of ``layout``, built once per layout (layouts are cached, so once per prompt structure)."""
-    cache = layout.__dict__.setdefault("_tile_plans", {})
+def tile_plan(node_parent: torch.Tensor, block_m: int, cache: Optional[Dict[int, TilePlan]] = None) -> TilePlan:
+    """The plan of the preorder tree ``node_parent`` (-1 at roots) for query tiles of ``block_m`` nodes;
+    kept in ``cache`` by ``block_m`` (the caller's, per tree) when one is given."""
+    cache = {} if cache is None else cache
     if block_m not in cache:
-        parent = layout.node_parent
-        firsts = torch.arange(0, layout.positions, block_m, device=parent.device)
+        parent = node_parent
+        firsts = torch.arange(0, parent.shape[0], block_m, device=parent.device)
         chain, current = [], parent[firsts]
         while bool((current >= 0).any()):  # walk up: parents, grandparents, ... (at most the context length)
             chain.append(current)
@@ -215,17 +217,10 @@ def _cdiv(a: int, b: int) -> int:
     return -(-int(a) // b)
 
 
-def triton_shared_prefix_attention(qkv: torch.Tensor, layout: SharedPrefixLayout, heads: int) -> torch.Tensor:
-    """The Triton path: ``qkv [U, 3W]`` over the layout's preorder nodes -> ``[U, W]``."""
+def triton_shared_prefix_attention(qkv: torch.Tensor, node_parent: torch.Tensor, subtree_end: torch.Tensor,
+                                   heads: int, plans: Optional[Dict[int, TilePlan]] = None) -> torch.Tensor:
+    """Attention of a preorder tree's nodes (``node_parent``, ``subtree_end``), ``qkv [U, 3W] -> [U, W]``
+    (before the out-projection); ``plans``: the caller's cache of this tree's tile plans."""
     blocks = _blocks()
-    plan = tile_plan(layout, blocks[0])
-    return _SharedPrefixAttention.apply(qkv, layout.subtree_end, plan.start, plan.ancestors, heads, blocks)
-
-
-def shared_prefix_attention(qkv: torch.Tensor, layout: SharedPrefixLayout, heads: int,
-                            enabled: str = "auto") -> torch.Tensor:
-    """Dispatcher: attention of the layout's nodes, ``qkv [U, 3W] -> [U, W]`` (before the out-projection);
-    Triton where ``kernels._triton.use_triton`` says so, else the bucketed PyTorch reference."""
-    if use_triton(enabled, qkv):
-        return triton_shared_prefix_attention(qkv, layout, heads)
-    return bucket_attention(qkv, layout, heads)
+    plan = tile_plan(node_parent, blocks[0], plans)
+    return _SharedPrefixAttention.apply(qkv, subtree_end, plan.start, plan.ancestors, heads, blocks)

@@ -1,5 +1,6 @@
-"""The package keeps the rules of its layout: small files, DeepSpeed in one place, no method names in
-the experiment, every registered method behind the Method interface."""
+"""The package keeps the rules of its layout: dependencies one way (kernels take plain tensors and import
+nothing of the model; config, data and model import nothing of the micro world on top), DeepSpeed in
+one place, no method names in the experiment, every registered method behind the Method interface."""
 
 import ast
 from pathlib import Path
@@ -8,13 +9,36 @@ import pytest
 
 from softcpt_dist.model.methods import METHODS, Method
 
-PACKAGE = Path(__file__).resolve().parents[1] / "softcpt_dist"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "softcpt_dist"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
-def test_no_file_over_300_lines(path):
-    assert len(path.read_text().splitlines()) <= 300
+def _imports(path: Path) -> set:
+    """Every module a file imports, at any depth of its code (lazy imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def _offending(files, forbidden: str) -> dict:
+    found = {str(f.relative_to(REPO)): sorted(n for n in _imports(f) if n == forbidden or n.startswith(forbidden + "."))
+             for f in files}
+    return {f: names for f, names in found.items() if names}
+
+
+def test_kernels_import_nothing_of_the_model():
+    assert _offending(sorted((REPO / "kernels").rglob("*.py")), "softcpt_dist.model") == {}
+
+
+@pytest.mark.parametrize("layer", ["config", "data", "model"])
+def test_config_data_and_model_import_nothing_of_the_micro_world(layer):
+    assert _offending(sorted((PACKAGE / layer).rglob("*.py")), "softcpt_dist.micro") == {}
 
 
 def test_deepspeed_is_imported_and_inspected_only_in_the_engine():

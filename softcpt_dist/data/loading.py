@@ -2,13 +2,14 @@
 
 ``data.dataset`` names a reader:
 
-- ``synthetic``: the built-in generated group (made on first use); ``micro``: the micro world's
-  6-task group (``softcpt_dist.micro``, made on first use); ``task_folders``: the same layout for user
-  data (``tasks.json`` + ``<split>/<task key>/<class index>/``);
+- ``synthetic``: the built-in generated group (made on first use); ``task_folders``: the same layout
+  for user data (``tasks.json`` + ``<split>/<task key>/<class index>/``);
 - ``general10``, ``plant6``: the paper's groups from CoOp / official SoftCPT split files;
 - ``fashion20``: Fashion-20 (``images/<task id>/<class id>/`` + ``task_info.csv``);
 - ``split_dk``: any official multi-task ``split_dk_*.json`` (``data.group_file``);
-- ``custom``: a YAML task group (``data.group_file``), e.g. RS-8.
+- ``custom``: a YAML task group (``data.group_file``), e.g. RS-8;
+- any name a package registers as a ``GeneratedDataset`` (``softcpt_dist.plugins.DATASETS``): ``micro``,
+  the micro world's 6-task group (``softcpt_dist.micro``), is one.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 from softcpt_dist.config import ConfigError, DataConfig
 from softcpt_dist.data.custom import read_custom_group
@@ -28,12 +30,12 @@ from softcpt_dist.data.synthetic import generate_synthetic
 from softcpt_dist.data.task_folders import MANIFEST, read_task_folders
 from softcpt_dist.data.tasks import DataError
 from softcpt_dist.files import exclusive
+from softcpt_dist.plugins import DATASETS as DATASET_PROVIDERS, lookup, names
 
 logger = logging.getLogger(__name__)
 
 _READERS = {
     "synthetic": lambda cfg: read_task_folders(cfg.root),
-    "micro": lambda cfg: read_task_folders(cfg.root),
     "task_folders": lambda cfg: read_task_folders(cfg.root),
     "general10": lambda cfg: read_benchmark("general10", cfg.root, cfg.split_format),
     "plant6": lambda cfg: read_benchmark("plant6", cfg.root, cfg.split_format),
@@ -41,7 +43,7 @@ _READERS = {
     "split_dk": lambda cfg: read_split_dk_group(cfg.group_file, cfg.root),
     "custom": lambda cfg: _read_custom(cfg),
 }
-DATASETS = tuple(_READERS)
+DATASETS = tuple(_READERS)  # the readers of this module; known_datasets() adds the registered ones
 VAL_SHOTS_MAX = 4  # few-shot validation keeps min(K, 4) images per class (CoOp / SoftCPT)
 
 
@@ -51,31 +53,52 @@ def _read_custom(cfg: DataConfig) -> MultiTaskData:
     return read_custom_group(cfg.group_file, cfg.root)
 
 
-def ensure_builtin_data(cfg: DataConfig) -> None:
-    """Generate the built-in dataset (synthetic or micro) if it is configured and missing (call on one rank
-    first; of several jobs, one generates it and the others wait for it)."""
-    root = Path(cfg.root)
-    if cfg.dataset not in ("synthetic", "micro"):
-        return
-    from softcpt_dist.micro.group import check_group, write_group  # micro builds on data: imported on use
+@dataclass(frozen=True)
+class GeneratedDataset:
+    """A dataset written to ``data.root`` on first use and read as task folders: ``is_complete(root, cfg)``
+    says whether ``root`` holds it as ``cfg`` (the ``DataConfig``) asks, ``write(root, cfg)`` writes it."""
 
+    is_complete: Callable[[Path, DataConfig], bool]
+    write: Callable[[Path, DataConfig], None]
+
+
+SYNTHETIC = GeneratedDataset(lambda root, cfg: (root / MANIFEST).is_file(),
+                             lambda root, cfg: generate_synthetic(root, cfg.synthetic))
+
+
+def _generated(name: str):
+    """The ``GeneratedDataset`` of ``data.dataset``, or None for a reader of existing files."""
+    if name == "synthetic":
+        return SYNTHETIC
+    return None if name in _READERS else lookup(DATASET_PROVIDERS, name)
+
+
+def known_datasets() -> List[str]:
+    """Every ``data.dataset`` name: the readers here and the registered generated datasets."""
+    return sorted(set(_READERS) | set(names(DATASET_PROVIDERS)))
+
+
+def ensure_builtin_data(cfg: DataConfig) -> None:
+    """Generate a generated dataset (synthetic, micro, ...) if it is configured and missing (call on one rank
+    first; of several jobs, one generates it and the others wait for it)."""
+    dataset = _generated(cfg.dataset)
+    if dataset is None:
+        return
+    root = Path(cfg.root)
     with exclusive(root):
-        if check_group(root, cfg.micro) if cfg.dataset == "micro" else (root / MANIFEST).is_file():
+        if dataset.is_complete(root, cfg):
             return
         if not cfg.generate_if_missing:
             raise DataError(f"built-in dataset not found at {root} (data.generate_if_missing=false)")
-        if cfg.dataset == "micro":
-            write_group(root, cfg.micro)
-        else:
-            generate_synthetic(root, cfg.synthetic)
+        dataset.write(root, cfg)
 
 
 def read_dataset(cfg: DataConfig) -> MultiTaskData:
     """All splits of the configured dataset (and task subset), before few-shot sampling."""
-    if cfg.dataset not in _READERS:
-        raise ConfigError(f"data.dataset={cfg.dataset!r} is not available; known: {sorted(_READERS)}")
+    if cfg.dataset not in _READERS and _generated(cfg.dataset) is None:
+        raise ConfigError(f"data.dataset={cfg.dataset!r} is not available; known: {known_datasets()}")
     ensure_builtin_data(cfg)
-    data = _READERS[cfg.dataset](cfg)
+    data = _READERS[cfg.dataset](cfg) if cfg.dataset in _READERS else read_task_folders(cfg.root)
     if cfg.tasks:
         data = data.select_tasks(cfg.tasks)
     data.check()

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from softcpt_dist.data.loading import GeneratedDataset
 from softcpt_dist.data.task_folders import MANIFEST, SPLITS, write_task_manifest
 from softcpt_dist.data.tasks import DataError, TaskSpec
 from softcpt_dist.files import atomic_write_text
-from softcpt_dist.micro.settings import MicroGroupConfig
+from softcpt_dist.config import MicroGroupConfig
 from softcpt_dist.micro.world import ATTRIBUTES, WORLD_VERSION, Camera, render_batch, sample_scene
 
 logger = logging.getLogger(__name__)
@@ -85,3 +86,7 @@ def write_group(root: str | Path, cfg: MicroGroupConfig = MicroGroupConfig()) ->
     write_task_manifest(root, TASKS)  # last: marks a complete group
     logger.info("wrote the micro group (%d tasks) to %s", len(TASKS), root)
     return root
+
+
+# data.dataset=micro (declared in pyproject.toml's softcpt_dist.datasets entry points)
+DATASET = GeneratedDataset(lambda root, cfg: check_group(root, cfg.micro), lambda root, cfg: write_group(root, cfg.micro))

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import softcpt_dist  # noqa: F401  (applies the torchvision import shim before open_clip)
 import open_clip
 
-from softcpt_dist.micro.settings import MicroPretrainConfig
-from softcpt_dist.model.arch_configs import ensure_builtin_configs
+from softcpt_dist.config import MicroPretrainConfig, ModelConfig
+from softcpt_dist.model.backbone import ensure_builtin_configs
 from softcpt_dist import distributed as D
 from softcpt_dist.files import atomic_torch_save, atomic_write_text, exclusive
 from softcpt_dist.micro.world import WORLD_VERSION, caption, render_batch, sample_scene, vocabulary
@@ -56,6 +56,12 @@ def micro_clip(arch: str, cfg: MicroPretrainConfig, show_progress: bool = True) 
                 pretrain(arch, cfg, path, show_progress)
     D.barrier()
     return path
+
+
+def resolve_weights(arch: str, model: ModelConfig) -> Path:
+    """``model.pretrained=micro`` (the softcpt_dist.weights entry point in pyproject.toml): the micro CLIP of
+    ``arch`` and ``model.micro``."""
+    return micro_clip(arch, model.micro)
 
 
 def scene_batch(seed: int, step: int, batch_size: int, tokenizer, image_size: int = 64):

@@ -19,14 +19,22 @@ import softcpt_dist  # noqa: F401  (applies the torchvision import shim before o
 import open_clip
 
 from softcpt_dist.config import ConfigError, KernelsConfig, ModelConfig, TextConfig, validate_section
-from softcpt_dist.model.arch_configs import ensure_builtin_configs  # noqa: F401  (re-exported)
 from softcpt_dist.model.text_encoder import TextEncoder, text_tower
 from softcpt_dist.model.weights import WeightsError, load_into, local_weights
+from softcpt_dist.plugins import WEIGHTS, lookup
 
 logger = logging.getLogger(__name__)
 
-MICRO = "micro"  # model.pretrained: the micro CLIP (softcpt_dist.micro), pre-trained on first use
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # model.precision's choices
+
+
+def ensure_builtin_configs() -> None:
+    """Make the project's own open_clip architectures (``model_configs/*.json``: softcpt-micro,
+    softcpt-tiny, ...) known to open_clip (idempotent)."""
+    names = {p.stem for p in MODEL_CONFIG_DIR.glob("*.json")}
+    if not names.issubset(open_clip.list_models()):
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
 class ImageEncoder(nn.Module):
@@ -101,17 +109,17 @@ def build_backbone(cfg: ModelConfig, device: Optional[str] = None, text: Optiona
     """The frozen CLIP named by ``cfg.arch`` with weights from a tag, a local file, or none, on
     ``device`` (default ``cfg.device``); ``text`` chooses the text encoding path (default shared prefix),
     ``kernels`` whether its attention and input assembly use the Triton kernels (default auto).
-    ``pretrained=micro`` pre-trains the micro CLIP of ``cfg.micro`` first unless it is cached."""
+    A ``pretrained`` name with a registered weights resolver (``softcpt_dist.plugins.WEIGHTS``) is resolved
+    first: ``micro`` pre-trains the micro CLIP of ``cfg.micro`` unless it is cached."""
     validate_section(cfg, "model")
     ensure_builtin_configs()
     if cfg.arch not in open_clip.list_models():
         raise ConfigError(f"model.arch={cfg.arch!r} is not an open_clip architecture; "
                           f"e.g. RN50, ViT-B-16, ViT-L-14, softcpt-tiny (see open_clip.list_models())")
-    if cfg.pretrained == MICRO:
-        from softcpt_dist.micro.pretrain import micro_clip
-        # Pre-trained here with the architecture's own activation: an ordinary local weights file from now on.
-        cfg = replace(cfg, pretrained=str(micro_clip(cfg.arch, cfg.micro)),
-                      quick_gelu=bool(cfg.quick_gelu))
+    resolve = lookup(WEIGHTS, cfg.pretrained) if cfg.pretrained else None
+    if resolve is not None:
+        # Weights made for the architecture's own activation: an ordinary local weights file from now on.
+        cfg = replace(cfg, pretrained=str(resolve(cfg.arch, cfg)), quick_gelu=bool(cfg.quick_gelu))
     pretrained = cfg.pretrained
     path, state, fmt = local_weights(pretrained)
     kwargs = dict(precision="fp32", device="cpu", force_quick_gelu=_quick_gelu(cfg, path, fmt),

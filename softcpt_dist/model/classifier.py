@@ -12,9 +12,8 @@ import torch
 import torch.nn as nn
 
 from softcpt_dist.config import KernelsConfig, TextConfig
-from softcpt_dist.kernels import cosine_ce
 from softcpt_dist.model.class_shards import SavedBytes, class_shards
-from softcpt_dist.model.loss import TaskScores, TaskTargets, cosine_logits
+from softcpt_dist.model.loss import TaskScores, TaskTargets, cosine_cross_entropy, cosine_logits, within_task_predict
 from softcpt_dist.step_phases import NULL_TIMER
 
 
@@ -84,12 +83,12 @@ class PromptClassifier(nn.Module):
         if targets is None:
             return cosine_logits(image_features, class_features, scale)
         if targets.targets is None:
-            return TaskScores(None, cosine_ce.within_task_predict(image_features, class_features, scale, targets.tasks,
-                                                                  targets.class_task, self.kernels))
+            return TaskScores(None, within_task_predict(image_features, class_features, scale, targets.tasks,
+                                                        targets.class_task, self.kernels))
         with self.timer("loss"):
-            return TaskScores(*cosine_ce.cosine_cross_entropy(image_features, class_features, scale, targets.tasks,
-                                                              targets.targets, targets.class_task,
-                                                              targets.task_weights, self.kernels))
+            return TaskScores(*cosine_cross_entropy(image_features, class_features, scale, targets.tasks,
+                                                    targets.targets, targets.class_task,
+                                                    targets.task_weights, self.kernels))
 
     def learnable_parameters(self) -> Dict[str, nn.Parameter]:
         return self.method.learnable_parameters()

@@ -1,16 +1,19 @@
 """Cosine logits and the multi-task loss of SoftCPT (paper Eq. 8).
 
 Each sample is classified only among its own task's classes: softmax cross-entropy over that
-task's columns, summed over the batch (i.e. over tasks) and divided by the batch size.
+task's columns, summed over the batch (i.e. over tasks) and divided by the batch size. The
+dispatchers (``cosine_cross_entropy``, ``within_task_predict``) run the fused Triton kernels
+(``kernels/cosine_ce.py``) where they apply; the PyTorch path here is their reference.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from softcpt_dist.kernels.cosine_ce import fused_applies, fused_cosine_cross_entropy, fused_within_task_predict
 from softcpt_dist.model.batch_invariance import rowwise
 
 
@@ -68,3 +71,29 @@ def multitask_cross_entropy(logits: torch.Tensor, tasks: torch.Tensor, targets: 
     if task_weights is not None:
         per_sample = per_sample * task_weights.to(per_sample.device)[tasks]
     return per_sample.sum() / logits.shape[0]
+
+
+def cosine_cross_entropy(image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: torch.Tensor,
+                         tasks: torch.Tensor, targets: torch.Tensor, class_task: torch.Tensor,
+                         task_weights: Optional[torch.Tensor] = None,
+                         enabled: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dispatcher: ``(loss, predictions)``: ``multitask_cross_entropy`` of ``cosine_logits`` and each sample's
+    within-task argmax column; fused (no batch x classes matrix) where ``kernels.enabled`` and the tensors
+    allow, else the PyTorch path."""
+    if image_features.shape[0] == 0:
+        raise ValueError("empty batch")
+    if fused_applies(enabled, image_features, class_features, logit_scale, tasks, class_task, targets):
+        return fused_cosine_cross_entropy(image_features, class_features, logit_scale, tasks, targets, class_task,
+                                          task_weights)
+    logits = cosine_logits(image_features, class_features, logit_scale)
+    loss = multitask_cross_entropy(logits, tasks, targets, class_task, task_weights)
+    with torch.no_grad():
+        return loss, within_task_argmax(logits, tasks, class_task)
+
+
+def within_task_predict(image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: torch.Tensor,
+                        tasks: torch.Tensor, class_task: torch.Tensor, enabled: str = "auto") -> torch.Tensor:
+    """Dispatcher, evaluation entry: each sample's predicted column among its own task's columns."""
+    if fused_applies(enabled, image_features, class_features, logit_scale, tasks, class_task):
+        return fused_within_task_predict(image_features, class_features, logit_scale, tasks, class_task)
+    return within_task_argmax(cosine_logits(image_features, class_features, logit_scale), tasks, class_task)

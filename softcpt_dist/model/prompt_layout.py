@@ -20,9 +20,12 @@ from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+
+from softcpt_dist.kernels._triton import use_triton
+from softcpt_dist.kernels.prompt_assembly import triton_prompt_assembly
 
 
 @dataclass
@@ -54,6 +57,31 @@ class PromptBatch:
         """Token embeddings ``[P, max length, D]`` and EOT positions: the padded layout, cut after the
         longest prompt (later positions cannot change any EOT feature under the causal mask)."""
         return self.rows(self.source[:, : int(self.length.max())]), self.eot
+
+
+def reference_prompt_assembly(tokens: torch.Tensor, context: torch.Tensor, positional: torch.Tensor,
+                              source: torch.Tensor, depth: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The PyTorch path: ``PromptBatch.rows`` (a context row cast to the tokens' dtype) plus the positional
+    embedding of each row's depth, in ``dtype``."""
+    rows = PromptBatch(tokens, context, source, source, source).rows(source)
+    return rows.to(dtype) + positional[depth].to(dtype)
+
+
+def prompt_assembly(tokens: torch.Tensor, context: torch.Tensor, positional: torch.Tensor, source: torch.Tensor,
+                    depth: torch.Tensor, dtype: Optional[torch.dtype] = None, enabled: str = "auto") -> torch.Tensor:
+    """Dispatcher: packed encoder input ``[R, D]``; row ``i`` is ``tokens[source[i]]`` (``source >= 0``) or
+    ``context[-1 - source[i]]`` (``< 0``), plus ``positional[depth[i]]``, in ``dtype`` (default the
+    tokens'). The Triton kernel (``kernels/prompt_assembly.py``) where ``use_triton`` says so, else the
+    reference."""
+    dtype = dtype or tokens.dtype
+    if context.shape[0] == 0:
+        context = tokens.new_zeros(0, tokens.shape[1])
+    if tokens.shape[1] != positional.shape[1] or context.shape[1] != tokens.shape[1]:
+        raise ValueError(f"prompt assembly: widths differ (tokens {tokens.shape[1]}, context {context.shape[1]}, "
+                         f"positional {positional.shape[1]})")
+    if use_triton(enabled, tokens, context, positional, source, depth) and dtype == tokens.dtype:
+        return triton_prompt_assembly(tokens, context, positional, source, depth)
+    return reference_prompt_assembly(tokens, context, positional, source, depth, dtype)
 
 
 # With text.batch_invariant (the default), every attention call sees a multiple of KEY_BLOCK keys (masked padding after the real ones), so

@@ -20,12 +20,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from softcpt_dist.config import ConfigError, TextConfig, choices
-# Modules, not names: a kernel module imported first imports this package back (its torch reference).
-from softcpt_dist.kernels import prompt_assembly as assembly_kernel
-from softcpt_dist.kernels import shared_prefix_attention as attention_kernel
 from softcpt_dist.model.batch_invariance import rowwise
-from softcpt_dist.model.prompt_layout import (LayoutCache, PromptBatch, SharedPrefixLayout, structure_key,
-                                              tree_positions)
+from softcpt_dist.model.prompt_layout import (LayoutCache, PromptBatch, SharedPrefixLayout, prompt_assembly,
+                                              structure_key, tree_positions)
+from softcpt_dist.model.tree_attention import shared_prefix_attention
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +62,7 @@ class Attention(nn.Module):
             return self.out_proj(out.transpose(1, 2).reshape(b, length, width))
         # Packed node rows: a few task prompts alone can be fewer rows than BLAS's small-product switch.
         qkv = rowwise(lambda rows: F.linear(rows, self.in_proj_weight, self.in_proj_bias), x)
-        return rowwise(self.out_proj, attention_kernel.shared_prefix_attention(qkv, layout, self.heads, self.kernels))
+        return rowwise(self.out_proj, shared_prefix_attention(qkv, layout, self.heads, self.kernels))
 
 
 class TextBlock(nn.Module):
@@ -169,8 +167,8 @@ class TextEncoder(nn.Module):
         self.positions_encoded += layout.positions
         self.pairs_encoded += layout.attention_pairs
         self.features_encoded += len(layout.eot_nodes)
-        x = assembly_kernel.prompt_assembly(prompts.tokens, prompts.ctx, self.positional_embedding,
-                                            layout.node_source, layout.node_depth, self.dtype, self.kernels)
+        x = prompt_assembly(prompts.tokens, prompts.ctx, self.positional_embedding,
+                            layout.node_source, layout.node_depth, self.dtype, self.kernels)
         return self._project(self._run_blocks(x, layout)[layout.eot_nodes])
 
     def _dense(self, embeddings: torch.Tensor, eot_positions: torch.Tensor) -> torch.Tensor:

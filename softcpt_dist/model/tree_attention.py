@@ -2,7 +2,8 @@
 
 Every node attends to its ancestors and itself (``prompt_layout.py`` says why that is exact). The
 layout's buckets batch segments of equal start depth and length into one ``scaled_dot_product_attention``
-call each; ``kernels/shared_prefix_attention.py`` is the fused Triton version of the same map.
+call each; ``kernels/shared_prefix_attention.py`` is the fused Triton version of the same map, which
+``shared_prefix_attention`` calls where ``kernels.enabled`` and the tensors allow.
 """
 
 from __future__ import annotations
@@ -10,7 +11,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from softcpt_dist.kernels._triton import use_triton
+from softcpt_dist.kernels.shared_prefix_attention import triton_shared_prefix_attention
 from softcpt_dist.model.prompt_layout import SharedPrefixLayout
+
+
+def shared_prefix_attention(qkv: torch.Tensor, layout: SharedPrefixLayout, heads: int,
+                            enabled: str = "auto") -> torch.Tensor:
+    """Dispatcher: attention of the layout's nodes, ``qkv [U, 3W] -> [U, W]`` (before the out-projection);
+    the Triton kernel where ``kernels._triton.use_triton`` says so, else ``bucket_attention``."""
+    if use_triton(enabled, qkv):
+        plans = layout.__dict__.setdefault("_tile_plans", {})  # layouts are cached: once per prompt structure
+        return triton_shared_prefix_attention(qkv, layout.node_parent, layout.subtree_end, heads, plans)
+    return bucket_attention(qkv, layout, heads)
 
 
 def bucket_attention(qkv: torch.Tensor, layout: SharedPrefixLayout, heads: int) -> torch.Tensor:

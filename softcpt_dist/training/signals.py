@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 from typing import Optional, Sequence
 
-from softcpt_dist.signal_names import signal_number
+from softcpt_dist.config.signal_names import signal_number
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved, requeue and resume
 

@@ -8,7 +8,7 @@ first); predictions equal.
 import pytest
 import torch
 
-from softcpt_dist.kernels.cosine_ce import cosine_cross_entropy, within_task_predict
+from softcpt_dist.model.loss import cosine_cross_entropy, within_task_predict  # the dispatchers
 
 from kernel_cases import rel_err, requires_gpu
 

@@ -8,8 +8,8 @@ max|torch| <= 1e-6, and two runs are bitwise equal (a segmented reduction, not a
 import pytest
 import torch
 
-from softcpt_dist.kernels.prompt_assembly import prompt_assembly, segment_sum
-from softcpt_dist.model.prompt_layout import build_layout
+from softcpt_dist.kernels.prompt_assembly import segment_sum
+from softcpt_dist.model.prompt_layout import build_layout, prompt_assembly  # the dispatcher
 
 from kernel_cases import prompt_sources, rel_err, requires_gpu
 

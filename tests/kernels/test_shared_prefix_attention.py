@@ -7,7 +7,8 @@ about 1e-6: the two paths sum the same terms in different orders).
 import pytest
 import torch
 
-from softcpt_dist.kernels.shared_prefix_attention import shared_prefix_attention, tile_plan
+from softcpt_dist.kernels.shared_prefix_attention import tile_plan
+from softcpt_dist.model.tree_attention import shared_prefix_attention  # the dispatcher
 from softcpt_dist.model.prompt_layout import PromptBatch, build_layout
 
 from kernel_cases import prompt_sources, rel_err, requires_gpu
@@ -54,7 +55,7 @@ def test_backward_is_deterministic(interpreter):
 def test_tiles_need_only_the_first_nodes_ancestors():
     """The property the kernel rests on: a query tile's keys outside it are its first node's ancestors."""
     layout = _layout()
-    plan = tile_plan(layout, 32)
+    plan = tile_plan(layout.node_parent, 32)
     parent, end = layout.node_parent.tolist(), layout.subtree_end.tolist()
     for t in range(plan.tiles):
         first = 32 * t

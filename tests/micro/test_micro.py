@@ -13,7 +13,7 @@ from softcpt_dist.data.loading import ensure_builtin_data, read_dataset
 from softcpt_dist.data.tasks import DataError
 from softcpt_dist.micro.group import TASKS, write_group
 from softcpt_dist.micro.pretrain import WorldText, micro_clip, scene_batch, weights_path
-from softcpt_dist.micro.settings import MicroGroupConfig, MicroPretrainConfig
+from softcpt_dist.config import MicroGroupConfig, MicroPretrainConfig
 from softcpt_dist.micro.world import (ATTRIBUTES, MENTION, Camera, caption, held_out, render, render_batch,
                                       sample_scene)
 from softcpt_dist.model.backbone import build_backbone
@@ -113,7 +113,7 @@ def test_captions_name_the_spatial_attributes_most_and_shape_never():
 def test_world_text_is_encode_text_and_its_tokenizer_the_clip_tokenizer(tmp_path):
     import open_clip
 
-    from softcpt_dist.model.arch_configs import ensure_builtin_configs
+    from softcpt_dist.model.backbone import ensure_builtin_configs
 
     ensure_builtin_configs()
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from softcpt_dist.kernels import cosine_ce  # the loss dispatcher: its torch path is patched below
+from softcpt_dist.model import loss as task_loss  # the loss dispatcher: its torch path is patched below
 from softcpt_dist import seeding
 from softcpt_dist.cli import main
 from softcpt_dist.config import ConfigError, load_config
@@ -67,7 +67,7 @@ def test_non_finite_loss_stops_without_touching_checkpoints(small_data_root, tmp
     assert main(_args(small_data_root, tmp_path, "nan", "train.checkpoint_every=1")) == 0
     ckpts = tmp_path / "nan" / "checkpoints" / "joint"
     before = (ckpts / "latest").read_text()
-    monkeypatch.setattr(cosine_ce, "multitask_cross_entropy", _nan_after(1))
+    monkeypatch.setattr(task_loss, "multitask_cross_entropy", _nan_after(1))
     assert main(_args(small_data_root, tmp_path, "nan", "train.checkpoint_every=1", "optim.epochs=4",
                       "train.resume=latest")) == 1
     after = (ckpts / "latest").read_text()
@@ -76,7 +76,7 @@ def test_non_finite_loss_stops_without_touching_checkpoints(small_data_root, tmp
 
 
 def test_non_finite_steps_can_be_skipped(small_data_root, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(cosine_ce, "multitask_cross_entropy", _nan_after(3))
+    monkeypatch.setattr(task_loss, "multitask_cross_entropy", _nan_after(3))
     assert main(_args(small_data_root, tmp_path, "skip", "train.on_nonfinite=skip")) == 0
     assert "step(s) with a non-finite loss were skipped" in caplog.text
 

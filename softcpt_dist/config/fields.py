@@ -1,7 +1,6 @@
 """Field helpers of the typed config sections: allowed choices and ranges, declared at the field.
 
-``softcpt_dist.config.validate_section`` checks them; keeping them here lets a section live beside the
-component it configures (e.g. ``softcpt_dist.micro.settings``) without importing the whole config.
+``softcpt_dist.config.validate_section`` checks them.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""Config sections of the micro world: ``model.micro`` (pre-training the micro CLIP) and ``data.micro``
-(its few-shot group)."""
+"""Config sections of the micro world (``softcpt_dist.micro``): ``model.micro`` (pre-training the micro
+CLIP) and ``data.micro`` (its few-shot group)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import List
 
-from softcpt_dist.config_fields import non_negative, positive, positive_list
+from softcpt_dist.config.fields import non_negative, positive, positive_list
 
 
 @dataclass
