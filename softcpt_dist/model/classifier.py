@@ -42,20 +42,27 @@ class PromptClassifier(nn.Module):
         self.method = method
         self.kernels = (kernels or KernelsConfig()).enabled
         self.shards = class_shards(text or TextConfig())
-        self.activation_bytes = 0  # autograd-saved bytes of the latest class-feature forward (its backward's memory)
+        # Autograd-saved bytes of the latest measured class-feature forward (its backward's memory): measured
+        # only while measure_activations is set (a saved-tensor hook; the training loop sets it for the last
+        # step of each epoch, whose record reports it).
+        self.measure_activations = False
+        self.activation_bytes = 0
         self.timer = NULL_TIMER  # the profiler's PhaseTimer (softcpt-dist profile): image / text_forward / loss
 
     def class_features(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Raw text features of the selected global classes (default all) ``[C', E]``, sharded over ranks
         when text sharding is on."""
+        if not (self.measure_activations and torch.is_grad_enabled()):
+            return self._class_features(class_index)
         with SavedBytes() as saved:
-            if self.shards is None:
-                features = self.method(class_index)
-            else:
-                features = self.shards.features(self.method, class_index)
-        if torch.is_grad_enabled():
-            self.activation_bytes = saved.bytes
+            features = self._class_features(class_index)
+        self.activation_bytes = saved.bytes
         return features
+
+    def _class_features(self, class_index: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.shards is None:
+            return self.method(class_index)
+        return self.shards.features(self.method, class_index)
 
     def text_counters(self) -> Dict[str, int]:
         """Running totals of this rank's text-side work: token positions encoded, bytes all-gathered

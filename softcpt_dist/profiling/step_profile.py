@@ -1,7 +1,8 @@
 """``softcpt-dist profile``: warm-up steps, then timed steps of the real training path, and what they cost.
 
-The steps are the training loop's own (``TrainLoop.step`` on the DeepSpeed engine, the run's loader,
-feature cache, sampler, kernels and class sharding); only the first scope (all tasks, or the first
+The run is built by the ``Trainer`` that ``train`` uses, and the steps are the training loop's own
+(``TrainLoop.step`` on the DeepSpeed engine, the run's loader, feature cache, sampler, kernels and
+class sharding); the profiler attaches its phase timer to them. Only the first scope (all tasks, or the first
 task where each trains alone) is profiled, and nothing is checkpointed. Each step's time is split
 into image side (loader wait: image decode or cache read, plus the image encoder), text forward,
 loss, backward, optimizer and communication (every collective, wherever it runs); ``other`` is the
@@ -22,23 +23,17 @@ import torch
 
 from softcpt_dist import distributed as D
 from softcpt_dist.config import Config, ConfigError
-from softcpt_dist.data.transforms import train_transform
-from softcpt_dist.model import build_backbone, method_class, method_label
+from softcpt_dist.model import method_class, method_label
 from softcpt_dist.profiling import environment, summary
 from softcpt_dist.profiling.flops import (LinearCounter, StepFlops, TextShape, TextWork, head_flops,
                                           image_flops_per_sample, text_flops)
 from softcpt_dist.step_phases import NULL_TIMER, PhaseTimer, timed_collectives
 from softcpt_dist.scaling import Link
-from softcpt_dist.seeding import seed_everything
 from softcpt_dist.training.engine import engine_collective_slots, memory_report
-from softcpt_dist.training.experiment import build_classifier, load_data_once
-from softcpt_dist.training.inputs import prepare_inputs
 from softcpt_dist.training.loop import LoopState, batch_classes
-from softcpt_dist.training.resolved import start_run
 from softcpt_dist.training.run_dir import LogBuffer, RunDir
-from softcpt_dist.training.scopes import scopes
 from softcpt_dist.training.signals import StopSignals
-from softcpt_dist.training.trainer import prepare_training
+from softcpt_dist.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -67,24 +62,18 @@ def run_profile(cfg: Config, settings: ProfileSettings) -> Dict:
         raise ConfigError(f"profile: --steps must be >= 1 and --warmup >= 0 (got {settings.steps}, {settings.warmup})")
     early_log, run = LogBuffer(), None
     try:
-        ctx = start_run(cfg)
+        trainer = Trainer(cfg)
+        ctx = trainer.ctx
         path = Path(D.broadcast_object(str(settings.out or default_folder(cfg, ctx.world.world_size))))
-        seed_everything(cfg.train.seed, cfg.train.deterministic)
-        backbone = build_backbone(cfg.model, ctx.device, cfg.text, cfg.kernels)
-        data = load_data_once(ctx.data, cfg.train)
-        scope = scopes(cfg.train, cfg.method, data.group)[0]
-        train_tf = train_transform(backbone.preprocess_cfg, cfg.data.train_augment)
-        inputs = prepare_inputs(backbone, data, ("train",), ctx.data, cfg.train, cfg.model.precision, train_tf)
-        samples, features = scope.select(data.splits["train"], inputs.features.get("train"))
+        scope = trainer.scopes[0]
+        job = trainer.job(scope, trainer.inputs(("train",), augment_train=True))
+        features = job.features
         run = RunDir(path, is_main=ctx.world.is_main)
         run.open(fresh=True, replay=early_log)
         run.save_config(ctx.saved_config(cfg))
         timer = PhaseTimer(torch.device(ctx.device))
         with StopSignals(cfg.train.stop_signals) as signals:
-            prepared = prepare_training(build_classifier(cfg, backbone, scope.group), scope.group, samples, train_tf,
-                                        optim=cfg.optim, train=cfg.train, engine=cfg.engine, data=ctx.data,
-                                        world=ctx.world, run=None, task_weights=None, scope=scope.key,
-                                        features=features, checkpoints=None, signals=signals, timer=timer)
+            prepared = trainer.prepare(job, signals, timer)
             logger.info("profiling %s: %d warm-up + %d timed steps on %d rank(s), micro-batch %d, %d classes%s",
                         scope.key, settings.warmup, settings.steps, D.world_size(), prepared.micro_batch,
                         scope.group.num_classes, ", cached image features" if features is not None else "")

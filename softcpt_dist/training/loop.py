@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from softcpt_dist import distributed as D
-from softcpt_dist.config import TrainConfig
+from softcpt_dist.config import Config
 from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.model.loss import TaskTargets
 from softcpt_dist.step_phases import NULL_TIMER
@@ -64,18 +64,21 @@ class LoopState:
 class TrainLoop:
     """Epochs of micro-batches through a ``TrainEngine``; ``run`` returns the per-epoch records."""
 
-    def __init__(self, engine, loader, sampler, group: TaskGroup, train: TrainConfig, *, epochs: int,
-                 steps_per_epoch: int, grad_accum_steps: int, signals: StopSignals, run=None,
-                 task_weights: Optional[torch.Tensor] = None, scope: str = "joint", checkpoints=None,
+    def __init__(self, engine, loader, job, cfg: Config, signals: StopSignals, steps_per_epoch: int,
                  timer=NULL_TIMER):
-        self.engine, self.loader, self.sampler, self.group, self.cfg = engine, loader, sampler, group, train
+        """``job``: the scope's ``ScopeJob`` (group, task weights, scope name, run folder, checkpoints);
+        ``cfg``: the run's config (``train``, ``optim.epochs``, ``engine.grad_accum_steps``)."""
+        self.engine, self.loader, self.sampler, self.group = engine, loader, loader.batch_sampler, job.group
+        self.cfg = cfg.train
         self.timer = timer  # the profiler's (softcpt-dist profile): backward / optimizer phases
-        self.epochs, self.steps_per_epoch, self.gas = epochs, steps_per_epoch, grad_accum_steps
-        self.signals, self.run_dir, self.task_weights, self.checkpoints = signals, run, task_weights, checkpoints
+        self.epochs, self.steps_per_epoch, self.gas = cfg.optim.epochs, steps_per_epoch, cfg.engine.grad_accum_steps
+        self.signals, self.run_dir, self.task_weights, self.checkpoints = signals, job.run, job.task_weights, \
+            job.checkpoints
+        scope = job.scope
         self.scope, self.tag = scope, "" if scope == "joint" else f"{scope}: "
         self.device = engine.module.backbone.device
         self.class_task = group.class_task().to(self.device)
-        self.grouped = sampler.tasks_per_batch > 0
+        self.grouped = self.sampler.tasks_per_batch > 0
 
     def run(self, state: LoopState) -> List[Dict]:
         self.state = state
@@ -90,6 +93,7 @@ class TrainLoop:
             consumed = 0
             for inputs, tasks, labels, _ in (bar if todo > 0 else ()):
                 consumed += 1
+                self.engine.module.measure_activations = consumed == todo  # the epoch record's text activations
                 stop = self.step(inputs, tasks, labels, totals, epoch, lr, bar)
                 boundary, more = state.step % self.gas == 0, consumed < todo
                 if self.checkpoints is not None and boundary and more and (stop or (

@@ -1,132 +1,124 @@
-"""Training one scope's prompts: loader and engine, resume from a checkpoint, the loop, memory report."""
+"""The Trainer: one run built from its config, the same way for ``train``, ``eval`` and ``profile`` (and so
+for ``scaling``, whose points are profiles).
+
+It joins the process group and resolves the run (``start_run``), seeds, builds the frozen backbone,
+reads the data (rank 0 generates built-in data first) and splits the run into scopes; then, per scope,
+it builds the classifier, the inputs (images or cached features), the training job and its checkpoints,
+and prepares or runs its training (``scope_training.py``). A new option is threaded through here once.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
-
-import torch
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from softcpt_dist import distributed as D
-from softcpt_dist.config import ConfigError, DataConfig, EngineConfig, OptimConfig, TrainConfig
-from softcpt_dist.data.dataset import Sample
-from softcpt_dist.data.loaders import make_train_loader
-from softcpt_dist.data.sampler import TaskBalancedBatchSampler
-from softcpt_dist.data.tasks import TaskGroup
-from softcpt_dist.distributed import WorldInfo, world_info_from_env
+from softcpt_dist.config import Config, ConfigError, DataConfig, TrainConfig
+from softcpt_dist.data.dataset import MultiTaskData
+from softcpt_dist.data.loading import ensure_builtin_data, load_data
+from softcpt_dist.data.transforms import train_transform
+from softcpt_dist.model import PromptClassifier, build_backbone, build_method, method_class
+from softcpt_dist.seeding import seed_everything
 from softcpt_dist.step_phases import NULL_TIMER
-from softcpt_dist.training.checkpoint import TrainingCheckpoints
-from softcpt_dist.training.engine import TrainEngine, check_repeated_steps, memory_report, micro_batch_size
-from softcpt_dist.training.loop import LoopState, TrainLoop
+from softcpt_dist.training.checkpoint import TrainingCheckpoints, checkpoint_meta, resume_settings
+from softcpt_dist.training.engine import TrainEngine, partitions_its_module
+from softcpt_dist.training.inputs import Inputs, prepare_inputs
+from softcpt_dist.training.resolved import start_run
+from softcpt_dist.training.scope_training import (PreparedTraining, ScopeJob, check_training_setup,
+                                                  prepare_training, run_prepared)
+from softcpt_dist.training.scopes import Scope, scopes
 from softcpt_dist.training.signals import StopSignals
 
 logger = logging.getLogger(__name__)
 
 
-def train_prompts(model, group: TaskGroup, samples: List[Sample], transform, *, optim: OptimConfig,
-                  train: TrainConfig, engine: EngineConfig, data: DataConfig, world: Optional[WorldInfo] = None,
-                  run=None, task_weights: Optional[torch.Tensor] = None, scope: str = "joint",
-                  features: Optional[torch.Tensor] = None, checkpoints: Optional[TrainingCheckpoints] = None,
-                  signals: Optional[StopSignals] = None) -> Tuple[List[Dict], TrainEngine]:
-    """Train ``model.method`` on this rank's shards; returns the per-epoch records and the engine.
+def load_data_once(dcfg: DataConfig, train: TrainConfig) -> MultiTaskData:
+    """Every rank reads the data; only rank 0 generates the built-in dataset when it is missing."""
+    if D.rank() == 0:
+        ensure_builtin_data(dcfg)
+    D.barrier()
+    return load_data(dcfg, train.seed, train.eval_split)
 
-    ``features``: cached image features of ``samples`` (``[N, D]`` or ``[N, V, D]``); the image
-    encoder is then skipped. ``signals``: the run's stop-signal catcher (one is installed here if
-    None). ``world``: the launch's world information (read from the environment if None).
+
+class Trainer:
+    """A run's components, built from ``cfg`` in one place.
+
+    ``run_path``/``name_folder``: the run folder (see ``start_run``). After construction: ``ctx`` (world,
+    device, resolved data paths, run folder), ``backbone``, ``data``, ``scopes`` and ``train_transform``.
     """
-    if signals is None:
-        with StopSignals(train.stop_signals) as own:
-            return train_prompts(model, group, samples, transform, optim=optim, train=train, engine=engine,
-                                 data=data, world=world, run=run, task_weights=task_weights, scope=scope,
-                                 features=features, checkpoints=checkpoints, signals=own)
-    prepared = prepare_training(model, group, samples, transform, optim=optim, train=train, engine=engine, data=data,
-                                world=world, run=run, task_weights=task_weights, scope=scope, features=features,
-                                checkpoints=checkpoints, signals=signals)
-    tengine, tag = prepared.engine, prepared.loop.tag
-    if checkpoints is not None and train.resume:
-        saved = checkpoints.resume(tengine, prepared.sampler, train.resume)
-        if saved is not None:
-            prepared.state = LoopState.from_checkpoint(saved, D.rank())
-        if run is not None:  # what the killed run logged after its checkpoint is done again: drop it
-            run.cut_metrics(scope, prepared.state.step)
-    mem = memory_report(tengine.module)
-    logger.info("%straining %s learnable parameters on %d %s of %d tasks: %d rank(s) x micro-batch %d x %d "
-                "accumulation = global batch %d, %d iterations/epoch (sampler %s%s), %d epochs, ZeRO stage %d; "
-                "rank 0 holds %.1f MiB frozen + %.2f MiB learnable parameters", tag, f"{tengine.num_learnable():,}",
-                len(samples), "cached feature rows" if features is not None else "images", len(group),
-                D.world_size(), prepared.micro_batch, engine.grad_accum_steps,
-                prepared.micro_batch * engine.grad_accum_steps * D.world_size(),
-                prepared.loop.steps_per_epoch // engine.grad_accum_steps, data.sampler.mode,
-                f", <= {data.sampler.tasks_per_batch} tasks/batch" if prepared.sampler.tasks_per_batch else "",
-                optim.epochs, engine.zero_stage, mem["frozen_param_bytes"] / 2**20,
-                mem["learnable_param_bytes"] / 2**20)
-    tengine.train()
-    history = prepared.loop.run(prepared.state)
-    _report_memory(tengine, tag, scope, run, engine.zero_stage)
-    tengine.train(False)
-    return history, tengine
+
+    def __init__(self, cfg: Config, run_path: Optional[Path] = None, name_folder: bool = False):
+        self.cfg = cfg
+        self.method = method_class(cfg.method, cfg.prompt)
+        self.ctx = start_run(cfg, run_path, name_folder)
+        seed_everything(cfg.train.seed, cfg.train.deterministic)
+        self.backbone = build_backbone(cfg.model, self.ctx.device, cfg.text, cfg.kernels)
+        self.data = load_data_once(self.ctx.data, cfg.train)
+        self.scopes: List[Scope] = scopes(cfg.train, cfg.method, self.data.group)
+        self.train_transform: Callable = train_transform(self.backbone.preprocess_cfg, cfg.data.train_augment)
+
+    def inputs(self, splits: Sequence[str], augment_train: bool = False) -> Inputs:
+        """What the model reads per split (cached features with ``data.cache``); ``augment_train``: the
+        training split as training sees it (augmented views, or images augmented on the fly)."""
+        return prepare_inputs(self.backbone, self.data, splits, self.ctx.data, self.cfg.train,
+                              self.cfg.model.precision, self.train_transform if augment_train else None)
+
+    def classifier(self, group, cfg: Optional[Config] = None) -> PromptClassifier:
+        """``cfg``'s method (default the run's) on the backbone for ``group``, its class prompts sharded over
+        ranks per ``text.shard``."""
+        cfg = cfg or self.cfg
+        return PromptClassifier(self.backbone, build_method(self.backbone, group, cfg.method, cfg.prompt), cfg.text,
+                                cfg.kernels)
+
+    def check_training(self) -> None:
+        """What training would refuse, refused now, before the run folder is touched."""
+        steps = self.method.official_modules(self.cfg.method) if self.cfg.optim.official_stepping else 1
+        check_training_setup({s.key: s.select(self.data.splits["train"])[0] for s in self.scopes}, self.cfg,
+                             self.ctx.world.world_size, steps)
+
+    def job(self, scope: Scope, inputs: Inputs, run=None, on_resumed: Optional[Callable] = None) -> ScopeJob:
+        """``scope``'s training job: a fresh classifier (seeded as every scope is, independently of the
+        others), its samples or cached features, task weights and, with a run folder, its checkpoints.
+        Under ZeRO-3 every scope after the first gets a backbone of its own (its engine partitions it)."""
+        if scope is not self.scopes[0] and partitions_its_module(self.cfg.engine):
+            seed_everything(self.cfg.train.seed, self.cfg.train.deterministic)
+            self.backbone = build_backbone(self.cfg.model, self.ctx.device, self.cfg.text, self.cfg.kernels)
+        seed_everything(self.cfg.train.seed, self.cfg.train.deterministic)
+        model = self.classifier(scope.group)
+        weights = scope.group.task_weights(self.cfg.train.task_weights) if scope.key == "joint" else None
+        samples, features = scope.select(self.data.splits["train"], inputs.features.get("train"))
+        checkpoints = None
+        if run is not None:
+            cfg = self.cfg
+            checkpoints = TrainingCheckpoints(run.path / "checkpoints" / scope.key, cfg.train.keep_checkpoints,
+                                              checkpoint_meta(cfg.model, cfg.method, cfg.prompt, scope.group),
+                                              resume_settings(cfg.model, cfg.optim, self.ctx.data, cfg.train, samples),
+                                              on_resumed=on_resumed)
+        return ScopeJob(model, scope.group, samples, self.train_transform, features, weights, scope.key, run,
+                        checkpoints)
+
+    def prepare(self, job: ScopeJob, signals: StopSignals, timer=NULL_TIMER) -> PreparedTraining:
+        """``job``'s engine, loader and loop, ready to run from the start (what ``profile`` times)."""
+        return prepare_training(job, self.cfg, signals, self.ctx.world, timer)
+
+    def train(self, job: ScopeJob, signals: StopSignals) -> Tuple[List[Dict], TrainEngine]:
+        """Train ``job`` (resuming from its checkpoints under ``train.resume``): its records and engine."""
+        return run_prepared(self.prepare(job, signals), job, self.cfg)
+
+    def with_method(self, name: str) -> Config:
+        """The run's config with another method (e.g. zero-shot CLIP beside a trained run)."""
+        return replace(self.cfg, method=replace(self.cfg.method, name=name))
 
 
-@dataclass
-class PreparedTraining:
-    """What a scope's training runs on: the engine, the loader and its sampler, the loop and its state."""
-
-    engine: TrainEngine
-    loader: object
-    sampler: TaskBalancedBatchSampler
-    loop: TrainLoop
-    state: LoopState
-    micro_batch: int
-
-
-def prepare_training(model, group: TaskGroup, samples: List[Sample], transform, *, optim: OptimConfig,
-                     train: TrainConfig, engine: EngineConfig, data: DataConfig, world: Optional[WorldInfo],
-                     run, task_weights: Optional[torch.Tensor], scope: str, features: Optional[torch.Tensor],
-                     checkpoints: Optional[TrainingCheckpoints], signals: StopSignals,
-                     timer=NULL_TIMER) -> PreparedTraining:
-    """This rank's loader, the engine and the loop, ready to run from the start (``train_prompts`` resumes
-    and runs them; ``softcpt-dist profile`` times their steps with ``timer``)."""
-    micro = micro_batch_size(optim, engine, D.world_size())
-    loader, sampler = make_train_loader(samples, transform, micro, seed=train.seed, sampler=data.sampler,
-                                        num_workers=data.num_workers, features=features, rank=D.rank(),
-                                        world_size=D.world_size())
-    tengine = TrainEngine(model, optim, engine, world or world_info_from_env(), micro)
-    steps_per_epoch = _whole_steps(sampler, engine.grad_accum_steps, "" if scope == "joint" else f"{scope}: ")
-    loop = TrainLoop(tengine, loader, sampler, group, train, epochs=optim.epochs, steps_per_epoch=steps_per_epoch,
-                     grad_accum_steps=engine.grad_accum_steps, signals=signals, run=run, task_weights=task_weights,
-                     scope=scope, checkpoints=checkpoints, timer=timer)
-    return PreparedTraining(tengine, loader, sampler, loop, LoopState(), micro)
-
-
-def _whole_steps(sampler, gas: int, tag: str) -> int:
-    """Micro-batches per epoch that make whole optimizer steps; none is an error."""
-    steps = sampler.steps_per_epoch - sampler.steps_per_epoch % gas
-    if steps == 0:
-        raise ConfigError(f"{tag}an epoch has {sampler.steps_per_epoch} micro-batches per rank, fewer than "
-                          f"engine.grad_accum_steps={gas}")
-    return steps
-
-
-def check_training_setup(scopes: Dict[str, List[Sample]], optim: OptimConfig, engine: EngineConfig,
-                         data: DataConfig, train: TrainConfig, world_size: int, official_steps: int) -> None:
-    """Refuse, before a run folder is touched, every engine and batch setting the training would refuse:
-    ``scopes`` maps each scope to its training samples."""
-    micro = micro_batch_size(optim, engine, world_size)
-    check_repeated_steps(official_steps, engine)
-    for scope, samples in scopes.items():
-        sampler = TaskBalancedBatchSampler([s.task for s in samples], micro, seed=train.seed, mode=data.sampler.mode,
-                                           temperature=data.sampler.temperature,
-                                           tasks_per_batch=data.sampler.tasks_per_batch, world_size=world_size)
-        _whole_steps(sampler, engine.grad_accum_steps, "" if scope == "joint" else f"{scope}: ")
-
-
-def _report_memory(engine: TrainEngine, tag: str, scope: str, run, zero_stage: int) -> None:
-    """Every rank's parameter bytes and peak memory: logged, and written to ``memory_<scope>.json``."""
-    per_rank = D.all_gather_objects(memory_report(engine.module))
-    for r, mem in enumerate(per_rank):
-        logger.info("%smemory rank %d: frozen params %.1f MiB, learnable params %.2f MiB, peak %.1f MiB", tag, r,
-                    mem["frozen_param_bytes"] / 2**20, mem["learnable_param_bytes"] / 2**20,
-                    mem.get("peak_allocated_bytes", mem.get("peak_rss_bytes", 0)) / 2**20)
-    if run is not None:
-        run.write_json(f"memory_{scope}.json", {"zero_stage": zero_stage, "ranks": per_rank})
+def refuse_mixed_resume(trainer: Trainer) -> None:
+    """A resumed run's checkpoints must be of this run's scopes (method and mode unchanged)."""
+    cfg, saved = trainer.cfg, trainer.ctx.path / "checkpoints"
+    keys = [s.key for s in trainer.scopes]
+    other = sorted({p.name for p in saved.iterdir() if p.is_dir()} - set(keys)) \
+        if cfg.train.resume and saved.is_dir() else []
+    if other:
+        raise ConfigError(f"train.resume: run folder {trainer.ctx.path} holds training checkpoints of {other}, not of "
+                          f"this run's {keys}: was method.name, method.coop_mode or train.mode different? "
+                          "(resume with those, or use another train.run_name)")

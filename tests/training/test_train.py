@@ -18,7 +18,7 @@ from softcpt_dist.training.experiment import run_train
 from softcpt_dist.model import build_method
 from softcpt_dist.model import PromptClassifier
 from softcpt_dist.training.optim import epoch_lrs, lr_at, steps_per_update
-from softcpt_dist.training.trainer import train_prompts
+from softcpt_dist.training.scope_training import ScopeJob, train_prompts
 
 REPO = Path(__file__).resolve().parents[2]
 CHANCE = {"colour": 20.0, "tone": 100 / 3, "size": 50.0, "pattern": 100 / 3}
@@ -76,8 +76,7 @@ def test_rerun_with_the_same_name_replaces_old_metrics(tmp_path, small_data_root
 
 
 def _train(cfg, model, group, samples, transform):
-    return train_prompts(model, group, samples, transform, optim=cfg.optim, train=cfg.train, engine=cfg.engine,
-                         data=cfg.data)
+    return train_prompts(ScopeJob(model, group, samples, transform), cfg)
 
 
 def _short_cfg(tmp_path, small_data_root, *extra):
