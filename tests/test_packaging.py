@@ -4,7 +4,6 @@ so it imports what an editable install imports; no import cycle depends on the f
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest

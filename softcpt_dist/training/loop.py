@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -77,7 +77,7 @@ class TrainLoop:
         scope = job.scope
         self.scope, self.tag = scope, "" if scope == "joint" else f"{scope}: "
         self.device = engine.module.backbone.device
-        self.class_task = group.class_task().to(self.device)
+        self.class_task = self.group.class_task().to(self.device)
         self.grouped = self.sampler.tasks_per_batch > 0
 
     def run(self, state: LoopState) -> List[Dict]:
