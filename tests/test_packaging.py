@@ -20,6 +20,7 @@ def _tree_packages():
     return sorted(found)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["softcpt_dist.micro.group", "softcpt_dist.micro.pretrain", "softcpt_dist.micro.world",
                                     "softcpt_dist.data", "softcpt_dist.config", "softcpt_dist.model", "softcpt_dist.cli",
                                     "softcpt_dist.kernels"])
@@ -37,6 +38,7 @@ def test_setup_finds_every_package_of_the_tree():
     assert eval(done.stdout.strip()) == _tree_packages()
 
 
+@pytest.mark.slow
 def test_a_wheel_install_holds_every_package_and_its_data(tmp_path):
     target = tmp_path / "site"
     built = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",

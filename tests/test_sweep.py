@@ -61,6 +61,7 @@ def test_bad_sweep_files_are_named(tmp_path):
         load_sweep(tmp_path / "nope.yaml")
 
 
+@pytest.mark.slow
 def test_the_papers_sweep_files_resolve(monkeypatch):
     """configs/sweeps/: every run of every benchmark's sweep resolves to a valid config."""
     from pathlib import Path
@@ -89,6 +90,7 @@ def test_named_settings_axis_sets_several_keys_per_value(tmp_path):
         load_sweep(_file(tmp_path, "grid:\n  method:\n    zs: zeroshot\n"))
 
 
+@pytest.mark.slow
 def test_the_micro_comparison_sweep_resolves(monkeypatch):
     """configs/micro/compare.yaml: 7 methods x 5 shots x 3 seeds, each run a distinct valid config."""
     from pathlib import Path

@@ -215,6 +215,10 @@ class TrainEngine:
         return {"zero_stage": self.ecfg.zero_stage, "grad_accum_steps": self.ecfg.grad_accum_steps,
                 "optimizer": self.optim_cfg.name, "official_steps": self.k}
 
+    def describe(self) -> Dict:
+        """The engine's settings and the DeepSpeed config it was built with, as plain values."""
+        return {**self.settings(), "deepspeed": self.ds_config}
+
     def close(self) -> None:
         """Release DeepSpeed's hooks and buffers (the frozen backbone outlives this engine)."""
         self.engine.destroy()

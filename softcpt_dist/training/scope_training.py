@@ -101,7 +101,7 @@ class PreparedTraining:
                 "steps_per_epoch": self.loop.steps_per_epoch, "epochs": self.loop.epochs,
                 "sampler_steps": len(self.sampler), "tasks_per_batch": self.sampler.tasks_per_batch,
                 "learnable": {k: float(v.double().sum()) for k, v in sorted(learnable.items())},
-                "engine": {**self.engine.settings(), "deepspeed": self.engine.ds_config}}
+                "engine": self.engine.describe()}
 
 
 def prepare_training(job: ScopeJob, cfg: Config, signals: StopSignals, world: Optional[WorldInfo] = None,

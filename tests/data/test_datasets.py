@@ -148,6 +148,7 @@ print(json.dumps([d.report["train"], d.report["val"]]))
 """
 
 
+@pytest.mark.slow
 def test_fewshot_identical_across_processes_and_seed_dependent(coop_root):
     def subset(seed):
         out = subprocess.run([sys.executable, "-c", _FEWSHOT_SCRIPT, str(coop_root), str(seed)], check=True,

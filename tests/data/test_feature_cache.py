@@ -26,6 +26,7 @@ def _cfg(tmp_path, root, name, *extra):
                             *extra])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [["method.variant=NATA"], ["method.name=coop", "method.coop_mode=CA"],
                                     ["method.name=linear_probe", "method.lp_search_steps=1", "method.lp_max_iter=100"], ["method.name=zeroshot"]])
 def test_training_and_eval_from_cache_match_images(tmp_path, small_data_root, method):
@@ -37,6 +38,7 @@ def test_training_and_eval_from_cache_match_images(tmp_path, small_data_root, me
     assert list((tmp_path / "cache").glob("*/meta.json"))
 
 
+@pytest.mark.slow
 def test_cache_entries_are_reused_not_recomputed(tmp_path, small_data_root):
     run_train(_cfg(tmp_path, small_data_root, "first", "data.cache.enabled=true"))
     entries = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*/*.pt")}
@@ -74,6 +76,7 @@ def test_augmented_views_are_deterministic_and_distinct(tmp_path, tiny_backbone,
     assert plain.shape == (10, feats.shape[-1])
 
 
+@pytest.mark.slow
 def test_training_from_cached_views(tmp_path, small_data_root):
     result = run_train(_cfg(tmp_path, small_data_root, "views", "data.cache.enabled=true", "data.train_augment=paper",
                             "data.cache.train_views=2"))
@@ -99,6 +102,7 @@ def test_grouped_micro_batch_loss_equals_full_loss(tiny_backbone, small_data):
     assert sub.item() == pytest.approx(full.item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_training_with_task_grouped_batches_learns(tmp_path, small_data_root):
     result = run_train(_cfg(tmp_path, small_data_root, "grouped", "data.sampler.tasks_per_batch=1", "optim.epochs=12",
                             "data.shots=0"))
@@ -128,6 +132,7 @@ def _encode_on_rank(rank, world, port, cache_dir, root, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_encode_disjoint_parts_and_match_one_rank(tmp_path, small_data_root, small_data):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

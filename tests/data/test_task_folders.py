@@ -22,6 +22,7 @@ def test_builtin_dataset_layout(small_data):
     assert image.size == (32, 32) and 0 <= label < group.tasks[task].num_classes
 
 
+@pytest.mark.slow
 def test_fewshot_subsets_are_deterministic_across_processes(small_data):
     code = ("import softcpt_dist; from softcpt_dist.data import read_task_folders, fewshot_subset; "
             f"d = read_task_folders({str(small_data.splits['train'][0].path.rsplit('/train/', 1)[0])!r}); "

@@ -35,6 +35,7 @@ def _run(enabled, img, txt, scale, tasks, targets, class_task, weights=None):
     return loss.detach(), pred, [t.grad for t in leaves]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weighted", [False, True])
 def test_matches_torch(interpreter, weighted):
     batch = _batch()
@@ -69,6 +70,7 @@ def test_no_image_gradient_for_cached_features(interpreter):
     assert leaf.grad is not None and not img.requires_grad
 
 
+@pytest.mark.slow
 def test_backward_is_deterministic(interpreter):
     batch = _batch()
     first, second = _run("auto", *batch)[2], _run("auto", *batch)[2]

@@ -10,6 +10,7 @@ from softcpt_dist.config import ConfigError, load_config
 from softcpt_dist.kernels import _triton
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["prompt_assembly", "shared_prefix_attention", "cosine_ce"])
 def test_each_kernel_module_imports_on_its_own(module):
     """A script may import a dispatcher before anything else of the package (they import its torch path)."""

@@ -33,6 +33,7 @@ def _run(qkv, layout, heads, enabled, grad_out):
     return out.detach(), qkv.grad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("heads, head_dim", HEADS)
 def test_matches_torch_forward_and_backward(interpreter, heads, head_dim):
     layout = _layout()

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_library_page_example_runs(tmp_path):
     section = (REPO / "docs" / "library.md").read_text().split("## Example", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)

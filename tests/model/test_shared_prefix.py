@@ -62,6 +62,7 @@ def _assert_paths_agree(method, backbone, tol=FP32, class_index=None):
         assert _rel(dense_grads[name], shared_grads[name]) <= tol, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
 @pytest.mark.parametrize("name,options", METHODS, ids=[f"{n}-{'-'.join(o.values())}" for n, o in METHODS])
 def test_shared_prefix_path_equals_dense_path(tiny_backbone, group, name, options, position):
@@ -95,6 +96,7 @@ def test_activation_checkpointing_on_the_shared_path(tiny_backbone, group):
         assert _rel(reference[1][name], checkpointed[1][name]) <= FP32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision,tol", [("bf16", 2e-2), ("fp16", 4e-3)])
 def test_half_precision_paths_agree(group, precision, tol):
     from softcpt_dist.config import ModelConfig

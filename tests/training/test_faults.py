@@ -214,6 +214,7 @@ def test_a_stale_build_lock_is_removed_and_a_live_one_waited_for_boundedly(tmp_p
         clear_stale_build_locks(tmp_path, wait_s=2, min_age_s=60)
 
 
+@pytest.mark.slow
 def test_deepspeed_builds_in_the_installation_folder_and_survives_a_stale_lock(small_data_root, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TORCH_EXTENSIONS_DIR", "RANK", "WORLD_SIZE")}
     env.update(HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")

@@ -34,6 +34,7 @@ def default_run(tmp_path_factory):
     return tmp / "runs" / "demo"
 
 
+@pytest.mark.slow  # the whole pipeline-check job (its fixture)
 def test_default_job_writes_its_run_folder(default_run):
     for name in ("config.yaml", "train.log", "metrics.jsonl", "results.json", "results.md", "prompt_checkpoint.pt"):
         assert (default_run / name).is_file(), name
@@ -41,6 +42,7 @@ def test_default_job_writes_its_run_folder(default_run):
     assert "RANDOM weights" in (default_run / "train.log").read_text()
 
 
+@pytest.mark.slow  # the whole pipeline-check job (its fixture)
 def test_default_job_loss_goes_down_and_beats_chance_per_task(default_run):
     records = [json.loads(line) for line in (default_run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]
@@ -51,6 +53,7 @@ def test_default_job_loss_goes_down_and_beats_chance_per_task(default_run):
         assert results["tasks"][key]["value"] > chance + 5, (key, results["tasks"][key])
 
 
+@pytest.mark.slow  # the whole pipeline-check job (its fixture)
 def test_eval_from_run_folder_reproduces_results(default_run):
     assert main(["eval", "--run", str(default_run), "train.progress=false"]) == 0
     trained = json.loads((default_run / "results.json").read_text())
@@ -59,6 +62,7 @@ def test_eval_from_run_folder_reproduces_results(default_run):
         assert again["tasks"][key]["value"] == pytest.approx(trained["tasks"][key]["value"])
 
 
+@pytest.mark.slow  # the whole pipeline-check job (its fixture)
 @pytest.mark.parametrize("override,named", [("method.variant=CSTS", "method="),
                                             ("prompt.class_token_position=middle", "class_token_position"),
                                             ("model.arch=softcpt-tiny-rn", "arch=")])
@@ -188,6 +192,7 @@ def test_a_run_leaves_its_config_untouched(tmp_path, small_data_root, monkeypatc
     assert saved.data.cache.dir == str(tmp_path / "cache") and saved.model.device == "cpu"
 
 
+@pytest.mark.slow  # the whole pipeline-check job (its fixture)
 def test_metrics_are_mirrored_to_tensorboard(default_run):
     """With tensorboard installed (the dev extra), every epoch's loss is also in the run's event files."""
     pytest.importorskip("tensorboard")
