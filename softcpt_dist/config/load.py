@@ -8,6 +8,7 @@ badly typed values are errors that name the key.
 from __future__ import annotations
 
 from dataclasses import fields, is_dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -43,24 +44,47 @@ def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:
     return OmegaConf.merge(merged, node)
 
 
+@lru_cache(maxsize=1)
+def _defaults() -> DictConfig:
+    """The typed defaults, built once per process (``OmegaConf.merge`` copies its first argument, so
+    every ``load_config`` starts from an untouched tree)."""
+    return OmegaConf.structured(Config)
+
+
 def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
     """Defaults <- each YAML file in order <- ``key=value`` overrides, validated into a ``Config``."""
-    merged = OmegaConf.structured(Config)
+    nodes = []
     for f in files:
         try:
-            merged = OmegaConf.merge(merged, _read_yaml(Path(f)))
+            nodes.append(_read_yaml(Path(f)))
         except OmegaConfBaseException as err:
             raise _config_error(err, f"{f}: ") from err
     try:
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([as_written(item, Config) for item in overrides]))
+        dotlist = OmegaConf.from_dotlist([as_written(item, Config) for item in overrides])
+        try:
+            merged = OmegaConf.merge(_defaults(), *nodes, dotlist)  # one copy of the defaults, not one per layer
+        except OmegaConfBaseException:
+            merged = _merge_naming_the_file(files, nodes)  # which layer is wrong: the file's error, or below
+            merged = OmegaConf.merge(merged, dotlist)
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _config_error(err, "") from err
     validate(cfg)
     return cfg
+
+
+def _merge_naming_the_file(files: Sequence[str | Path], nodes: list) -> DictConfig:
+    """The defaults merged with each file's tree in turn; a file that does not fit raises naming it."""
+    merged = _defaults()
+    for f, node in zip(files, nodes):
+        try:
+            merged = OmegaConf.merge(merged, node)
+        except OmegaConfBaseException as err:
+            raise _config_error(err, f"{f}: ") from err
+    return merged
 
 
 def _config_error(err: OmegaConfBaseException, where: str) -> ConfigError:
