@@ -66,6 +66,10 @@ class MethodConfig:
     variant: str = one_of("NATA", "NATS", "CATA", "CSTA", "CATS", "CSTS")  # softcpt
     meta_net: str = one_of("lin", "mlp")  # lin (paper: bias-free linear) | mlp (extension, not in the paper)
     meta_hidden: int = 512  # hidden width of the mlp meta network
+    # Class-aware variants (CA/CS): what the meta network reads -- the official TRAINER.MTCOOP.PG_TYPE.
+    # concat: [class feature, task feature] (lin, the paper) | mean: their mean (linmean) | class: the class
+    # feature only (lincls; the variant then has no task prompt)
+    meta_input: str = one_of("concat", "mean", "class")
     coop_mode: str = one_of("CA", "CS", "MT")  # coop: one context per task | per class | one for all tasks
     # Linear probe: inverse L2 strengths searched on the validation split (CoOp's lpclip grid).
     lp_c_grid: List[float] = field(default_factory=lambda: [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6])

@@ -41,28 +41,37 @@ class SoftCPT(Method):
         self.class_aware = variant[:2] in ("CA", "CS")
         self.class_specific = variant[:2] == "CS"
         self.task_specific = variant[2:] == "TS"
+        self.meta_input = method.meta_input
+        self.uses_tasks = method.meta_input != "class"  # lincls reads the class feature only
         dim, feat = backbone.ctx_dim, backbone.embed_dim
         n_tasks, n_classes = len(group), group.num_classes
 
-        self.task_prompts = ContextPromptBank(group.task_names, prompt.n_task_ctx, backbone)
-        self.task_ctx = context_vectors(n_tasks if self.task_specific else 1, prompt.n_task_ctx, dim, prompt.init_std)
+        if self.uses_tasks:
+            self.task_prompts = ContextPromptBank(group.task_names, prompt.n_task_ctx, backbone)
+            self.task_ctx = context_vectors(n_tasks if self.task_specific else 1, prompt.n_task_ctx, dim,
+                                            prompt.init_std)
         if self.class_aware:
             self.class_feature_prompts = ContextPromptBank(group.classnames, prompt.n_class_ctx, backbone)
             self.class_ctx = context_vectors(n_classes if self.class_specific else 1, prompt.n_class_ctx, dim,
                                              prompt.init_std)
-        self.meta_net = MetaNet(feat * (2 if self.class_aware else 1), prompt.n_ctx, dim, method.meta_net,
-                                method.meta_hidden, prompt.init_std)
+        concat = self.class_aware and method.meta_input == "concat"
+        self.meta_net = MetaNet(feat * (2 if concat else 1), prompt.n_ctx, dim, method.meta_net, method.meta_hidden,
+                                prompt.init_std)
         self.class_prompts = ContextPromptBank(group.classnames, prompt.n_ctx, backbone,
                                                prompt.class_token_position)
 
     @classmethod
     def label(cls, cfg: MethodConfig) -> str:
-        return f"softcpt-{cfg.variant}"
+        return f"softcpt-{cfg.variant}" + ("" if cfg.meta_input == "concat" else f"-{cfg.meta_input}")
 
     @classmethod
     def check(cls, method: MethodConfig, prompt: PromptConfig) -> None:
-        if method.variant[:2] in ("CA", "CS") and prompt.n_class_ctx == 0:
+        class_aware = method.variant[:2] in ("CA", "CS")
+        if class_aware and prompt.n_class_ctx == 0:
             raise ConfigError(f"method.variant={method.variant} needs prompt.n_class_ctx > 0")
+        if not class_aware and method.meta_input != "concat":
+            raise ConfigError(f"method.meta_input={method.meta_input} needs a class-aware variant (CA/CS): "
+                              f"method.variant={method.variant} has no class feature to read")
 
     @classmethod
     def official_modules(cls, cfg: MethodConfig) -> int:
@@ -91,12 +100,17 @@ class SoftCPT(Method):
         one per task of the selection (NA), one per class (CA/CS). Only the selected classes' tasks'
         prompts are encoded."""
         sel = self._selection(class_index)
-        task_feat = self.task_features(sel.tasks).float()
+        task_feat = self.task_features(sel.tasks).float() if self.uses_tasks else None
         if not self.class_aware:
             return self.meta_net(task_feat), sel.context
-        class_feat = self.backbone.text_encoder(self.class_feature_prompts(self.class_ctx, sel.class_owner, sel.index))
+        class_feat = self.backbone.text_encoder(self.class_feature_prompts(self.class_ctx, sel.class_owner,
+                                                                            sel.index)).float()
+        if self.meta_input == "class":
+            return self.meta_net(class_feat), sel.context
+        if self.meta_input == "mean":
+            return self.meta_net((class_feat + task_feat[sel.task_of]) / 2), sel.context
         # Official order: class feature first, then the feature of the class's task.
-        return self.meta_net(torch.cat([class_feat.float(), task_feat[sel.task_of]], dim=1)), sel.context
+        return self.meta_net(torch.cat([class_feat, task_feat[sel.task_of]], dim=1)), sel.context
 
     def contexts(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Context vectors of the selected global classes ``[C', N, D]``."""
@@ -109,7 +123,7 @@ class SoftCPT(Method):
 
     def prompt_structures(self, class_index: torch.Tensor):
         sel = self._selection(class_index)
-        banks = [(self.task_prompts, self._task_owner(sel.tasks), sel.tasks)]
+        banks = [(self.task_prompts, self._task_owner(sel.tasks), sel.tasks)] if self.uses_tasks else []
         if self.class_aware:
             banks.append((self.class_feature_prompts, sel.class_owner, sel.index))
         banks.append((self.class_prompts, sel.context, sel.index))
