@@ -70,6 +70,9 @@ class MethodConfig:
     # concat: [class feature, task feature] (lin, the paper) | mean: their mean (linmean) | class: the class
     # feature only (lincls; the variant then has no task prompt)
     meta_input: str = one_of("concat", "mean", "class")
+    # Class-aware variants: the class context keeps its (seeded) initial value, is not trained and not saved
+    # (the official TRAINER.MTCOOP.FREEZE_CLS_PROMPT)
+    freeze_class_context: bool = False
     coop_mode: str = one_of("CA", "CS", "MT")  # coop: one context per task | per class | one for all tasks
     # Linear probe: inverse L2 strengths searched on the validation split (CoOp's lpclip grid).
     lp_c_grid: List[float] = field(default_factory=lambda: [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6])

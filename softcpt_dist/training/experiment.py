@@ -197,7 +197,7 @@ def _evaluate_checkpoint(trainer: Trainer, states: Optional[Dict], checkpoint: O
     cfg, parts = trainer.cfg, []
     inputs = trainer.inputs((cfg.train.eval_split,))
     for scope in trainer.scopes:
-        model = trainer.classifier(scope.group)
+        model = trainer.scope_classifier(scope)
         if states is not None:
             if scope.key not in states:
                 raise CheckpointError(f"checkpoint {checkpoint} has no prompts for {scope.key!r} "

@@ -72,6 +72,12 @@ class Trainer:
         return PromptClassifier(self.backbone, build_method(self.backbone, group, cfg.method, cfg.prompt), cfg.text,
                                 cfg.kernels)
 
+    def scope_classifier(self, scope: Scope) -> PromptClassifier:
+        """``scope``'s classifier, seeded as every scope is (independently of the others), so that tensors a
+        checkpoint does not hold (a frozen class context) start where training's started."""
+        seed_everything(self.cfg.train.seed, self.cfg.train.deterministic)
+        return self.classifier(scope.group)
+
     def check_training(self) -> None:
         """What training would refuse, refused now, before the run folder is touched."""
         steps = self.method.official_modules(self.cfg.method) if self.cfg.optim.official_stepping else 1
@@ -85,8 +91,7 @@ class Trainer:
         if scope is not self.scopes[0] and partitions_its_module(self.cfg.engine):
             seed_everything(self.cfg.train.seed, self.cfg.train.deterministic)
             self.backbone = build_backbone(self.cfg.model, self.ctx.device, self.cfg.text, self.cfg.kernels)
-        seed_everything(self.cfg.train.seed, self.cfg.train.deterministic)
-        model = self.classifier(scope.group)
+        model = self.scope_classifier(scope)
         weights = scope.group.task_weights(self.cfg.train.task_weights) if scope.key == "joint" else None
         samples, features = scope.select(self.data.splits["train"], inputs.features.get("train"))
         checkpoints = None

@@ -83,3 +83,27 @@ def test_a_run_with_class_features_only_trains_and_reloads(tmp_path, small_data_
     states = torch.load(result.path / "prompt_checkpoint.pt", weights_only=True)["states"]["joint"]
     assert "task_ctx" not in states and "class_ctx" in states
     assert run_eval(cfg, result.path / "prompt_checkpoint.pt")["tasks"] == result.results["tasks"]
+
+
+def test_a_frozen_class_context_is_neither_trained_nor_saved_and_eval_rebuilds_it(tmp_path, small_data_root):
+    """FREEZE_CLS_PROMPT: the class context keeps its seeded initial value, is not in the checkpoint, and the
+    official stepping counts one module less; evaluating the checkpoint gives the run's results."""
+    from softcpt_dist.config import load_config
+    from softcpt_dist.model import method_class
+    from softcpt_dist.training.experiment import run_eval, run_train
+    from softcpt_dist.training.trainer import Trainer
+
+    overrides = [f"data.root={small_data_root}", "data.shots=2", "optim.epochs=2", "optim.batch_size=4",
+                 f"train.output_dir={tmp_path}", "train.progress=false", "train.run_name=frozen",
+                 "method.variant=CSTA", "method.freeze_class_context=true"]
+    cfg = load_config([], overrides)
+    trainer = Trainer(cfg)
+    initial = trainer.scope_classifier(trainer.scopes[0]).method
+    assert not initial.class_ctx.requires_grad and "class_ctx" not in initial.learnable_parameters()
+    result = run_train(cfg)
+    assert "class_ctx" not in torch.load(result.path / "prompt_checkpoint.pt", weights_only=True)["states"]["joint"]
+    assert run_eval(cfg, result.path / "prompt_checkpoint.pt")["tasks"] == result.results["tasks"]
+    assert method_class(cfg.method).official_modules(cfg.method) == 3
+    with pytest.raises(ConfigError, match="method.freeze_class_context=true needs a class-aware variant"):
+        load_config([], overrides + ["method.variant=NATS"]) and build_method(
+            trainer.backbone, GROUP, MethodConfig(variant="NATS", freeze_class_context=True), PromptConfig())

@@ -54,6 +54,7 @@ class SoftCPT(Method):
             self.class_feature_prompts = ContextPromptBank(group.classnames, prompt.n_class_ctx, backbone)
             self.class_ctx = context_vectors(n_classes if self.class_specific else 1, prompt.n_class_ctx, dim,
                                              prompt.init_std)
+            self.class_ctx.requires_grad_(not method.freeze_class_context)  # frozen: neither trained nor saved
         concat = self.class_aware and method.meta_input == "concat"
         self.meta_net = MetaNet(feat * (2 if concat else 1), prompt.n_ctx, dim, method.meta_net, method.meta_hidden,
                                 prompt.init_std)
@@ -62,20 +63,25 @@ class SoftCPT(Method):
 
     @classmethod
     def label(cls, cfg: MethodConfig) -> str:
-        return f"softcpt-{cfg.variant}" + ("" if cfg.meta_input == "concat" else f"-{cfg.meta_input}")
+        return (f"softcpt-{cfg.variant}" + ("" if cfg.meta_input == "concat" else f"-{cfg.meta_input}")
+                + ("-frozencls" if cfg.freeze_class_context else ""))
 
     @classmethod
     def check(cls, method: MethodConfig, prompt: PromptConfig) -> None:
         class_aware = method.variant[:2] in ("CA", "CS")
         if class_aware and prompt.n_class_ctx == 0:
             raise ConfigError(f"method.variant={method.variant} needs prompt.n_class_ctx > 0")
+        if not class_aware and method.freeze_class_context:
+            raise ConfigError(f"method.freeze_class_context=true needs a class-aware variant (CA/CS): "
+                              f"method.variant={method.variant} has no class context")
         if not class_aware and method.meta_input != "concat":
             raise ConfigError(f"method.meta_input={method.meta_input} needs a class-aware variant (CA/CS): "
                               f"method.variant={method.variant} has no class feature to read")
 
     @classmethod
     def official_modules(cls, cfg: MethodConfig) -> int:
-        return 4 if cfg.variant[:2] in ("CA", "CS") else 3  # + the class prompt learner
+        # + the class prompt learner, unless frozen (the official code then does not register it)
+        return 4 if cfg.variant[:2] in ("CA", "CS") and not cfg.freeze_class_context else 3
 
     def _task_owner(self, tasks: torch.Tensor) -> torch.Tensor:
         """Task-context row of each task prompt: its own (TS) or the shared one (TA)."""
