@@ -13,12 +13,10 @@ import pytest
 import torch
 from test_distributed import needs_slurm
 
-pytestmark = pytest.mark.slow  # see pyproject.toml: not in the quick set
+pytestmark = [pytest.mark.slow, needs_slurm]  # slow: see pyproject.toml, not in the quick set
 
 REPO = Path(__file__).resolve().parents[2]
 
-
-pytestmark = needs_slurm
 
 
 def _train_args(root, out, epochs):
