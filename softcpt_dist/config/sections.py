@@ -32,6 +32,10 @@ class PromptConfig:
     n_task_ctx: int = non_negative(4)  # M: learnable task-context vectors in the task prompt (official runs: 4)
     n_class_ctx: int = non_negative(4)  # K: learnable class-context vectors of the class-aware variants
     class_token_position: str = one_of("end", "middle", "front")  # front/middle: CoOp's placements
+    # The same placements for SoftCPT's task prompt (official TASK_TOKEN_POSITION) and the class-feature prompt
+    # of the class-aware variants (official CLASS_TOKEN_POSITION)
+    task_token_position: str = one_of("end", "middle", "front")
+    class_feature_token_position: str = one_of("end", "middle", "front")
     init_std: float = 0.02  # std of the normal init of every learnable context
 
 

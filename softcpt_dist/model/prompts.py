@@ -109,10 +109,13 @@ class ContextPromptBank(_PromptTemplates):
     leading positions, which the shared-prefix text path encodes once.
     """
 
-    def __init__(self, names: Sequence[str], n_ctx: int, backbone, position: str = "end"):
+    def __init__(self, names: Sequence[str], n_ctx: int, backbone, position: str = "end",
+                 key: str = "class_token_position"):
+        """``position``: where the name goes among the slots (end, middle, front; ``key`` names the config
+        field it came from in errors)."""
         super().__init__()
         if position not in choices(PromptConfig, "class_token_position"):
-            raise ConfigError(f"prompt.class_token_position={position!r} is not one of "
+            raise ConfigError(f"prompt.{key}={position!r} is not one of "
                               f"{list(choices(PromptConfig, 'class_token_position'))}")
         self.n_ctx, self.position = n_ctx, position
         prefix = " ".join([PLACEHOLDER] * n_ctx)

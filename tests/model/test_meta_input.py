@@ -107,3 +107,36 @@ def test_a_frozen_class_context_is_neither_trained_nor_saved_and_eval_rebuilds_i
     with pytest.raises(ConfigError, match="method.freeze_class_context=true needs a class-aware variant"):
         load_config([], overrides + ["method.variant=NATS"]) and build_method(
             trainer.backbone, GROUP, MethodConfig(variant="NATS", freeze_class_context=True), PromptConfig())
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_task_and_class_feature_prompts_place_the_name_as_the_official_learners_do(tiny_backbone, position):
+    """TASK_TOKEN_POSITION / CLASS_TOKEN_POSITION: [SOS] ctx name . (end), [SOS] ctx[:n//2] name ctx[n//2:] .
+    (middle), [SOS] name ctx . (front), as the official TaskPromptLearner / ClassPromptLearner concatenate."""
+    prompt = PromptConfig(n_task_ctx=4, n_class_ctx=3, task_token_position=position,
+                          class_feature_token_position=position)
+    method = build_method(tiny_backbone, GROUP, MethodConfig(variant="CSTA"), prompt)
+    tokenizer = tiny_backbone.tokenizer
+    for bank, names, n in ((method.task_prompts, GROUP.task_names, 4),
+                           (method.class_feature_prompts, GROUP.classnames, 3)):
+        for row, name in enumerate(names):
+            k = len(tokenizer.encode(name))
+            ctx = list(range(n))
+            expected = {"end": [-1] + ctx + [-1] * k, "middle": [-1] + ctx[:n // 2] + [-1] * k + ctx[n // 2:],
+                        "front": [-1] + [-1] * k + ctx}[position] + [-1, -1]  # then "." and EOT
+            assert bank.slot_of[row, :len(expected)].tolist() == expected, (position, name)
+            assert int(bank.eot[row]) == len(expected) - 1
+    method.contexts()  # encodes
+
+
+def test_checkpoints_older_than_a_prompt_setting_load_with_its_default():
+    from softcpt_dist.config import ModelConfig
+    from softcpt_dist.training.checkpoint.common import checkpoint_meta, check_meta
+
+    meta = checkpoint_meta(ModelConfig(), MethodConfig(), PromptConfig(), GROUP)
+    older = {**meta, "prompt": {k: v for k, v in meta["prompt"].items() if k != "task_token_position"}}
+    check_meta(older, meta, "an older checkpoint")
+    from softcpt_dist.training.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="task_token_position='end', this run has task_token_position='front'"):
+        check_meta(older, checkpoint_meta(ModelConfig(), MethodConfig(), PromptConfig(task_token_position="front"),
+                                          GROUP), "an older checkpoint")

@@ -47,11 +47,14 @@ class SoftCPT(Method):
         n_tasks, n_classes = len(group), group.num_classes
 
         if self.uses_tasks:
-            self.task_prompts = ContextPromptBank(group.task_names, prompt.n_task_ctx, backbone)
+            self.task_prompts = ContextPromptBank(group.task_names, prompt.n_task_ctx, backbone,
+                                                  prompt.task_token_position, "task_token_position")
             self.task_ctx = context_vectors(n_tasks if self.task_specific else 1, prompt.n_task_ctx, dim,
                                             prompt.init_std)
         if self.class_aware:
-            self.class_feature_prompts = ContextPromptBank(group.classnames, prompt.n_class_ctx, backbone)
+            self.class_feature_prompts = ContextPromptBank(group.classnames, prompt.n_class_ctx, backbone,
+                                                           prompt.class_feature_token_position,
+                                                           "class_feature_token_position")
             self.class_ctx = context_vectors(n_classes if self.class_specific else 1, prompt.n_class_ctx, dim,
                                              prompt.init_std)
             self.class_ctx.requires_grad_(not method.freeze_class_context)  # frozen: neither trained nor saved

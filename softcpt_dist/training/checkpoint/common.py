@@ -137,9 +137,11 @@ def check_meta(saved: Dict, expected: Dict, where: str) -> None:
         if saved.get(key) != expected[key]:
             raise CheckpointError(f"{where} was made for {key}={saved.get(key)!r}, this run has {key}={expected[key]!r}")
     got_prompt, want_prompt = saved.get("prompt") or {}, expected["prompt"]
+    before = asdict(PromptConfig())  # a setting newer than the checkpoint had its default value then
     for key in sorted(set(got_prompt) | set(want_prompt)):
-        if got_prompt.get(key) != want_prompt.get(key):
-            raise CheckpointError(f"{where} was made with prompt setting {key}={got_prompt.get(key)!r}, "
+        got = got_prompt.get(key, before.get(key))
+        if got != want_prompt.get(key):
+            raise CheckpointError(f"{where} was made with prompt setting {key}={got!r}, "
                                   f"this run has {key}={want_prompt.get(key)!r}")
     got, want = saved.get("tasks", []), expected["tasks"]
     if [t["key"] for t in got] != [t["key"] for t in want]:
