@@ -119,7 +119,6 @@ class _PromptAssembly(torch.autograd.Function):
 def triton_prompt_assembly(tokens: torch.Tensor, context: torch.Tensor, positional: torch.Tensor,
                            source: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
     """Packed encoder input ``[R, D]`` in the tokens' dtype: row ``i`` is ``tokens[source[i]]`` (``source >= 0``)
-    or ``context[-1 - source[i]]`` (``< 0``), plus ``positional[depth[i]]``; every width equal."""
-    if context.shape[0] == 0:
-        context = tokens.new_zeros(0, tokens.shape[1])
+    or ``context[-1 - source[i]]`` (``< 0``), plus ``positional[depth[i]]``; every width equal (``context``
+    may have no rows: the dispatcher passes ``[0, D]`` in the tokens' dtype then)."""
     return _PromptAssembly.apply(tokens, context, positional, source, depth, tokens.dtype)
