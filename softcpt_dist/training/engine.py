@@ -149,12 +149,16 @@ def deepspeed_config(ecfg: EngineConfig, world_size: int, micro_batch: int, lear
     """DeepSpeed's config of this engine; ``engine.deepspeed`` keys are merged last (they win). With
     ``learnable`` (elements of the learnable tensors), ZeRO's gradient buckets are sized to hold them all
     at once instead of DeepSpeed's 5e8 elements (2 GB per rank in fp32, allocated for a few million
-    learnable elements at most): the same reductions, bitwise, without that memory and its cost."""
+    learnable elements at most): the same reductions, bitwise, without that memory and its cost.
+
+    ZeRO-3 keeps ``torch.nn.functional.linear``: DeepSpeed's memory-efficient linear replaces it for the
+    rest of the process (every later model in that process, TorchScript export included, would run through
+    it); its saving is the gathered weight kept for backward, which the frozen encoders re-gather anyway."""
     base = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": ecfg.grad_accum_steps,
         "train_batch_size": micro_batch * ecfg.grad_accum_steps * world_size,
-        "zero_optimization": {"stage": ecfg.zero_stage},
+        "zero_optimization": {"stage": ecfg.zero_stage, "memory_efficient_linear": False},
         "gradient_clipping": ecfg.grad_clip,
         "zero_allow_untested_optimizer": True,  # our SGD/AdamW as client optimizer
         "steps_per_print": 2**31 - 1,

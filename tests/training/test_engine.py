@@ -47,14 +47,16 @@ def test_global_batch_is_split_over_ranks_and_accumulation():
                            "engine.deepspeed={zero_optimization: {overlap_comm: true}, gradient_clipping: 0.5}"])
     assert micro_batch_size(cfg.optim, cfg.engine, 4) == 4
     ds = deepspeed_config(cfg.engine, 4, 4)
-    assert ds["train_batch_size"] == 32 and ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert ds["train_batch_size"] == 32 and ds["zero_optimization"] == {"stage": 3, "overlap_comm": True,
+                                                                   "memory_efficient_linear": False}
     assert ds["gradient_clipping"] == 0.5  # raw DeepSpeed keys win
     # ZeRO's gradient buckets hold the learnable elements at once, not DeepSpeed's 5e8 (raw keys still win).
     sized = deepspeed_config(cfg.engine, 4, 4, learnable=12_345)["zero_optimization"]
-    assert sized == {"stage": 3, "overlap_comm": True, "reduce_bucket_size": 12_345, "allgather_bucket_size": 12_345}
+    assert sized == {"stage": 3, "overlap_comm": True, "memory_efficient_linear": False,
+                     "reduce_bucket_size": 12_345, "allgather_bucket_size": 12_345}
     raw = load_config([], ["engine.zero_stage=2", "engine.deepspeed={zero_optimization: {reduce_bucket_size: 7}}"])
     assert deepspeed_config(raw.engine, 2, 4, learnable=10**9)["zero_optimization"] == {
-        "stage": 2, "reduce_bucket_size": 7, "allgather_bucket_size": 500_000_000}
+        "stage": 2, "memory_efficient_linear": False, "reduce_bucket_size": 7, "allgather_bucket_size": 500_000_000}
     assert "reduce_bucket_size" not in deepspeed_config(load_config().engine, 1, 4, learnable=10)["zero_optimization"]
     with pytest.raises(ConfigError, match="not divisible by world_size x engine.grad_accum_steps = 3 x 2"):
         micro_batch_size(cfg.optim, cfg.engine, 3)
