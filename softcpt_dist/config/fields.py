@@ -32,6 +32,11 @@ def non_negative(default):
     return field(default=default, metadata={"non_negative": True})
 
 
+def fraction(default):
+    """A field in [0, 1] (a rate or a share)."""
+    return field(default=default, metadata={"fraction": True})
+
+
 def choices(section: type, name: str) -> tuple:
     """The allowed values of a ``one_of`` field, e.g. ``choices(SamplerConfig, "mode")``."""
     return next(f.metadata["choices"] for f in fields(section) if f.name == name)

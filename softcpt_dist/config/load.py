@@ -112,6 +112,8 @@ def validate_section(section, prefix: str) -> None:
             raise ConfigError(f"{key} must be > 0, got {value}")
         elif f.metadata.get("non_negative") and value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+        elif f.metadata.get("fraction") and not 0 <= value <= 1:
+            raise ConfigError(f"{key} must be in [0, 1], got {value}")
 
 
 def validate(cfg: Config) -> None:

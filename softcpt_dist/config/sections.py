@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from softcpt_dist.config.fields import non_negative, one_of, positive
+from softcpt_dist.config.fields import fraction, non_negative, one_of, positive
 from softcpt_dist.config.micro import MicroGroupConfig, MicroPretrainConfig
 
 
@@ -77,6 +77,10 @@ class MethodConfig:
     # Class-aware variants: the class context keeps its (seeded) initial value, is not trained and not saved
     # (the official TRAINER.MTCOOP.FREEZE_CLS_PROMPT)
     freeze_class_context: bool = False
+    # Class-aware variants: each training step encodes and scores, per task of the batch, the classes some
+    # sample of the batch belongs to plus ceil(rate x the others) random ones (0: all classes; evaluation
+    # always uses all) -- the official TRAINER.MTCOOP.CLS_SAMPLE_RATE (0.1 in the General-10 CA/CS runs)
+    class_sample_rate: float = fraction(0.0)
     coop_mode: str = one_of("CA", "CS", "MT")  # coop: one context per task | per class | one for all tasks
     # Linear probe: inverse L2 strengths searched on the validation split (CoOp's lpclip grid).
     lp_c_grid: List[float] = field(default_factory=lambda: [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6])

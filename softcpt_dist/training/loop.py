@@ -25,6 +25,7 @@ from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.model.loss import TaskTargets
 from softcpt_dist.step_phases import NULL_TIMER
 from softcpt_dist.progress import progress
+from softcpt_dist.training.class_sampling import ClassSampler
 from softcpt_dist.training.signals import Preempted, StopSignals
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class TrainLoop:
         self.device = engine.module.backbone.device
         self.class_task = self.group.class_task().to(self.device)
         self.grouped = self.sampler.tasks_per_batch > 0
+        rate = cfg.method.class_sample_rate
+        self.class_sampler = ClassSampler(self.group, rate, cfg.train.seed) if rate > 0 else None
 
     def run(self, state: LoopState) -> List[Dict]:
         self.state = state
@@ -125,8 +128,11 @@ class TrainLoop:
         targets = self.group.global_labels(tasks, labels.to(self.device))
         batch_task = self.class_task
         class_index = None
-        if self.grouped:  # only the batch's tasks' classes are encoded: columns renumbered
+        if self.class_sampler is not None:  # the sampled classes of the batch's tasks (a subset of grouped's)
+            class_index = self.class_sampler(targets, state.step)
+        elif self.grouped:  # only the batch's tasks' classes are encoded
             class_index = batch_classes(self.group, tasks)
+        if class_index is not None:  # columns renumbered
             position = torch.full((self.group.num_classes,), -1, dtype=torch.long, device=self.device)
             position[class_index] = torch.arange(len(class_index), device=self.device)
             targets, batch_task = position[targets], self.class_task[class_index]

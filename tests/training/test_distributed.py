@@ -114,8 +114,18 @@ def test_dense_text_path_on_two_zero3_ranks_matches_the_shared_prefix_path(singl
     _assert_same_training(tmp_path / "shared", single_run)
 
 
+def test_class_sampling_draws_the_same_classes_on_two_ranks_as_on_one(small_data_root, tmp_path):
+    """method.class_sample_rate: the positives are the global micro-batch's and the negatives are drawn
+    from the step's seed, so 2 ranks (class-parallel text) train exactly as one process."""
+    sampled = ("method.variant=CATA", "method.class_sample_rate=0.3")
+    for nproc, name in ((1, "one"), (2, "two")):
+        rc, log = _run(nproc, _args(small_data_root, tmp_path, name, *sampled, "engine.zero_stage=2"))
+        assert rc == 0, log
+    _assert_same_training(tmp_path / "two", tmp_path / "one")
+
+
 def test_zero3_in_a_single_process_without_a_launcher(single_run, small_data_root, tmp_path):
-    """In a subprocess: ZeRO-3 patches torch.nn.functional.linear for the rest of the process."""
+    """ZeRO-3 on one rank started without a launcher (its own rendezvous)."""
     rc, log = _run(1, _args(small_data_root, tmp_path, "z3", "engine.zero_stage=3"))
     assert rc == 0, log
     _assert_same_training(tmp_path / "z3", single_run)

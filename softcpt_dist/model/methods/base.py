@@ -20,7 +20,7 @@ from typing import ClassVar, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from softcpt_dist.config import MethodConfig, PromptConfig
+from softcpt_dist.config import ConfigError, MethodConfig, PromptConfig
 from softcpt_dist.data.tasks import TaskGroup
 
 
@@ -57,6 +57,9 @@ class Method(nn.Module):
     @classmethod
     def check(cls, method: MethodConfig, prompt: PromptConfig) -> None:
         """Refuse settings this method cannot run with (``ConfigError``), before a run touches anything."""
+        if method.class_sample_rate > 0:
+            raise ConfigError(f"method.class_sample_rate={method.class_sample_rate} needs a class-aware SoftCPT "
+                              f"variant (CA/CS); method.name={method.name} encodes every class each step")
 
     def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError

@@ -67,7 +67,8 @@ class SoftCPT(Method):
     @classmethod
     def label(cls, cfg: MethodConfig) -> str:
         return (f"softcpt-{cfg.variant}" + ("" if cfg.meta_input == "concat" else f"-{cfg.meta_input}")
-                + ("-frozencls" if cfg.freeze_class_context else ""))
+                + ("-frozencls" if cfg.freeze_class_context else "")
+                + (f"-sample{cfg.class_sample_rate:g}" if cfg.class_sample_rate > 0 else ""))
 
     @classmethod
     def check(cls, method: MethodConfig, prompt: PromptConfig) -> None:
@@ -77,6 +78,9 @@ class SoftCPT(Method):
         if not class_aware and method.freeze_class_context:
             raise ConfigError(f"method.freeze_class_context=true needs a class-aware variant (CA/CS): "
                               f"method.variant={method.variant} has no class context")
+        if not class_aware and method.class_sample_rate > 0:
+            raise ConfigError(f"method.class_sample_rate={method.class_sample_rate} needs a class-aware variant "
+                              f"(CA/CS), as in the official code: method.variant={method.variant}")
         if not class_aware and method.meta_input != "concat":
             raise ConfigError(f"method.meta_input={method.meta_input} needs a class-aware variant (CA/CS): "
                               f"method.variant={method.variant} has no class feature to read")
