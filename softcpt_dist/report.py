@@ -5,8 +5,11 @@ shots) is one sample. Per benchmark (with architecture and split), a table of me
 the group score (the unweighted mean over tasks) as mean ± std over seeds, and an average column
 over the shots; per benchmark and shots, a table of methods x tasks. std is the sample standard
 deviation (n - 1); a cell with fewer seeds than its table's others shows its count ("2/3 seeds")
-instead of passing for a full average. Markdown, CSV (one row per cell, tasks and group mean) and
-optionally LaTeX.
+instead of passing for a full average. Runs on the base half of the classes or tasks
+(``data.subsample_*``) form their own benchmark ("general10 · base-to-new classes", "· unseen tasks")
+with, per shots, a base / new / harmonic-mean table (CoCoOp's Table 1: H of the seed-averaged scores)
+and the new half per task. Markdown, CSV (one row per cell: tasks, group mean, and ``new/<task>``,
+``new/mean`` for the new half) and optionally LaTeX.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from omegaconf import OmegaConf
 
 MEAN = "mean"  # the group score's column name in per-task tables and the CSV
+NEW = "new/"  # columns of a base run's scores on the new classes / tasks ("new/<task>", "new/mean")
+NEW_MEAN = NEW + MEAN
+# Of a base run (data.subsample_classes / subsample_tasks = base): the protocol and its two halves' names.
+PROTOCOLS = {"classes": ("base-to-new classes", "base", "new"), "tasks": ("unseen tasks", "seen tasks", "unseen tasks")}
 
 
 class ReportError(ValueError):
@@ -40,6 +47,7 @@ class RunScores:
     seed: int
     tasks: Dict[str, float]  # task key -> score (%)
     mean: float
+    new: Dict[str, float]  # a base run's scores on the new half: task key -> score, and MEAN (empty otherwise)
 
 
 @dataclass
@@ -82,13 +90,24 @@ def benchmark_name(data) -> str:
     return str(data.dataset)
 
 
+def protocol(data) -> str:
+    """The protocol of a run on part of its group: "" (all), e.g. "base-to-new classes", "unseen tasks"."""
+    halves = [(what, str(data.get(f"subsample_{what}", "all"))) for what in ("tasks", "classes")]
+    return ", ".join((PROTOCOLS[what][0] if half == "base" else f"{half} {what}") for what, half in halves
+                     if half != "all")
+
+
 def read_run(path: Path) -> RunScores:
     try:
         results = json.loads((path / "results.json").read_text())
         cfg = OmegaConf.load(path / "config.yaml")
-        return RunScores(path, benchmark_name(cfg.data), str(results["arch"]), str(results["split"]),
+        bench, proto = benchmark_name(cfg.data), protocol(cfg.data)
+        new = results.get("new") or {}
+        return RunScores(path, f"{bench} · {proto}" if proto else bench, str(results["arch"]), str(results["split"]),
                          str(results["method"]), int(results["shots"]), int(results["seed"]),
-                         {k: float(v["value"]) for k, v in results["tasks"].items()}, float(results["mean"]))
+                         {k: float(v["value"]) for k, v in results["tasks"].items()}, float(results["mean"]),
+                         {**{k: float(v["value"]) for k, v in new.get("tasks", {}).items()},
+                          **({MEAN: float(new["mean"])} if new else {})})
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ReportError(f"run folder {path}: cannot read its results.json / config.yaml ({err})") from None
 
@@ -107,7 +126,7 @@ def collect(runs: Sequence[RunScores]):
                               f"{seen[key]} and {run.path}; report one of them")
         seen[key] = run.path
         cells = groups[(run.benchmark, run.arch, run.split)].setdefault((run.method, run.shots), {})
-        for column, value in {**run.tasks, MEAN: run.mean}.items():
+        for column, value in {**run.tasks, MEAN: run.mean, **{NEW + k: v for k, v in run.new.items()}}.items():
             cell = cells.setdefault(column, Cell([], []))
             cell.values.append(value)
             cell.seeds.append(run.seed)
@@ -142,7 +161,8 @@ def _rows(cells, digits: int):
         main.append(row)
     per_task = {}
     for s in shots:
-        tasks = list(dict.fromkeys(t for (m, k), c in cells.items() if k == s for t in c if t != MEAN))
+        tasks = list(dict.fromkeys(t for (m, k), c in cells.items() if k == s for t in c
+                                   if t != MEAN and not t.startswith(NEW)))
         rows = []
         for m in methods:
             c = cells.get((m, s))
@@ -163,7 +183,39 @@ def markdown(groups, digits: int = 2) -> str:
             tasks, rows = per_task[s]
             out += ["", f"### {bench} · {_shots_label(s)} shots, per task", "",
                     _markdown_table(["method"] + tasks + [MEAN], rows)]
+        out += _new_half_tables(bench, cells, digits)
     return "\n".join(out) + "\n"
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """CoCoOp's H of the averaged base and new scores (0 when either is 0)."""
+    return 2 * base * new / (base + new) if base > 0 and new > 0 else 0.0
+
+
+def _new_half_tables(bench: str, cells, digits: int) -> List[str]:
+    """Base runs scored on the new half: per shots, methods x (base, new, H) -- H is the harmonic mean of the
+    seed-averaged base and new scores, as CoCoOp's Table 1 -- and the new half per task."""
+    if not any(NEW_MEAN in c for c in cells.values()):
+        return []
+    proto = next((p for p in PROTOCOLS.values() if bench.endswith(p[0])), ("", "base", "new"))
+    expected = max(len(c[MEAN].values) for c in cells.values())
+    out = []
+    for s in sorted({k for _, k in cells}):
+        rows, new_tasks = [], []
+        for m in sorted({m for m, k in cells if k == s}):
+            c = cells[(m, s)]
+            base, new = c[MEAN], c.get(NEW_MEAN)
+            h = f"{harmonic_mean(base.mean, new.mean):.{digits}f}" if new else "—"
+            rows.append([m, base.text(expected, digits), new.text(expected, digits) if new else "—", h])
+            new_tasks += [t for t in c if t.startswith(NEW) and t != NEW_MEAN and t not in new_tasks]
+        out += ["", f"### {bench} · {_shots_label(s)} shots: {proto[1]} / {proto[2]} / harmonic mean", "",
+                _markdown_table(["method", proto[1], proto[2], "H"], rows)]
+        task_rows = [[m] + [cells[(m, s)][t].text(expected, digits) if t in cells[(m, s)] else "—"
+                            for t in new_tasks + [NEW_MEAN]]
+                     for m in sorted({m for m, k in cells if k == s}) if NEW_MEAN in cells[(m, s)]]
+        out += ["", f"### {bench} · {_shots_label(s)} shots, {proto[2]} per task", "",
+                _markdown_table(["method"] + [t[len(NEW):] for t in new_tasks] + [MEAN], task_rows)]
+    return out
 
 
 def csv_text(groups) -> str:

@@ -78,3 +78,39 @@ def test_report_of_a_real_run(tmp_path):
     results = json.loads((tmp_path / "runs" / "r" / "results.json").read_text())
     text = write_report([tmp_path / "runs"])
     assert "## synthetic · softcpt-tiny · test" in text and f"{results['mean']:.2f}" in text
+
+
+def _base_run(root: Path, name: str, method: str, seed: int, base: dict, new: dict, what: str = "classes"):
+    path = _run(root, name, method, 4, seed, base)
+    results = json.loads((path / "results.json").read_text())
+    results["new"] = {"subsample": {"classes": "new" if what == "classes" else "all",
+                                    "tasks": "new" if what == "tasks" else "all"},
+                      "tasks": {k: {"name": k, "metric": "accuracy", "value": v, "num_samples": 5, "num_classes": 1}
+                                for k, v in new.items()}, "mean": statistics.fmean(new.values())}
+    (path / "results.json").write_text(json.dumps(results))
+    (path / "config.yaml").write_text(f"data:\n  dataset: plant6\n  group_file: null\n  subsample_{what}: base\n")
+
+
+def test_base_runs_get_base_new_and_harmonic_mean_tables(tmp_path):
+    """H is the harmonic mean of the seed-averaged base and new scores (CoCoOp, Table 1)."""
+    root = tmp_path / "b2n"
+    base = {1: {"a": 80.0, "b": 70.0}, 2: {"a": 84.0, "b": 72.0}}
+    new = {1: {"a": 50.0, "b": 40.0}, 2: {"a": 56.0, "b": 42.0}}
+    for seed in (1, 2):
+        _base_run(root, f"nata-{seed}", "softcpt-NATA", seed, base[seed], new[seed])
+    _base_run(root, "zs-1", "zeroshot", 1, {"a": 60.0, "b": 60.0}, {"a": 60.0, "b": 58.0})
+    _base_run(root, "unseen-1", "softcpt-NATA", 1, {"a": 70.0, "b": 70.0}, {"c": 30.0}, what="tasks")
+    _run(root, "plain-1", "softcpt-NATA", 4, 1, {"a": 1.0, "b": 1.0})  # a run on all classes stays apart
+    text = write_report([root], tmp_path / "out")
+    b = statistics.fmean(statistics.fmean(base[s].values()) for s in (1, 2))  # 76.5
+    n = statistics.fmean(statistics.fmean(new[s].values()) for s in (1, 2))  # 47.0
+    assert "## plant6 · base-to-new classes · RN50 · test" in text and "## plant6 · RN50 · test" in text
+    assert "### plant6 · base-to-new classes · 4 shots: base / new / harmonic mean" in text
+    row = next(line for line in text.splitlines() if line.startswith("| softcpt-NATA |") and "47.00" in line)
+    sb, sn = (statistics.stdev(statistics.fmean(h[s].values()) for s in (1, 2)) for h in (base, new))
+    assert row == f"| softcpt-NATA | {b:.2f} ± {sb:.2f} | {n:.2f} ± {sn:.2f} | {2 * b * n / (b + n):.2f} |"
+    assert "| zeroshot | 60.00 (1/2 seeds) | 59.00 (1/2 seeds) | 59.50 |" in text
+    assert "### plant6 · unseen tasks · 4 shots: seen tasks / unseen tasks / harmonic mean" in text
+    assert "| softcpt-NATA | 70.00 | 30.00 | 42.00 |" in text
+    rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    assert any(r["task"] == "new/mean" and r["method"] == "zeroshot" and float(r["mean"]) == 59.0 for r in rows)

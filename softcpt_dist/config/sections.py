@@ -124,6 +124,10 @@ class DataConfig:
     tasks: Optional[List[str]] = None  # keep only these tasks (keys or names), in this order
     shots: int = non_negative(16)  # K images per class from train (0 = all); validation keeps min(K, 4)
     fewshot_seed: Optional[int] = None  # null: train.seed
+    # Base-to-new and unseen tasks (the official DATASET.SUBSAMPLE_CLASSES / SUBSAMPLE_TASKS): all | base (the
+    # first ceil(n/2) classes of each task / tasks of the group) | new (the rest), renumbered from 0
+    subsample_classes: str = one_of("all", "base", "new")
+    subsample_tasks: str = one_of("all", "base", "new")
     train_augment: str = one_of("paper", "none")  # paper: random resized crop 0.08-1, bicubic, flip
     num_workers: int = 0
     skip_bad_images: bool = False  # true: decode every used image first, drop and report unreadable ones

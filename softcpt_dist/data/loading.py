@@ -26,6 +26,7 @@ from softcpt_dist.data.custom import read_custom_group
 from softcpt_dist.data.dataset import MultiTaskData, Sample, load_image
 from softcpt_dist.data.fewshot import fewshot_subset
 from softcpt_dist.data.paper_groups import read_benchmark, read_fashion20, read_split_dk_group
+from softcpt_dist.data.subsample import subsample_classes, subsample_tasks
 from softcpt_dist.data.synthetic import generate_synthetic
 from softcpt_dist.data.task_folders import MANIFEST, read_task_folders
 from softcpt_dist.data.tasks import DataError
@@ -134,6 +135,9 @@ def load_data(cfg: DataConfig, seed: int, eval_split: str = "test") -> MultiTask
                 logger.warning("task %s class %r has %d %s images (< %d): using all", task.key,
                                task.classnames[c], n, split, k)
         data = MultiTaskData(data.group, {**data.splits, "train": train, "val": val}, data.problems)
+    # After the few-shot cut: a base run trains on the images a run on all classes (or tasks) would.
+    data = subsample_classes(subsample_tasks(data, cfg.subsample_tasks), cfg.subsample_classes)
+    report.update(subsample_classes=cfg.subsample_classes, subsample_tasks=cfg.subsample_tasks)
     used = ("train", "val", eval_split)
     if cfg.skip_bad_images:
         bad = find_unreadable({s: data.splits[s] for s in used}, cfg.num_workers)

@@ -7,6 +7,7 @@ method needs is asked of its class (``softcpt_dist.model.methods.Method``), neve
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,12 @@ from softcpt_dist.training.inputs import Inputs
 from softcpt_dist.training.run_dir import LogBuffer, RunDir
 from softcpt_dist.training.scopes import Scope, scopes
 from softcpt_dist.training.signals import Preempted, StopSignals
-from softcpt_dist.training.trainer import Trainer, refuse_mixed_resume
+from softcpt_dist.training.trainer import Trainer, config_with_method, refuse_mixed_resume
 
 logger = logging.getLogger(__name__)
 FEWSHOT_RECORD = "fewshot_split.json"  # the exact few-shot subsets, for audit
 ZEROSHOT_KEY = "zero_shot"  # results.json: zero-shot CLIP's scores beside the run's (train.compare_zeroshot)
+NEW_KEY = "new"  # results.json: a base run's scores on the new classes / tasks
 
 
 @dataclass
@@ -103,6 +105,9 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
                 results, history = _train_and_evaluate(trainer, run, signals, record)
         if cfg.train.compare_zeroshot and (method.trains_prompts or method.fits):  # zero-shot itself: no
             extra[ZEROSHOT_KEY] = _zeroshot(trainer)
+        new = _score_new_half(cfg, run.path)
+        if new is not None:
+            extra[NEW_KEY] = new
         _write_results(run, cfg, results, extra)
         log_results(results, split, extra.get(ZEROSHOT_KEY), method_label(cfg.method))
         return RunResult(run.path, results, history)
@@ -110,6 +115,39 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
         early_log.close()
         if run is not None:
             run.close()
+
+
+def new_half(cfg: Config) -> Optional[Config]:
+    """The config that scores a base run on the new half (``data.subsample_* = base`` -> ``new``), or None."""
+    if "base" not in (cfg.data.subsample_classes, cfg.data.subsample_tasks):
+        return None
+    new = copy.deepcopy(cfg)
+    for what in ("classes", "tasks"):
+        if getattr(new.data, f"subsample_{what}") == "base":
+            setattr(new.data, f"subsample_{what}", "new")
+    return new
+
+
+def _score_new_half(cfg: Config, run_path: Path) -> Optional[Dict]:
+    """A run on base classes (tasks) is also scored on the new ones, with the prompts it trained rebuilt
+    from the new names (base-to-new, unseen tasks): results.json's ``new`` entry."""
+    new, method = new_half(cfg), method_class(cfg.method)
+    if new is None:
+        return None
+    halves = [what for what in ("classes", "tasks") if getattr(cfg.data, f"subsample_{what}") == "base"]
+    if method.fits or not all(method.transfers(cfg.method, what) for what in halves):
+        logger.warning("%s cannot score %s it was not trained on: not evaluated on the new half",
+                       method_label(cfg.method), " or ".join(halves))
+        return None
+    logger.info("scoring the new %s (%s)", " and ".join(halves), ", ".join(
+        f"data.subsample_{what}=new" for what in halves))
+    checkpoint = run_path / CHECKPOINT_NAME if method.trains_prompts else None
+    scores = {"subsample": {"classes": new.data.subsample_classes, "tasks": new.data.subsample_tasks},
+              **run_eval(new, checkpoint)}
+    if cfg.train.compare_zeroshot and method.trains_prompts:
+        zs = run_eval(config_with_method(new, ZeroShotCLIP.name), None)
+        scores[ZEROSHOT_KEY] = {"tasks": zs["tasks"], "mean": zs["mean"]}
+    return scores
 
 
 class _RunRecord:
@@ -158,7 +196,7 @@ def _train_and_evaluate(trainer: Trainer, run: RunDir, signals: StopSignals, rec
     record()
     if run.is_main:
         save_prompt_checkpoint(run.path / CHECKPOINT_NAME, checkpoint_meta(cfg.model, cfg.method, cfg.prompt,
-                                                                           data.group), states)
+                                                                           data.group, cfg.data), states)
     D.barrier()
     return merge_task_results(parts, data.group), history
 
@@ -171,11 +209,12 @@ def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = 
     if method.trains_prompts and checkpoint is None:
         raise ConfigError(f"eval: method {label} needs a prompt checkpoint (--run or --checkpoint)")
     trainer = Trainer(cfg, out_dir)
-    split = cfg.train.eval_split
+    split, name = cfg.train.eval_split, f"eval_{cfg.train.eval_split}" + _subsample_suffix(cfg.data)
     states = None
     if method.trains_prompts:
+        transferable = [to for to in ("classes", "tasks") if method.transfers(cfg.method, to)]
         states = load_prompt_checkpoint(checkpoint, checkpoint_meta(cfg.model, cfg.method, cfg.prompt,
-                                                                    trainer.data.group))
+                                                                    trainer.data.group, cfg.data), transferable)
     # Eval logs join the run's log (rank 0 writes).
     run = RunDir(out_dir, is_main=trainer.ctx.world.is_main) if out_dir is not None else None
     if run is not None:
@@ -184,13 +223,20 @@ def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = 
         results = _evaluate_checkpoint(trainer, states, checkpoint)
         log_results(results, split)
         if run is not None:
-            run.write_json(f"eval_{split}.json", {"method": label, "arch": cfg.model.arch, "split": split,
-                                                  **results})
-            run.write_text(f"eval_{split}.md", markdown_table(results, f"{label} ({split})"))
+            run.write_json(f"{name}.json", {"method": label, "arch": cfg.model.arch, "split": split, **results})
+            run.write_text(f"{name}.md", markdown_table(results, f"{label} ({split}{_subsample_suffix(cfg.data, ', ')})"))
     finally:
         if run is not None:
             run.close()
     return results
+
+
+def _subsample_suffix(data, sep: str = "_") -> str:
+    """``_new_classes`` / ``_new_tasks`` (both: ``_new_tasks_new_classes``) for the halves of
+    ``data.subsample_*`` an evaluation scores; empty otherwise."""
+    parts = [f"{half}_{what}" for what, half in (("tasks", data.subsample_tasks), ("classes", data.subsample_classes))
+             if half != "all"]
+    return sep + "_".join(parts) if parts else ""
 
 
 def _evaluate_checkpoint(trainer: Trainer, states: Optional[Dict], checkpoint: Optional[Path]) -> Dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from softcpt_dist import distributed as D
-from softcpt_dist.config import Config, ConfigError, DataConfig, TrainConfig
+from softcpt_dist.config import Config, ConfigError, DataConfig, MethodConfig, TrainConfig
 from softcpt_dist.data.dataset import MultiTaskData
 from softcpt_dist.data.loading import ensure_builtin_data, load_data
 from softcpt_dist.data.transforms import train_transform
@@ -98,7 +98,7 @@ class Trainer:
         if run is not None:
             cfg = self.cfg
             checkpoints = TrainingCheckpoints(run.path / "checkpoints" / scope.key, cfg.train.keep_checkpoints,
-                                              checkpoint_meta(cfg.model, cfg.method, cfg.prompt, scope.group),
+                                              checkpoint_meta(cfg.model, cfg.method, cfg.prompt, scope.group, cfg.data),
                                               resume_settings(cfg.model, cfg.optim, self.ctx.data, cfg.train, samples),
                                               on_resumed=on_resumed)
         return ScopeJob(model, scope.group, samples, self.train_transform, features, weights, scope.key, run,
@@ -113,8 +113,14 @@ class Trainer:
         return run_prepared(self.prepare(job, signals), job, self.cfg)
 
     def with_method(self, name: str) -> Config:
-        """The run's config with another method (e.g. zero-shot CLIP beside a trained run)."""
-        return replace(self.cfg, method=replace(self.cfg.method, name=name))
+        """The run's config with another method at its default settings (e.g. zero-shot CLIP beside a
+        trained run)."""
+        return config_with_method(self.cfg, name)
+
+
+def config_with_method(cfg: Config, name: str) -> Config:
+    """``cfg`` with method ``name`` at its default settings (none of the run's method options)."""
+    return replace(cfg, method=MethodConfig(name=name))
 
 
 def refuse_mixed_resume(trainer: Trainer) -> None:

@@ -55,6 +55,12 @@ class Method(nn.Module):
         return False
 
     @classmethod
+    def transfers(cls, cfg: MethodConfig, to: str) -> bool:
+        """Whether trained prompts can score ``to`` = "classes" or "tasks" they were not trained on: no
+        learnable tensor is one per class (for classes) or one per task (for tasks)."""
+        return False
+
+    @classmethod
     def check(cls, method: MethodConfig, prompt: PromptConfig) -> None:
         """Refuse settings this method cannot run with (``ConfigError``), before a run touches anything."""
         if method.class_sample_rate > 0:

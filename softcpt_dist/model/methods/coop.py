@@ -36,6 +36,11 @@ class CoOp(Method):
         return f"coop-{cfg.coop_mode}"
 
     @classmethod
+    def transfers(cls, cfg: MethodConfig, to: str) -> bool:
+        # A context per task (CA) serves its task's new classes; MT's single context any class of any task.
+        return cfg.coop_mode == "MT" or (to == "classes" and cfg.coop_mode == "CA")
+
+    @classmethod
     def per_task(cls, cfg: MethodConfig) -> bool:
         return cfg.coop_mode in ("CA", "CS")  # CoOp trains one dataset at a time
 

@@ -71,6 +71,12 @@ class SoftCPT(Method):
                 + (f"-sample{cfg.class_sample_rate:g}" if cfg.class_sample_rate > 0 else ""))
 
     @classmethod
+    def transfers(cls, cfg: MethodConfig, to: str) -> bool:
+        # The meta network makes a new class's (or task's) context from its name; a class-specific class
+        # context (CS) is one per trained class, a task-specific one (TS) one per trained task.
+        return cfg.variant[:2] != "CS" and (to == "classes" or cfg.variant[2:] == "TA")
+
+    @classmethod
     def check(cls, method: MethodConfig, prompt: PromptConfig) -> None:
         class_aware = method.variant[:2] in ("CA", "CS")
         if class_aware and prompt.n_class_ctx == 0:

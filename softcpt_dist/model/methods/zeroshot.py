@@ -16,6 +16,10 @@ class ZeroShotCLIP(Method):
     name = "zeroshot"
     trains_prompts = False  # evaluated as built
 
+    @classmethod
+    def transfers(cls, cfg: MethodConfig, to: str) -> bool:
+        return True  # nothing trained
+
     def __init__(self, backbone, group: TaskGroup, prompt: PromptConfig, method: MethodConfig):
         super().__init__(backbone, group, prompt, method)
         texts = [t.template.format(c) for t in group.tasks for c in t.classnames]

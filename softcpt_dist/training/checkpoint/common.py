@@ -9,7 +9,7 @@ import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -68,11 +68,15 @@ def resume_settings(model: ModelConfig, optim: OptimConfig, data: DataConfig, tr
             "train.task_weights": dict(train.task_weights) if train.task_weights else None}
 
 
-def checkpoint_meta(model: ModelConfig, method: MethodConfig, prompt: PromptConfig, group: TaskGroup) -> Dict:
-    """What a checkpoint must agree on to be loaded: backbone, method, prompt settings, task list."""
+def checkpoint_meta(model: ModelConfig, method: MethodConfig, prompt: PromptConfig, group: TaskGroup,
+                    data: Optional[DataConfig] = None) -> Dict:
+    """What a checkpoint must agree on to be loaded: backbone, method, prompt settings, task list, and which
+    half of the classes and tasks (``data.subsample_*``) it was made on."""
+    data = data or DataConfig()
     return {"format": FORMAT_VERSION, "arch": model.arch, "method": method_label(method),
             "prompt": {**asdict(prompt), "meta_net": method.meta_net, "meta_hidden": method.meta_hidden},
-            "tasks": [{"key": t.key, "name": t.name, "classes": list(t.classnames)} for t in group.tasks]}
+            "tasks": [{"key": t.key, "name": t.name, "classes": list(t.classnames)} for t in group.tasks],
+            "subsample": {"classes": data.subsample_classes, "tasks": data.subsample_tasks}}
 
 
 def latest_tag(folder: Path):
@@ -131,8 +135,12 @@ def manifest_problem(tag_dir: Path) -> Optional[str]:
     return None
 
 
-def check_meta(saved: Dict, expected: Dict, where: str) -> None:
-    """Refuse state made for another backbone, method, prompt setting or task list, naming the difference."""
+def check_meta(saved: Dict, expected: Dict, where: str, transferable: Sequence[str] = ()) -> None:
+    """Refuse state made for another backbone, method, prompt setting or task list, naming the difference.
+
+    ``transferable`` ("classes", "tasks"): what the method can score without having trained on it. A
+    checkpoint made on the base half of those may then be evaluated on the new half (base-to-new classes,
+    unseen tasks): its class lists (or task list) are not compared."""
     for key in ("arch", "method"):
         if saved.get(key) != expected[key]:
             raise CheckpointError(f"{where} was made for {key}={saved.get(key)!r}, this run has {key}={expected[key]!r}")
@@ -143,7 +151,13 @@ def check_meta(saved: Dict, expected: Dict, where: str) -> None:
         if got != want_prompt.get(key):
             raise CheckpointError(f"{where} was made with prompt setting {key}={got!r}, "
                                   f"this run has {key}={want_prompt.get(key)!r}")
+    transfer = _transfer(saved.get("subsample") or {}, expected.get("subsample") or {}, where, expected["method"],
+                         transferable)
+    if "tasks" in transfer:
+        return
     got, want = saved.get("tasks", []), expected["tasks"]
+    if "classes" in transfer:
+        got, want = ([{k: v for k, v in t.items() if k != "classes"} for t in ts] for ts in (got, want))
     if [t["key"] for t in got] != [t["key"] for t in want]:
         raise CheckpointError(f"{where} was made for tasks {[t['key'] for t in got]}, "
                               f"this run has {[t['key'] for t in want]}")
@@ -152,3 +166,23 @@ def check_meta(saved: Dict, expected: Dict, where: str) -> None:
             field = next(k for k in ("name", "classes") if g.get(k) != w.get(k))
             raise CheckpointError(f"{where}: task {w['key']!r} differs in its {field}: "
                                   f"{g.get(field)!r} vs {w.get(field)!r}")
+
+
+def _transfer(got: Dict, want: Dict, where: str, method: str, transferable: Sequence[str]) -> Tuple[str, ...]:
+    """The halves a checkpoint made on base classes / tasks is evaluated on the new half of; any other
+    difference in ``data.subsample_*`` is refused (checkpoints predating the key were made on all)."""
+    out = []
+    for what in ("classes", "tasks"):
+        g, w = got.get(what, "all"), want.get(what, "all")
+        if g == w:
+            continue
+        if (g, w) != ("base", "new"):
+            raise CheckpointError(f"{where} was made with data.subsample_{what}={g}, this run has "
+                                  f"data.subsample_{what}={w}" + (" (new data is scored by checkpoints made on the "
+                                                                   "base half)" if w == "new" else ""))
+        if what not in transferable:
+            raise CheckpointError(f"{where}: {method} keeps learnable contexts of each trained "
+                                  f"{what[:-1] if what == 'tasks' else 'class'}, so it cannot score the new "
+                                  f"{what} (data.subsample_{what}=new)")
+        out.append(what)
+    return tuple(out)

@@ -4,7 +4,7 @@ the meta they were trained for; they load at any world size and refuse another s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Sequence
 
 import torch
 
@@ -17,7 +17,9 @@ def save_prompt_checkpoint(path: Path, meta: Dict, states: Dict[str, Dict[str, t
     atomic_torch_save({"meta": meta, "states": states}, Path(path))
 
 
-def load_prompt_checkpoint(path: Path, expected_meta: Dict) -> Dict[str, Dict[str, torch.Tensor]]:
+def load_prompt_checkpoint(path: Path, expected_meta: Dict,
+                           transferable: Sequence[str] = ()) -> Dict[str, Dict[str, torch.Tensor]]:
+    """The states of a prompt checkpoint made for ``expected_meta`` (see ``check_meta`` for ``transferable``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -28,7 +30,7 @@ def load_prompt_checkpoint(path: Path, expected_meta: Dict) -> Dict[str, Dict[st
         raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
     if meta.get("format") != expected_meta["format"]:
         raise CheckpointError(f"checkpoint {path} has format {meta.get('format')!r}, expected {expected_meta['format']}")
-    check_meta(meta, expected_meta, f"checkpoint {path}")
+    check_meta(meta, expected_meta, f"checkpoint {path}", transferable)
     return states
 
 
