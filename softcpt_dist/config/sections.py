@@ -37,6 +37,11 @@ class PromptConfig:
     task_token_position: str = one_of("end", "middle", "front")
     class_feature_token_position: str = one_of("end", "middle", "front")
     init_std: float = 0.02  # std of the normal init of every learnable context
+    # Contexts initialised from the token embeddings of words instead (e.g. "a photo of a"; "_" reads as a
+    # space), every context row the same phrase; its token count must equal the context's count:
+    ctx_init: Optional[str] = None  # CoOp's context, n_ctx tokens (official CTX_INIT)
+    task_ctx_init: Optional[str] = None  # SoftCPT's task context, n_task_ctx tokens (official TASK_CTX_INIT)
+    class_ctx_init: Optional[str] = None  # SoftCPT CA/CS class context, n_class_ctx tokens (CLASS_CTX_INIT)
 
 
 @dataclass

@@ -7,8 +7,12 @@ linear layer with N(0, 0.02) init.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
+
+from softcpt_dist.config import ConfigError
 
 from softcpt_dist.model.batch_invariance import rowwise
 
@@ -18,6 +22,26 @@ def context_vectors(n_groups: int, n_ctx: int, dim: int, std: float) -> nn.Param
     ctx = torch.empty(n_groups, n_ctx, dim)
     nn.init.normal_(ctx, std=std)
     return nn.Parameter(ctx)
+
+
+def word_context(backbone, words: str, n_groups: int, n_ctx: int, key: str) -> nn.Parameter:
+    """``[n_groups, n_ctx, dim]`` learnable context whose every row starts as the token embeddings of
+    ``words`` (CoOp's ``CTX_INIT``; "_" reads as a space). ``key`` names the setting in errors."""
+    ids = backbone.tokenizer.encode(words.replace("_", " "))
+    if len(ids) != n_ctx:
+        count = {"prompt.ctx_init": "n_ctx", "prompt.task_ctx_init": "n_task_ctx"}.get(key, "n_class_ctx")
+        raise ConfigError(f"{key}={words!r} is {len(ids)} token(s), the context has prompt.{count}={n_ctx}: "
+                          f"set prompt.{count}={len(ids)}")
+    with torch.no_grad():
+        embedding = backbone.token_embedding(torch.tensor(ids, device=backbone.device)).float().cpu()
+    return nn.Parameter(embedding.unsqueeze(0).repeat(n_groups, 1, 1))
+
+
+def initial_context(backbone, words: Optional[str], n_groups: int, n_ctx: int, std: float, key: str) -> nn.Parameter:
+    """A learnable context from ``words`` (``word_context``) or, without them, N(0, std)."""
+    if words:
+        return word_context(backbone, words, n_groups, n_ctx, key)
+    return context_vectors(n_groups, n_ctx, backbone.ctx_dim, std)
 
 
 class MetaNet(nn.Module):

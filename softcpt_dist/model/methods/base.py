@@ -24,10 +24,18 @@ from softcpt_dist.config import ConfigError, MethodConfig, PromptConfig
 from softcpt_dist.data.tasks import TaskGroup
 
 
+# prompt.*_ctx_init keys: the context each initialises (the methods honouring them list them in context_inits)
+CONTEXT_INITS = {"ctx_init": "CoOp's context (method.name=coop)",
+                 "task_ctx_init": "SoftCPT's task context (method.name=softcpt)",
+                 "class_ctx_init": "SoftCPT's class context (method.name=softcpt, CA/CS variants)"}
+
+
 class Method(nn.Module):
     name: ClassVar[str]
     trains_prompts: ClassVar[bool] = True
     fits: ClassVar[bool] = False  # fits a classifier on frozen image features instead of using prompts
+    context_inits: ClassVar[Tuple[str, ...]] = ()  # the prompt.*_ctx_init keys it honours
+    samples_classes: ClassVar[bool] = False  # honours method.class_sample_rate
     def __init__(self, backbone, group: TaskGroup, prompt: PromptConfig, method: MethodConfig):
         super().__init__()
         # The backbone is shared, not owned: keep it out of this module's parameters and state dict.
@@ -63,9 +71,13 @@ class Method(nn.Module):
     @classmethod
     def check(cls, method: MethodConfig, prompt: PromptConfig) -> None:
         """Refuse settings this method cannot run with (``ConfigError``), before a run touches anything."""
-        if method.class_sample_rate > 0:
+        if method.class_sample_rate > 0 and not cls.samples_classes:
             raise ConfigError(f"method.class_sample_rate={method.class_sample_rate} needs a class-aware SoftCPT "
                               f"variant (CA/CS); method.name={method.name} encodes every class each step")
+        for key in CONTEXT_INITS:
+            if getattr(prompt, key) and key not in cls.context_inits:
+                raise ConfigError(f"prompt.{key} does not apply to method.name={method.name}: it initialises "
+                                  + CONTEXT_INITS[key])
 
     def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError

@@ -12,19 +12,21 @@ import torch
 
 from softcpt_dist.config import MethodConfig, PromptConfig
 from softcpt_dist.data.tasks import TaskGroup
-from softcpt_dist.model.meta_net import context_vectors
+from softcpt_dist.model.meta_net import initial_context
 from softcpt_dist.model.methods.base import Method
 from softcpt_dist.model.prompts import ContextPromptBank
 
 
 class CoOp(Method):
     name = "coop"
+    context_inits = ("ctx_init",)
 
     def __init__(self, backbone, group: TaskGroup, prompt: PromptConfig, method: MethodConfig):
         super().__init__(backbone, group, prompt, method)
         self.mode = mode = method.coop_mode
         n_groups = {"CA": len(group), "CS": group.num_classes, "MT": 1}[mode]
-        self.ctx = context_vectors(n_groups, prompt.n_ctx, backbone.ctx_dim, prompt.init_std)
+        self.ctx = initial_context(backbone, prompt.ctx_init, n_groups, prompt.n_ctx, prompt.init_std,
+                                   "prompt.ctx_init")
         self.class_prompts = ContextPromptBank(group.classnames, prompt.n_ctx, backbone,
                                                prompt.class_token_position)
         owner = {"CA": group.class_task(), "CS": torch.arange(group.num_classes),

@@ -14,7 +14,7 @@ import torch
 
 from softcpt_dist.config import ConfigError, MethodConfig, PromptConfig
 from softcpt_dist.data.tasks import TaskGroup
-from softcpt_dist.model.meta_net import MetaNet, context_vectors
+from softcpt_dist.model.meta_net import MetaNet, initial_context
 from softcpt_dist.model.methods.base import Method
 from softcpt_dist.model.prompts import ContextPromptBank
 
@@ -33,6 +33,8 @@ class _Selection(NamedTuple):
 
 class SoftCPT(Method):
     name = "softcpt"
+    context_inits = ("task_ctx_init", "class_ctx_init")
+    samples_classes = True  # method.class_sample_rate (class-aware variants; check() refuses the others)
 
     def __init__(self, backbone, group: TaskGroup, prompt: PromptConfig, method: MethodConfig):
         super().__init__(backbone, group, prompt, method)
@@ -49,14 +51,14 @@ class SoftCPT(Method):
         if self.uses_tasks:
             self.task_prompts = ContextPromptBank(group.task_names, prompt.n_task_ctx, backbone,
                                                   prompt.task_token_position, "task_token_position")
-            self.task_ctx = context_vectors(n_tasks if self.task_specific else 1, prompt.n_task_ctx, dim,
-                                            prompt.init_std)
+            self.task_ctx = initial_context(backbone, prompt.task_ctx_init, n_tasks if self.task_specific else 1,
+                                            prompt.n_task_ctx, prompt.init_std, "prompt.task_ctx_init")
         if self.class_aware:
             self.class_feature_prompts = ContextPromptBank(group.classnames, prompt.n_class_ctx, backbone,
                                                            prompt.class_feature_token_position,
                                                            "class_feature_token_position")
-            self.class_ctx = context_vectors(n_classes if self.class_specific else 1, prompt.n_class_ctx, dim,
-                                             prompt.init_std)
+            self.class_ctx = initial_context(backbone, prompt.class_ctx_init, n_classes if self.class_specific else 1,
+                                             prompt.n_class_ctx, prompt.init_std, "prompt.class_ctx_init")
             self.class_ctx.requires_grad_(not method.freeze_class_context)  # frozen: neither trained nor saved
         concat = self.class_aware and method.meta_input == "concat"
         self.meta_net = MetaNet(feat * (2 if concat else 1), prompt.n_ctx, dim, method.meta_net, method.meta_hidden,
@@ -78,7 +80,13 @@ class SoftCPT(Method):
 
     @classmethod
     def check(cls, method: MethodConfig, prompt: PromptConfig) -> None:
+        super().check(method, prompt)
         class_aware = method.variant[:2] in ("CA", "CS")
+        if prompt.class_ctx_init and not class_aware:
+            raise ConfigError(f"prompt.class_ctx_init needs a class-aware variant (CA/CS): method.variant="
+                              f"{method.variant} has no class context")
+        if prompt.task_ctx_init and method.meta_input == "class":
+            raise ConfigError("prompt.task_ctx_init: method.meta_input=class has no task context")
         if class_aware and prompt.n_class_ctx == 0:
             raise ConfigError(f"method.variant={method.variant} needs prompt.n_class_ctx > 0")
         if not class_aware and method.freeze_class_context:
