@@ -86,6 +86,9 @@ class MethodConfig:
     # sample of the batch belongs to plus ceil(rate x the others) random ones (0: all classes; evaluation
     # always uses all) -- the official TRAINER.MTCOOP.CLS_SAMPLE_RATE (0.1 in the General-10 CA/CS runs)
     class_sample_rate: float = fraction(0.0)
+    # zeroshot: each task's own template | ensemble: CLIP's 7 selected ImageNet templates + the task's own, features
+    # averaged (the official ZeroshotCLIP2)
+    zeroshot_templates: str = one_of("task", "ensemble")
     coop_mode: str = one_of("CA", "CS", "MT")  # coop: one context per task | per class | one for all tasks
     # Linear probe: inverse L2 strengths searched on the validation split (CoOp's lpclip grid).
     lp_c_grid: List[float] = field(default_factory=lambda: [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6])

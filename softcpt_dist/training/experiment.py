@@ -221,7 +221,8 @@ def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = 
         run.open(fresh=False, lock=False)
     try:
         results = _evaluate_checkpoint(trainer, states, checkpoint)
-        log_results(results, split)
+        halves = _subsample_suffix(cfg.data, " ").replace("_", " ")
+        log_results(results, f"{split} ({halves.strip()})" if halves else split)
         if run is not None:
             run.write_json(f"{name}.json", {"method": label, "arch": cfg.model.arch, "split": split, **results})
             run.write_text(f"{name}.md", markdown_table(results, f"{label} ({split}{_subsample_suffix(cfg.data, ', ')})"))
