@@ -1,5 +1,5 @@
-"""Command line: ``softcpt-dist train|eval|sweep|report|profile|scaling|pretrain-micro|data|setup``, with ``--config``
-files and ``key=value`` overrides.
+"""Command line: ``softcpt-dist train|eval|interpret|sweep|report|profile|scaling|pretrain-micro|data|setup``,
+with ``--config`` files and ``key=value`` overrides.
 
 Exit codes: 0 success; 1 ``data check`` found problems, training stopped on a non-finite loss, or a
 file could not be written (a full disk; the message names the file); 2 a bad config, data, weights or
@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", nargs="*", default=[], help="YAML files (without --run)")
     ev.add_argument("--checkpoint", type=Path, help="prompt checkpoint (default: the run's)")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.eval_split=val")
+    it = sub.add_parser("interpret", help="the nearest vocabulary words of a run's learned and generated contexts")
+    it.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
+                    help="run folder (its config.yaml and prompt_checkpoint.pt); prompt_words.json/.md go there")
+    it.add_argument("--checkpoint", type=Path, help="prompt checkpoint (default: the run's)")
+    it.add_argument("--topk", type=int, default=5, help="nearest tokens per context vector (default 5)")
+    it.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.pretrained=/weights/RN50.pt")
     pm = sub.add_parser("pretrain-micro", help="pre-train the micro CLIP on the generated world (cached; reused)")
     pm.add_argument("--config", nargs="*", default=[], help="YAML files (model.arch, model.micro.*)")
     pm.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.micro.steps=1000")
@@ -131,6 +137,15 @@ def _dispatch(args) -> int:
             cfg = load_config(args.config, args.overrides)
             checkpoint = args.checkpoint
         run_eval(cfg, checkpoint, out_dir=args.run)
+        return 0
+    if args.command == "interpret":
+        from softcpt_dist.training.checkpoint import CHECKPOINT_NAME
+        from softcpt_dist.training.interpret import interpret_run, write_words
+        if not (args.run / "config.yaml").is_file():
+            raise ConfigError(f"run folder {args.run} has no config.yaml")
+        cfg = load_config([args.run / "config.yaml"], args.overrides)
+        words = interpret_run(cfg, args.checkpoint or args.run / CHECKPOINT_NAME, args.topk)
+        print(write_words(words, args.run, f"Learned prompts of {args.run}"), end="")
         return 0
     if args.command == "sweep":
         return _sweep(args)
