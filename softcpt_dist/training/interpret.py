@@ -35,7 +35,7 @@ def interpret_run(cfg: Config, checkpoint: Path, k: int = 5) -> Dict:
     return out
 
 
-def words_markdown(words: Dict, title: str) -> str:
+def markdown_of(words: Dict, title: str) -> str:
     """One section per scope and context; a line per context vector: its nearest tokens (distance)."""
     lines = [f"# {title}", "", "Nearest vocabulary tokens of each context vector (Euclidean distance in the "
              "token-embedding space; `</w>` ends a word)."]
@@ -50,7 +50,7 @@ def words_markdown(words: Dict, title: str) -> str:
 def write_words(words: Dict, run: Optional[Path], title: str) -> str:
     """``prompt_words.json`` and ``.md`` in ``run`` (when given); returns the Markdown."""
     import json
-    text = words_markdown(words, title)
+    text = markdown_of(words, title)
     if run is not None:
         atomic_write_text(Path(run) / f"{WORDS_FILE}.json", json.dumps(words, indent=1) + "\n")
         atomic_write_text(Path(run) / f"{WORDS_FILE}.md", text)
