@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, help="write report.md and report.csv (and report.tex) here")
     rep.add_argument("--latex", action="store_true", help="also write report.tex")
     rep.add_argument("--digits", type=int, default=2)
+    rep.add_argument("--spread", choices=["sample", "population", "ci95"], default="sample",
+                     help="after ±: sample std (default), population std or the 95%% interval half-width "
+                          "1.96·population std/√n (the official parser's --ci95)")
     pr = sub.add_parser("profile", help="time training steps: split, samples/s, FLOPs, MFU, memory")
     pr.add_argument("--config", nargs="*", default=[], help="YAML files, merged in order")
     pr.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
@@ -152,7 +155,7 @@ def _dispatch(args) -> int:
     if args.command == "report":
         from softcpt_dist.report import ReportError, write_report
         try:
-            print(write_report(args.runs, args.out, args.latex, args.digits), end="")
+            print(write_report(args.runs, args.out, args.latex, args.digits, args.spread), end="")
         except ReportError as err:
             raise ConfigError(str(err)) from None
         return 0

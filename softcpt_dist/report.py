@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -50,6 +51,18 @@ class RunScores:
     new: Dict[str, float]  # a base run's scores on the new half: task key -> score, and MEAN (empty otherwise)
 
 
+SPREADS = {"sample": "sample std over seeds (n − 1)", "population": "population std over seeds (n)",
+           "ci95": "95 % confidence half-width over seeds (1.96 · population std / √n)"}
+
+
+@dataclass(frozen=True)
+class CellFormat:
+    """How cells print: decimals, and the spread after ± (``SPREADS``)."""
+
+    digits: int = 2
+    spread: str = "sample"
+
+
 @dataclass
 class Cell:
     values: List[float]
@@ -63,8 +76,24 @@ class Cell:
     def std(self) -> Optional[float]:
         return statistics.stdev(self.values) if len(self.values) > 1 else None
 
-    def text(self, expected: int, digits: int = 2) -> str:
-        s = f"{self.mean:.{digits}f}" + (f" ± {self.std:.{digits}f}" if self.std is not None else "")
+    def spread(self, kind: str = "sample") -> Optional[float]:
+        """``sample`` std (n - 1), ``population`` std (n; the official parser's ``np.std``) or ``ci95``, the
+        official parser's 95 % interval half-width 1.96 · population std / sqrt(n); None for one seed."""
+        if len(self.values) < 2:
+            return None
+        if kind == "sample":
+            return statistics.stdev(self.values)
+        population = statistics.pstdev(self.values)
+        if kind == "population":
+            return population
+        if kind == "ci95":
+            return 1.96 * population / math.sqrt(len(self.values))
+        raise ValueError(f"spread {kind!r} is not one of {list(SPREADS)}")
+
+    def text(self, expected: int, fmt: "CellFormat" = None) -> str:
+        fmt = fmt or CellFormat()
+        digits, spread = fmt.digits, self.spread(fmt.spread)
+        s = f"{self.mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None else "")
         return s + (f" ({len(self.values)}/{expected} seeds)" if len(self.values) < expected else "")
 
 
@@ -142,7 +171,7 @@ def _markdown_table(header: List[str], rows: List[List[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _rows(cells, digits: int):
+def _rows(cells, fmt: CellFormat):
     """Both tables of one benchmark: methods x shots (with the average) and, per shots, methods x tasks."""
     methods = sorted({m for m, _ in cells})
     shots = sorted({s for _, s in cells})
@@ -153,10 +182,10 @@ def _rows(cells, digits: int):
         means = []
         for s in shots:
             cell = cells.get((m, s), {}).get(MEAN)
-            row.append(cell.text(expected, digits) if cell else "—")
+            row.append(cell.text(expected, fmt) if cell else "—")
             if cell:
                 means.append(cell.mean)
-        avg = f"{statistics.fmean(means):.{digits}f}" if means else "—"
+        avg = f"{statistics.fmean(means):.{fmt.digits}f}" if means else "—"
         row.append(avg + (f" ({len(means)}/{len(shots)} shots)" if len(means) < len(shots) else ""))
         main.append(row)
     per_task = {}
@@ -167,23 +196,23 @@ def _rows(cells, digits: int):
         for m in methods:
             c = cells.get((m, s))
             if c:
-                rows.append([m] + [c[t].text(expected, digits) if t in c else "—" for t in tasks + [MEAN]])
+                rows.append([m] + [c[t].text(expected, fmt) if t in c else "—" for t in tasks + [MEAN]])
         per_task[s] = (tasks, rows)
     return shots, main, per_task
 
 
-def markdown(groups, digits: int = 2) -> str:
-    out = ["# Results", "", "Scores in %, mean ± sample std over seeds; the group score is the unweighted mean "
+def markdown(groups, fmt: CellFormat = CellFormat()) -> str:
+    out = ["# Results", "", f"Scores in %, mean ± {SPREADS[fmt.spread]}; the group score is the unweighted mean "
            "over tasks; a cell with fewer seeds than the others of its table shows its count."]
     for (bench, arch, split), cells in sorted(groups.items()):
-        shots, main, per_task = _rows(cells, digits)
+        shots, main, per_task = _rows(cells, fmt)
         out += ["", f"## {bench} · {arch} · {split}", "",
                 _markdown_table(["method"] + [f"{_shots_label(s)} shots" for s in shots] + ["average"], main)]
         for s in shots:
             tasks, rows = per_task[s]
             out += ["", f"### {bench} · {_shots_label(s)} shots, per task", "",
                     _markdown_table(["method"] + tasks + [MEAN], rows)]
-        out += _new_half_tables(bench, cells, digits)
+        out += _new_half_tables(bench, cells, fmt)
     return "\n".join(out) + "\n"
 
 
@@ -192,7 +221,7 @@ def harmonic_mean(base: float, new: float) -> float:
     return 2 * base * new / (base + new) if base > 0 and new > 0 else 0.0
 
 
-def _new_half_tables(bench: str, cells, digits: int) -> List[str]:
+def _new_half_tables(bench: str, cells, fmt: CellFormat) -> List[str]:
     """Base runs scored on the new half: per shots, methods x (base, new, H) -- H is the harmonic mean of the
     seed-averaged base and new scores, as CoCoOp's Table 1 -- and the new half per task."""
     if not any(NEW_MEAN in c for c in cells.values()):
@@ -205,12 +234,12 @@ def _new_half_tables(bench: str, cells, digits: int) -> List[str]:
         for m in sorted({m for m, k in cells if k == s}):
             c = cells[(m, s)]
             base, new = c[MEAN], c.get(NEW_MEAN)
-            h = f"{harmonic_mean(base.mean, new.mean):.{digits}f}" if new else "—"
-            rows.append([m, base.text(expected, digits), new.text(expected, digits) if new else "—", h])
+            h = f"{harmonic_mean(base.mean, new.mean):.{fmt.digits}f}" if new else "—"
+            rows.append([m, base.text(expected, fmt), new.text(expected, fmt) if new else "—", h])
             new_tasks += [t for t in c if t.startswith(NEW) and t != NEW_MEAN and t not in new_tasks]
         out += ["", f"### {bench} · {_shots_label(s)} shots: {proto[1]} / {proto[2]} / harmonic mean", "",
                 _markdown_table(["method", proto[1], proto[2], "H"], rows)]
-        task_rows = [[m] + [cells[(m, s)][t].text(expected, digits) if t in cells[(m, s)] else "—"
+        task_rows = [[m] + [cells[(m, s)][t].text(expected, fmt) if t in cells[(m, s)] else "—"
                             for t in new_tasks + [NEW_MEAN]]
                      for m in sorted({m for m, k in cells if k == s}) if NEW_MEAN in cells[(m, s)]]
         out += ["", f"### {bench} · {_shots_label(s)} shots, {proto[2]} per task", "",
@@ -221,20 +250,22 @@ def _new_half_tables(bench: str, cells, digits: int) -> List[str]:
 def csv_text(groups) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["benchmark", "arch", "split", "method", "shots", "task", "mean", "std", "n_seeds", "seeds"])
+    w.writerow(["benchmark", "arch", "split", "method", "shots", "task", "mean", "std", "n_seeds", "seeds",
+                "population_std", "ci95"])
     for (bench, arch, split), cells in sorted(groups.items()):
         for (method, shots), columns in sorted(cells.items()):
             for task, cell in columns.items():
                 w.writerow([bench, arch, split, method, shots, task, f"{cell.mean:.6f}",
                             "" if cell.std is None else f"{cell.std:.6f}", len(cell.values),
-                            " ".join(map(str, cell.seeds))])
+                            " ".join(map(str, cell.seeds)),
+                            *("" if cell.spread(k) is None else f"{cell.spread(k):.6f}" for k in ("population", "ci95"))])
     return buf.getvalue()
 
 
-def latex(groups, digits: int = 2) -> str:
+def latex(groups, fmt: CellFormat = CellFormat()) -> str:
     out = []
     for (bench, arch, split), cells in sorted(groups.items()):
-        shots, main, _ = _rows(cells, digits)
+        shots, main, _ = _rows(cells, fmt)
         out += [f"% {bench}, {arch}, {split}", "\\begin{tabular}{l" + "r" * (len(shots) + 1) + "}", "\\hline",
                 "Method & " + " & ".join(f"{_shots_label(s)} shots" for s in shots) + " & Average \\\\", "\\hline"]
         out += [" & ".join(c.replace("±", "$\\pm$").replace("_", "\\_") for c in row) + " \\\\" for row in main]
@@ -243,16 +274,19 @@ def latex(groups, digits: int = 2) -> str:
 
 
 def write_report(paths: Iterable[Path], out: Optional[Path] = None, with_latex: bool = False,
-                 digits: int = 2) -> str:
+                 digits: int = 2, spread: str = "sample") -> str:
     """Read the runs under ``paths``; write report.md / report.csv (/ report.tex) into ``out``; return the
-    Markdown."""
+    Markdown. ``spread``: what follows ± in the tables (``SPREADS``; the CSV has all three)."""
+    if spread not in SPREADS:
+        raise ReportError(f"--spread {spread!r} is not one of {list(SPREADS)}")
+    fmt = CellFormat(digits, spread)
     groups = collect([read_run(p) for p in find_runs(paths)])
-    text = markdown(groups, digits)
+    text = markdown(groups, fmt)
     if out is not None:
         from softcpt_dist.files import atomic_write_text
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "report.md", text)
         atomic_write_text(out / "report.csv", csv_text(groups))
         if with_latex:
-            atomic_write_text(out / "report.tex", latex(groups, digits))
+            atomic_write_text(out / "report.tex", latex(groups, fmt))
     return text

@@ -114,3 +114,21 @@ def test_base_runs_get_base_new_and_harmonic_mean_tables(tmp_path):
     assert "| softcpt-NATA | 70.00 | 30.00 | 42.00 |" in text
     rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
     assert any(r["task"] == "new/mean" and r["method"] == "zeroshot" and float(r["mean"]) == 59.0 for r in rows)
+
+
+def test_population_std_and_the_official_ci95_are_offered(runs, tmp_path):
+    """The official parse_test_res.py: np.std (population) and 1.96 * np.std / sqrt(n) with --ci95."""
+    import math
+    root, scores = runs
+    one = [statistics.fmean(scores[(1, s)].values()) for s in (1, 2, 3)]
+    population = statistics.pstdev(one)
+    text = write_report([root], tmp_path / "p", spread="population")
+    assert f"{statistics.fmean(one):.2f} ± {population:.2f}" in text and "population std over seeds (n)" in text
+    ci = 1.96 * population / math.sqrt(3)
+    assert f"{statistics.fmean(one):.2f} ± {ci:.2f}" in write_report([root], spread="ci95")
+    rows = list(csv.DictReader((tmp_path / "p" / "report.csv").open()))
+    cell = next(r for r in rows if r["method"] == "softcpt-NATA" and r["shots"] == "1" and r["task"] == "mean")
+    assert float(cell["population_std"]) == pytest.approx(population) and float(cell["ci95"]) == pytest.approx(ci)
+    assert main(["report", str(root), "--spread", "ci95"]) == 0
+    with pytest.raises(ReportError, match="--spread 'iqr' is not one of"):
+        write_report([root], spread="iqr")
