@@ -132,6 +132,9 @@ class DataConfig:
     tasks: Optional[List[str]] = None  # keep only these tasks (keys or names), in this order
     shots: int = non_negative(16)  # K images per class from train (0 = all); validation keeps min(K, 4)
     fewshot_seed: Optional[int] = None  # null: train.seed
+    # seeded: this project's per-class draw | official: the official split_fewshot_mt/shot_K-seed_S.pkl of each
+    # general10 / plant6 dataset (seed: data.fewshot_seed or train.seed), read without running code
+    fewshot_source: str = one_of("seeded", "official")
     # Base-to-new and unseen tasks (the official DATASET.SUBSAMPLE_CLASSES / SUBSAMPLE_TASKS): all | base (the
     # first ceil(n/2) classes of each task / tasks of the group) | new (the rest), renumbered from 0
     subsample_classes: str = one_of("all", "base", "new")

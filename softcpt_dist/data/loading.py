@@ -25,7 +25,9 @@ from softcpt_dist.config import ConfigError, DataConfig
 from softcpt_dist.data.custom import read_custom_group
 from softcpt_dist.data.dataset import MultiTaskData, Sample, load_image
 from softcpt_dist.data.fewshot import fewshot_subset
-from softcpt_dist.data.paper_groups import read_benchmark, read_fashion20, read_split_dk_group
+from softcpt_dist.data.official_fewshot import match_records, read_official_fewshot
+from softcpt_dist.data.paper_groups import (GROUPS, official_fewshot_file, read_benchmark, read_fashion20,
+                                            read_split_dk_group)
 from softcpt_dist.data.subsample import subsample_classes, subsample_tasks
 from softcpt_dist.data.synthetic import generate_synthetic
 from softcpt_dist.data.task_folders import MANIFEST, read_task_folders
@@ -108,6 +110,26 @@ def read_dataset(cfg: DataConfig) -> MultiTaskData:
     return data
 
 
+def _official_subsets(data: MultiTaskData, cfg: DataConfig, seed: int, report: Dict) -> MultiTaskData:
+    """Train and val subsets from the official few-shot files (``data.fewshot_source=official``)."""
+    if cfg.dataset not in GROUPS:
+        raise ConfigError(f"data.fewshot_source=official reads the official per-dataset files of {sorted(GROUPS)}; "
+                          f"data.dataset={cfg.dataset} has none")
+    if cfg.shots <= 0:
+        raise ConfigError("data.fewshot_source=official needs data.shots > 0 (the files hold K-shot subsets)")
+    fs_seed = fewshot_seed(cfg, seed)
+    subsets: Dict[str, List[Sample]] = {"train": [], "val": []}
+    files = []
+    for t, task in enumerate(data.group.tasks):
+        path = official_fewshot_file(cfg.dataset, cfg.root, task.key, cfg.shots, fs_seed)
+        records = read_official_fewshot(path)
+        for split in subsets:
+            subsets[split] += match_records(records[split], data.splits[split], t, f"{path} [{split}]")
+        files.append(str(path))
+    report.update(seed=fs_seed, val_shots=min(cfg.shots, VAL_SHOTS_MAX), source="official", files=files)
+    return MultiTaskData(data.group, {**data.splits, **subsets}, data.problems)
+
+
 def fewshot_seed(cfg: DataConfig, seed: int) -> int:
     """``data.fewshot_seed``, or the run's seed when it is null."""
     return seed if cfg.fewshot_seed is None else cfg.fewshot_seed
@@ -121,7 +143,9 @@ def load_data(cfg: DataConfig, seed: int, eval_split: str = "test") -> MultiTask
     """
     data = read_dataset(cfg)
     report: Dict = {"dataset": cfg.dataset, "shots": cfg.shots, "short_classes": [], "skipped_images": []}
-    if cfg.shots > 0:
+    if cfg.fewshot_source == "official":
+        data = _official_subsets(data, cfg, seed, report)
+    elif cfg.shots > 0:
         fs_seed = fewshot_seed(cfg, seed)
         val_shots = min(cfg.shots, VAL_SHOTS_MAX)
         train, short = fewshot_subset(data.splits["train"], cfg.shots, fs_seed, data.group)

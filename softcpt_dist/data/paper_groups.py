@@ -141,6 +141,14 @@ def _drop_classes(parts: TaskSplits, ignored: Tuple[str, ...]) -> TaskSplits:
     return TaskSplits(splits, [parts.classnames[i] for i in keep], parts.task_name, parts.metric)
 
 
+def official_fewshot_file(name: str, root: str | Path, key: str, shots: int, seed: int) -> Path:
+    """The official few-shot file of task ``key`` of benchmark ``name``: ``<dataset>/split_fewshot_mt/``."""
+    ds = next((d for d in GROUPS[name] if d.key == key), None)
+    if ds is None:
+        raise DataError(f"{name} has no task {key!r}")
+    return Path(root) / ds.dataset_dir / "split_fewshot_mt" / f"shot_{shots}-seed_{seed}.pkl"
+
+
 def read_benchmark(name: str, root: str | Path, split_format: str = "auto") -> MultiTaskData:
     """General-10 or Plant-6 from ``root`` (the folder holding the datasets' folders)."""
     if split_format not in choices(DataConfig, "split_format"):
