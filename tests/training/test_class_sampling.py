@@ -131,3 +131,39 @@ def test_a_sampled_run_trains_and_its_checkpoint_evaluates_on_all_classes(tmp_pa
                            "method.variant=CATA", "method.class_sample_rate=0.1"])
     result = run_train(cfg)
     assert run_eval(cfg, result.path / "prompt_checkpoint.pt")["tasks"] == result.results["tasks"]
+
+
+def test_the_fused_loss_kernel_gives_the_sampled_loss_and_gradients(tiny_backbone, monkeypatch):
+    """The sampled columns stay grouped by task (sorted), so the fused cosine cross-entropy applies; under
+    Triton's interpreter it equals the torch path (loss and gradients, bound 1e-5 relative)."""
+    from softcpt_dist.config import KernelsConfig
+    from softcpt_dist.kernels import _triton
+
+    if not _triton.interpreter_ready():
+        pytest.skip("Triton was not imported under TRITON_INTERPRET=1 (a GPU machine)")
+    torch.manual_seed(1)
+    method = build_method(tiny_backbone, GROUP, MethodConfig(variant="CATA", class_sample_rate=0.5), PromptConfig())
+    tasks, labels = torch.tensor([0, 2, 1, 0]), torch.tensor([3, 1, 2, 0])
+    targets = GROUP.global_labels(tasks, labels)
+    image_features = torch.randn(len(tasks), tiny_backbone.embed_dim)
+    class_index = ClassSampler(GROUP, 0.5, seed=2)(targets, step=0)
+    position = torch.full((GROUP.num_classes,), -1, dtype=torch.long)
+    position[class_index] = torch.arange(len(class_index))
+    batch = TaskTargets(tasks, GROUP.class_task()[class_index], position[targets])
+    results = []
+    for enabled in ("off", "auto"):
+        if enabled == "auto":
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+            from softcpt_dist.kernels.cosine_ce import fused_applies
+            features = method(class_index).detach()
+            assert fused_applies("auto", image_features, features, tiny_backbone.logit_scale, tasks, batch.class_task,
+                                 batch.targets)
+        classifier = PromptClassifier(tiny_backbone, method, kernels=KernelsConfig(enabled=enabled))
+        method.zero_grad()
+        loss = classifier(image_features=image_features, class_index=class_index, targets=batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in method.learnable_parameters().items()}))
+    (loss0, grads0), (loss1, grads1) = results
+    assert abs(float(loss1 - loss0)) <= 1e-5 * abs(float(loss0))
+    for name in grads0:
+        assert float((grads1[name] - grads0[name]).abs().max() / grads0[name].abs().max()) <= 1e-5, name
