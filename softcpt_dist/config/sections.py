@@ -71,7 +71,8 @@ class KernelsConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "softcpt"  # a registered method (softcpt_dist.model.methods): softcpt | coop | zeroshot | linear_probe
+    # a registered method (softcpt_dist.model.methods): softcpt | coop | zeroshot | linear_probe | protonet
+    name: str = "softcpt"
     variant: str = one_of("NATA", "NATS", "CATA", "CSTA", "CATS", "CSTS")  # softcpt
     meta_net: str = one_of("lin", "mlp")  # lin (paper: bias-free linear) | mlp (extension, not in the paper)
     meta_hidden: int = 512  # hidden width of the mlp meta network

@@ -1,4 +1,4 @@
-"""Methods: SoftCPT, CoOp (CA / CS / MT), zero-shot CLIP and the linear probe, behind one interface.
+"""Methods: SoftCPT, CoOp (CA / CS / MT), zero-shot CLIP, the linear probe and ProtoNet, behind one interface.
 
 ``METHODS`` is the registry (``method.name`` -> class); adding a method is one new file with a
 ``Method`` subclass plus its line here.
@@ -13,10 +13,11 @@ from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.model.methods.base import Method
 from softcpt_dist.model.methods.coop import CoOp
 from softcpt_dist.model.methods.linear_probe import LinearProbe
+from softcpt_dist.model.methods.protonet import ProtoNet
 from softcpt_dist.model.methods.softcpt import SoftCPT
 from softcpt_dist.model.methods.zeroshot import ZeroShotCLIP
 
-METHODS: Dict[str, Type[Method]] = {m.name: m for m in (SoftCPT, CoOp, ZeroShotCLIP, LinearProbe)}
+METHODS: Dict[str, Type[Method]] = {m.name: m for m in (SoftCPT, CoOp, ZeroShotCLIP, LinearProbe, ProtoNet)}
 
 
 def method_class(cfg: MethodConfig, prompt: Optional[PromptConfig] = None) -> Type[Method]:
@@ -44,5 +45,5 @@ def build_method(backbone, group: TaskGroup, method: Optional[MethodConfig] = No
     return cls(backbone, group, prompt, method).to(backbone.device)
 
 
-__all__ = ["METHODS", "CoOp", "LinearProbe", "Method", "SoftCPT", "ZeroShotCLIP", "build_method", "method_class",
+__all__ = ["METHODS", "CoOp", "LinearProbe", "Method", "ProtoNet", "SoftCPT", "ZeroShotCLIP", "build_method", "method_class",
            "method_label"]
