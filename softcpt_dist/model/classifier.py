@@ -93,9 +93,11 @@ class PromptClassifier(nn.Module):
             return TaskScores(None, within_task_predict(image_features, class_features, scale, targets.tasks,
                                                         targets.class_task, self.kernels))
         with self.timer("loss"):
-            return TaskScores(*cosine_cross_entropy(image_features, class_features, scale, targets.tasks,
-                                                    targets.targets, targets.class_task,
-                                                    targets.task_weights, self.kernels))
+            loss, predictions = cosine_cross_entropy(image_features, class_features, scale, targets.tasks,
+                                                     targets.targets, targets.class_task, targets.task_weights,
+                                                     self.kernels)
+            extra = self.method.loss_term(class_features, class_index)
+            return TaskScores(loss if extra is None else loss + extra, predictions)
 
     def learnable_parameters(self) -> Dict[str, nn.Parameter]:
         return self.method.learnable_parameters()

@@ -117,3 +117,6 @@ def test_paper_parameter_counts_rn50(rn50, general10_like):
     assert _count(_build(cfg, rn50, general10_like))["task_ctx"] == 10 * m * 512
     for mode, expected in {"CA": 81_920, "CS": 9_756_672, "MT": 8_192}.items():
         assert sum(_count(_build(_cfg("coop", coop_mode=mode), rn50, general10_like)).values()) == expected
+    kgcoop = _cfg("kgcoop")
+    kgcoop.prompt = PromptConfig(n_ctx=4)
+    assert sum(_count(_build(kgcoop, rn50, general10_like)).values()) == 20_480  # 10 tasks x 4 x 512

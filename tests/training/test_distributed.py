@@ -124,6 +124,20 @@ def test_class_sampling_draws_the_same_classes_on_two_ranks_as_on_one(small_data
     _assert_same_training(tmp_path / "two", tmp_path / "one")
 
 
+def test_a_loss_term_on_class_features_trains_the_same_on_two_ranks(small_data_root, tmp_path):
+    """KgCoOp's penalty is computed on every rank from the gathered class features (class-parallel text):
+    2 ranks train exactly as one process."""
+    kg = ("method.name=kgcoop", "prompt.n_ctx=4", "optim.epochs=1")
+    for nproc, name in ((1, "one"), (2, "two")):
+        rc, log = _run(nproc, _args(small_data_root, tmp_path, name, *kg))
+        assert rc == 0, log
+    wa, wb = (torch.load(tmp_path / r / "prompt_checkpoint.pt", weights_only=True)["states"] for r in ("two", "one"))
+    assert sorted(wa) == sorted(wb) and len(wa) == 4  # one scope per task (KgCoOp trains each task on its own)
+    for scope in wa:
+        for name in wa[scope]:
+            torch.testing.assert_close(wa[scope][name], wb[scope][name], **TOL)
+
+
 def test_zero3_in_a_single_process_without_a_launcher(single_run, small_data_root, tmp_path):
     """ZeRO-3 on one rank started without a launcher (its own rendezvous)."""
     rc, log = _run(1, _args(small_data_root, tmp_path, "z3", "engine.zero_stage=3"))

@@ -1,4 +1,5 @@
-"""Methods: SoftCPT, CoOp (CA / CS / MT), zero-shot CLIP, the linear probe and ProtoNet, behind one interface.
+"""Methods: SoftCPT, CoOp (CA / CS / MT), KgCoOp, zero-shot CLIP, the linear probe and ProtoNet, behind one
+interface.
 
 ``METHODS`` is the registry (``method.name`` -> class); adding a method is one new file with a
 ``Method`` subclass plus its line here.
@@ -12,12 +13,13 @@ from softcpt_dist.config import ConfigError, MethodConfig, PromptConfig
 from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.model.methods.base import Method
 from softcpt_dist.model.methods.coop import CoOp
+from softcpt_dist.model.methods.kgcoop import KgCoOp
 from softcpt_dist.model.methods.linear_probe import LinearProbe
 from softcpt_dist.model.methods.protonet import ProtoNet
 from softcpt_dist.model.methods.softcpt import SoftCPT
 from softcpt_dist.model.methods.zeroshot import ZeroShotCLIP
 
-METHODS: Dict[str, Type[Method]] = {m.name: m for m in (SoftCPT, CoOp, ZeroShotCLIP, LinearProbe, ProtoNet)}
+METHODS: Dict[str, Type[Method]] = {m.name: m for m in (SoftCPT, CoOp, KgCoOp, ZeroShotCLIP, LinearProbe, ProtoNet)}
 
 
 def method_class(cfg: MethodConfig, prompt: Optional[PromptConfig] = None) -> Type[Method]:
@@ -45,5 +47,5 @@ def build_method(backbone, group: TaskGroup, method: Optional[MethodConfig] = No
     return cls(backbone, group, prompt, method).to(backbone.device)
 
 
-__all__ = ["METHODS", "CoOp", "LinearProbe", "Method", "ProtoNet", "SoftCPT", "ZeroShotCLIP", "build_method", "method_class",
+__all__ = ["METHODS", "CoOp", "KgCoOp", "LinearProbe", "Method", "ProtoNet", "SoftCPT", "ZeroShotCLIP", "build_method", "method_class",
            "method_label"]

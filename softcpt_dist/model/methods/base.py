@@ -82,6 +82,11 @@ class Method(nn.Module):
     def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def loss_term(self, class_features: torch.Tensor, class_index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """A term the method adds to the training loss, from the raw features of the encoded classes
+        (``class_index``, default all); None (the default) adds nothing."""
+        return None
+
     def prompt_structures(self, class_index: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """``(source, length)`` of every prompt batch ``forward(class_index)`` encodes (see ``PromptBatch``)."""
         raise NotImplementedError

@@ -1,0 +1,52 @@
+"""KgCoOp (Yao et al., CVPR 2023): CoOp whose class text features are kept close to the hand-crafted prompt's.
+
+The context starts from the words "a photo of a" (``prompt.ctx_init``, which may name another phrase; its
+token count is ``prompt.n_ctx``) and, as CoOp CA, is one per task, each task trained on its own. The loss
+adds ``w · (1 − mean_c cos(t_c, t̂_c))`` over the encoded classes, ``t_c`` the learned class feature and
+``t̂_c`` frozen CLIP's feature of the task's template (``method.kg_weight`` w, 8.0 in the official commands).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from softcpt_dist.config import ConfigError, MethodConfig, PromptConfig
+from softcpt_dist.data.tasks import TaskGroup
+from softcpt_dist.model.methods.coop import CoOp
+from softcpt_dist.model.prompts import TextPromptBank
+
+KGCOOP_INIT = "a photo of a"  # the official CTX_INIT=True phrase
+
+
+class KgCoOp(CoOp):
+    name = "kgcoop"
+
+    def __init__(self, backbone, group: TaskGroup, prompt: PromptConfig, method: MethodConfig):
+        super().__init__(backbone, group, replace(prompt, ctx_init=prompt.ctx_init or KGCOOP_INIT), method)
+        self.kg_weight = method.kg_weight
+        hand = TextPromptBank([t.template.format(c) for t in group.tasks for c in t.classnames], backbone)
+        with torch.no_grad():
+            features = F.normalize(backbone.text_encoder(hand()).float(), dim=-1)
+        self.register_buffer("hand_features", features, persistent=False)
+
+    @classmethod
+    def label(cls, cfg: MethodConfig) -> str:
+        return "kgcoop" if cfg.coop_mode == "CA" else f"kgcoop-{cfg.coop_mode}"
+
+    @classmethod
+    def check(cls, method: MethodConfig, prompt: PromptConfig) -> None:
+        super().check(method, prompt)
+        if prompt.ctx_init is None and prompt.n_ctx != len(KGCOOP_INIT.split()):
+            raise ConfigError(f"method.name=kgcoop starts its context from {KGCOOP_INIT!r} (4 tokens): set "
+                              f"prompt.n_ctx=4 (it is {prompt.n_ctx}), or prompt.ctx_init to a phrase of "
+                              f"{prompt.n_ctx} tokens")
+
+    def loss_term(self, class_features: torch.Tensor, class_index: Optional[torch.Tensor]) -> torch.Tensor:
+        """``w · (1 − mean cos)`` between the encoded classes' features and their hand-crafted ones."""
+        hand = self.hand_features if class_index is None else self.hand_features[class_index]
+        cos = F.cosine_similarity(class_features.float(), hand, dim=1, eps=1e-7)
+        return self.kg_weight * (1.0 - cos.mean())
