@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 MEAN = "mean"  # the group score's column name in per-task tables and the CSV
 NEW = "new/"  # columns of a base run's scores on the new classes / tasks ("new/<task>", "new/mean")
 NEW_MEAN = NEW + MEAN
+PARAMS, MINUTES = "#params", "time (min)"  # the paper's cost columns: learnable elements, training minutes
 # Of a base run (data.subsample_classes / subsample_tasks = base): the protocol and its two halves' names.
 PROTOCOLS = {"classes": ("base-to-new classes", "base", "new"), "tasks": ("unseen tasks", "seen tasks", "unseen tasks")}
 
@@ -49,6 +50,7 @@ class RunScores:
     tasks: Dict[str, float]  # task key -> score (%)
     mean: float
     new: Dict[str, float]  # a base run's scores on the new half: task key -> score, and MEAN (empty otherwise)
+    cost: Dict[str, float]  # PARAMS (learnable elements) and MINUTES (training time), when the run recorded them
 
 
 SPREADS = {"sample": "sample std over seeds (n − 1)", "population": "population std over seeds (n)",
@@ -136,7 +138,9 @@ def read_run(path: Path) -> RunScores:
                          str(results["method"]), int(results["shots"]), int(results["seed"]),
                          {k: float(v["value"]) for k, v in results["tasks"].items()}, float(results["mean"]),
                          {**{k: float(v["value"]) for k, v in new.get("tasks", {}).items()},
-                          **({MEAN: float(new["mean"])} if new else {})})
+                          **({MEAN: float(new["mean"])} if new else {})},
+                         {**({PARAMS: float(results["learnable_params"])} if "learnable_params" in results else {}),
+                          **({MINUTES: float(results["train_seconds"]) / 60} if "train_seconds" in results else {})})
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ReportError(f"run folder {path}: cannot read its results.json / config.yaml ({err})") from None
 
@@ -155,7 +159,8 @@ def collect(runs: Sequence[RunScores]):
                               f"{seen[key]} and {run.path}; report one of them")
         seen[key] = run.path
         cells = groups[(run.benchmark, run.arch, run.split)].setdefault((run.method, run.shots), {})
-        for column, value in {**run.tasks, MEAN: run.mean, **{NEW + k: v for k, v in run.new.items()}}.items():
+        columns = {**run.tasks, MEAN: run.mean, **{NEW + k: v for k, v in run.new.items()}, **run.cost}
+        for column, value in columns.items():
             cell = cells.setdefault(column, Cell([], []))
             cell.values.append(value)
             cell.seeds.append(run.seed)
@@ -176,6 +181,7 @@ def _rows(cells, fmt: CellFormat):
     methods = sorted({m for m, _ in cells})
     shots = sorted({s for _, s in cells})
     expected = max(len(c[MEAN].values) for c in cells.values())
+    costs = _has_costs(cells)
     main = []
     for m in methods:
         row = [m]
@@ -187,11 +193,13 @@ def _rows(cells, fmt: CellFormat):
                 means.append(cell.mean)
         avg = f"{statistics.fmean(means):.{fmt.digits}f}" if means else "—"
         row.append(avg + (f" ({len(means)}/{len(shots)} shots)" if len(means) < len(shots) else ""))
+        if costs:
+            row += _cost_cells(cells, m)
         main.append(row)
     per_task = {}
     for s in shots:
         tasks = list(dict.fromkeys(t for (m, k), c in cells.items() if k == s for t in c
-                                   if t != MEAN and not t.startswith(NEW)))
+                                   if t not in (MEAN, PARAMS, MINUTES) and not t.startswith(NEW)))
         rows = []
         for m in methods:
             c = cells.get((m, s))
@@ -201,13 +209,27 @@ def _rows(cells, fmt: CellFormat):
     return shots, main, per_task
 
 
+def _cost_cells(cells, method: str) -> List[str]:
+    """The paper's cost columns of a method: its learnable elements, and its mean training minutes per run
+    (over all its runs in the table)."""
+    params = sorted({int(v) for (m, _), c in cells.items() if m == method and PARAMS in c for v in c[PARAMS].values})
+    minutes = [v for (m, _), c in cells.items() if m == method and MINUTES in c for v in c[MINUTES].values]
+    return [("/".join(f"{p:,}" for p in params) if params else "—"),
+            f"{statistics.fmean(minutes):.1f}" if minutes else "—"]
+
+
+def _has_costs(cells) -> bool:
+    return any(PARAMS in c or MINUTES in c for c in cells.values())
+
+
 def markdown(groups, fmt: CellFormat = CellFormat()) -> str:
     out = ["# Results", "", f"Scores in %, mean ± {SPREADS[fmt.spread]}; the group score is the unweighted mean "
            "over tasks; a cell with fewer seeds than the others of its table shows its count."]
     for (bench, arch, split), cells in sorted(groups.items()):
         shots, main, per_task = _rows(cells, fmt)
         out += ["", f"## {bench} · {arch} · {split}", "",
-                _markdown_table(["method"] + [f"{_shots_label(s)} shots" for s in shots] + ["average"], main)]
+                _markdown_table(["method"] + [f"{_shots_label(s)} shots" for s in shots] + ["average"]
+                                + ([PARAMS, MINUTES] if _has_costs(cells) else []), main)]
         for s in shots:
             tasks, rows = per_task[s]
             out += ["", f"### {bench} · {_shots_label(s)} shots, per task", "",
@@ -266,8 +288,9 @@ def latex(groups, fmt: CellFormat = CellFormat()) -> str:
     out = []
     for (bench, arch, split), cells in sorted(groups.items()):
         shots, main, _ = _rows(cells, fmt)
-        out += [f"% {bench}, {arch}, {split}", "\\begin{tabular}{l" + "r" * (len(shots) + 1) + "}", "\\hline",
-                "Method & " + " & ".join(f"{_shots_label(s)} shots" for s in shots) + " & Average \\\\", "\\hline"]
+        out += [f"% {bench}, {arch}, {split}", "\\begin{tabular}{l" + "r" * (len(shots) + 1 + 2 * _has_costs(cells)) + "}", "\\hline",
+                "Method & " + " & ".join(f"{_shots_label(s)} shots" for s in shots) + " & Average"
+                + (" & \\#params & Time (min)" if _has_costs(cells) else "") + " \\\\", "\\hline"]
         out += [" & ".join(c.replace("±", "$\\pm$").replace("_", "\\_") for c in row) + " \\\\" for row in main]
         out += ["\\hline", "\\end{tabular}", ""]
     return "\n".join(out)

@@ -132,3 +132,20 @@ def test_population_std_and_the_official_ci95_are_offered(runs, tmp_path):
     assert main(["report", str(root), "--spread", "ci95"]) == 0
     with pytest.raises(ReportError, match="--spread 'iqr' is not one of"):
         write_report([root], spread="iqr")
+
+
+def test_the_cost_columns_are_learnable_elements_and_mean_training_minutes(runs, tmp_path):
+    """The paper's layout: #params and training time (minutes, from each run's own timing) per method."""
+    root, _ = runs
+    for path, params, seconds in ((root / "nata-1-1", 10_000, 60.0), (root / "nata-4-1", 10_000, 180.0),
+                                  (root / "coop-1-1", 2_048, 30.0)):
+        results = json.loads((path / "results.json").read_text())
+        results.update(learnable_params=params, train_seconds=seconds)
+        (path / "results.json").write_text(json.dumps(results))
+    text = write_report([root], tmp_path / "c", with_latex=True)
+    header = next(line for line in text.splitlines() if line.startswith("| method | 1 shots"))
+    assert header.endswith("| average | #params | time (min) |")
+    nata = next(line for line in text.splitlines() if line.startswith("| softcpt-NATA |"))  # the main table's
+    assert nata.endswith("| 10,000 | 2.0 |")  # the mean over the runs that recorded a time
+    assert "| coop-MT |" in text and "| 2,048 | 0.5 |" in text
+    assert "\\#params & Time (min)" in (tmp_path / "c" / "report.tex").read_text()

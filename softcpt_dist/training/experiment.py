@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -90,25 +91,31 @@ def run_train(cfg: Config, run_path: Optional[Path] = None) -> RunResult:
         group, split, extra, history = data.group, cfg.train.eval_split, {}, []
         logger.info("tasks: %s", ", ".join(f"{t.key} ({t.num_classes} classes)" for t in group.tasks))
         logger.info("splits: %s", ", ".join(f"{k} {len(v)}" for k, v in data.splits.items()))
+        cost = {"learnable_params": 0, "train_seconds": 0.0}
         if method.fits:
             used = (*method.splits, split)
             inputs = trainer.inputs(used)
             # Every rank fits on all features (deterministic; no collectives needed).
+            start = time.perf_counter()
             results, extra = method.fit(trainer.backbone, group, {s: inputs.loader(s, shard=False) for s in used},
                                         cfg.method, split)
+            cost = {"learnable_params": int(extra.pop("learnable_params", 0)),
+                    "train_seconds": time.perf_counter() - start}
         elif not method.trains_prompts:
             model = trainer.classifier(group)
             results = _evaluate_scope(cfg, trainer.scopes[0], model, trainer.inputs((split,)))
         else:
             # A stop signal during training (train.stop_signals): stop at the next step boundary, save, exit 75.
             with StopSignals(cfg.train.stop_signals) as signals:
-                results, history = _train_and_evaluate(trainer, run, signals, record)
+                results, history, learnable = _train_and_evaluate(trainer, run, signals, record)
+            cost = {"learnable_params": learnable,  # every scope's, as the paper's tables count them
+                    "train_seconds": sum(r["seconds"] for r in history if r["kind"] == "epoch" and "seconds" in r)}
         if cfg.train.compare_zeroshot and (method.trains_prompts or method.fits):  # zero-shot itself: no
             extra[ZEROSHOT_KEY] = _zeroshot(trainer)
         new = _score_new_half(cfg, run.path)
         if new is not None:
             extra[NEW_KEY] = new
-        _write_results(run, cfg, results, extra)
+        _write_results(run, cfg, results, {**cost, **extra})
         log_results(results, split, extra.get(ZEROSHOT_KEY), method_label(cfg.method))
         return RunResult(run.path, results, history)
     finally:
@@ -198,7 +205,8 @@ def _train_and_evaluate(trainer: Trainer, run: RunDir, signals: StopSignals, rec
         save_prompt_checkpoint(run.path / CHECKPOINT_NAME, checkpoint_meta(cfg.model, cfg.method, cfg.prompt,
                                                                            data.group, cfg.data), states)
     D.barrier()
-    return merge_task_results(parts, data.group), history
+    learnable = sum(t.numel() for state in states.values() for t in state.values())
+    return merge_task_results(parts, data.group), history, learnable
 
 
 def run_eval(cfg: Config, checkpoint: Optional[Path], out_dir: Optional[Path] = None) -> Dict:

@@ -189,7 +189,7 @@ class TrainLoop:
             self.engine.schedule.step()
         record = {"kind": "epoch", "scope": self.scope, "epoch": epoch + 1, "step": state.step,
                   "loss": float(totals[0] / max(totals[2], 1)), "train_acc": float(100 * totals[1] / max(totals[2], 1)),
-                  "lr": lr, "samples_per_s": float(totals[2]) / elapsed if elapsed > 0 else float("nan"), **text}
+                  "lr": lr, "samples_per_s": float(totals[2]) / elapsed if elapsed > 0 else float("nan"), "seconds": elapsed, **text}
         state.history.append(record)
         if self.run_dir is not None:
             self.run_dir.log_metrics(record)

@@ -48,7 +48,7 @@ def _records(run: Path):
     out = []
     for line in (run / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
-        out.append({k: v for k, v in r.items() if k not in ("time", "samples_per_s")})
+        out.append({k: v for k, v in r.items() if k not in ("time", "samples_per_s", "seconds")})
     return out
 
 

@@ -73,9 +73,15 @@ def test_warning_signal_saves_requeues_and_resumes(two_task_run, small_data_root
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # what --signal=B:USR1@T sends
     released = False
-    while state := subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True,
-                                  text=True).stdout.strip():
-        assert time.time() - t0 < 900, "the requeued job did not finish"
+    while True:
+        # squeue can answer empty for a moment while slurmctld requeues the job (or fail when it is busy):
+        # the job is done only once its results are written and squeue no longer lists it.
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True).stdout.strip()
+        if not state and (run / "results.json").exists():
+            break
+        if time.time() - t0 > 900:
+            out = tmp_path / f"sb-requeue_{job}.out"
+            pytest.fail(f"the requeued job did not finish: {out.read_text()[-3000:] if out.exists() else 'no log'}")
         if state == "PENDING BeginTime" and not released:
             # slurmctld holds a requeued job for about two minutes; an operator may release it at once.
             released = subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"]).returncode == 0

@@ -165,16 +165,21 @@ def test_coop_ca_trains_each_task_on_its_own(tmp_path, small_data_root):
     assert set(states) == {"colour", "tone", "size", "pattern"}
     assert all(s["ctx"].shape[0] == 1 for s in states.values())
     assert {r["scope"] for r in result.history} == set(states)
+    results = json.loads((result.path / "results.json").read_text())  # the report's cost columns, over every scope
+    assert results["learnable_params"] == sum(t.numel() for s in states.values() for t in s.values())
+    assert results["train_seconds"] == pytest.approx(sum(r["seconds"] for r in result.history))
     assert main(["eval", "--run", str(result.path), "train.progress=false"]) == 0
 
 
-def test_zeroshot_and_linear_probe_run(tmp_path, small_data_root):
+def test_zeroshot_and_linear_probe_run(tmp_path, small_data_root, tiny_backbone):
     zs = run_train(_short_cfg(tmp_path, small_data_root, "method.name=zeroshot", "train.run_name=zs"))
     assert set(zs.results["tasks"]) == set(CHANCE) and not zs.history
     lp = run_train(_short_cfg(tmp_path, small_data_root, "method.name=linear_probe", "train.run_name=lp",
                               "method.lp_search_steps=2", "method.lp_max_iter=50"))
     assert all(0 <= r["value"] <= 100 for r in lp.results["tasks"].values())
-    assert len(json.loads((lp.path / "results.json").read_text())["chosen_C"]) == 4
+    lp_results = json.loads((lp.path / "results.json").read_text())
+    assert len(lp_results["chosen_C"]) == 4 and "learnable_params" not in lp_results["chosen_C"]
+    assert lp_results["learnable_params"] == (tiny_backbone.embed_dim + 1) * 13  # a (D + 1) x C_t classifier per task
 
 
 def test_a_run_leaves_its_config_untouched(tmp_path, small_data_root, monkeypatch):

@@ -92,10 +92,12 @@ class LinearProbe(Method):
     @classmethod
     def fit(cls, backbone, group: TaskGroup, loaders: Dict[str, DataLoader], cfg: MethodConfig,
             eval_split: str) -> Tuple[Dict, Dict]:
-        """Group metrics on ``eval_split`` and, for results.json, the C chosen per task."""
+        """Group metrics on ``eval_split`` and, for results.json, the C chosen per task and the fitted weights'
+        element count (``learnable_params``: a (D + 1) x C_t classifier per task)."""
         results, chosen = run_linear_probe(backbone, group, loaders, cfg.lp_c_grid, cfg.lp_search_steps,
                                            cfg.lp_max_iter, eval_split)
-        return results, {"chosen_C": chosen}
+        dim = backbone.embed_dim
+        return results, {"chosen_C": chosen, "learnable_params": sum((dim + 1) * t.num_classes for t in group.tasks)}
 
 
 def run_linear_probe(backbone, group: TaskGroup, loaders: Dict[str, DataLoader], grid: Sequence[float],
