@@ -71,7 +71,7 @@ class KernelsConfig:
 
 @dataclass
 class MethodConfig:
-    # a registered method (softcpt_dist.model.methods): softcpt | coop | kgcoop | zeroshot | linear_probe | protonet
+    # a registered method (softcpt_dist.model.methods): softcpt | coop | cocoop | kgcoop | zeroshot | linear_probe | protonet
     name: str = "softcpt"
     variant: str = one_of("NATA", "NATS", "CATA", "CSTA", "CATS", "CSTS")  # softcpt
     meta_net: str = one_of("lin", "mlp")  # lin (paper: bias-free linear) | mlp (extension, not in the paper)

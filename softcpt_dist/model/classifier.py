@@ -10,10 +10,12 @@ from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from softcpt_dist.config import KernelsConfig, TextConfig
 from softcpt_dist.model.class_shards import SavedBytes, class_shards
-from softcpt_dist.model.loss import TaskScores, TaskTargets, cosine_cross_entropy, cosine_logits, within_task_predict
+from softcpt_dist.model.loss import (TaskScores, TaskTargets, cosine_cross_entropy, cosine_logits,
+                                     multitask_cross_entropy, within_task_argmax, within_task_predict)
 from softcpt_dist.step_phases import NULL_TIMER
 
 
@@ -41,7 +43,9 @@ class PromptClassifier(nn.Module):
         self.backbone = backbone
         self.method = method
         self.kernels = (kernels or KernelsConfig()).enabled
-        self.shards = class_shards(text or TextConfig())
+        # An image-conditional method (CoCoOp) encodes each image's own prompts: every rank its own images'.
+        self.image_conditional = bool(getattr(method, "image_conditional", False))  # a Method ClassVar
+        self.shards = None if self.image_conditional else class_shards(text or TextConfig())
         # Autograd-saved bytes of the latest measured class-feature forward (its backward's memory): measured
         # only while measure_activations is set (a saved-tensor hook; the training loop sets it for the last
         # step of each epoch, whose record reports it).
@@ -49,17 +53,20 @@ class PromptClassifier(nn.Module):
         self.activation_bytes = 0
         self.timer = NULL_TIMER  # the profiler's PhaseTimer (softcpt-dist profile): image / text_forward / loss
 
-    def class_features(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def class_features(self, class_index: Optional[torch.Tensor] = None,
+                       image_features: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Raw text features of the selected global classes (default all) ``[C', E]``, sharded over ranks
-        when text sharding is on."""
+        when text sharding is on; of an image-conditional method, ``[B, C', E]`` for ``image_features``."""
         if not (self.measure_activations and torch.is_grad_enabled()):
-            return self._class_features(class_index)
+            return self._class_features(class_index, image_features)
         with SavedBytes() as saved:
-            features = self._class_features(class_index)
+            features = self._class_features(class_index, image_features)
         self.activation_bytes = saved.bytes
         return features
 
-    def _class_features(self, class_index: Optional[torch.Tensor]) -> torch.Tensor:
+    def _class_features(self, class_index: Optional[torch.Tensor], image_features: Optional[torch.Tensor]):
+        if self.image_conditional:
+            return self.method(class_index, image_features)
         if self.shards is None:
             return self.method(class_index)
         return self.shards.features(self.method, class_index)
@@ -83,10 +90,12 @@ class PromptClassifier(nn.Module):
         if image_features is None:
             with self.timer("image"):
                 image_features = encode_images(self.backbone, images)
-        if class_features is None:
+        if class_features is None or self.image_conditional:
             with self.timer("text_forward"):
-                class_features = self.class_features(class_index)
+                class_features = self.class_features(class_index, image_features if self.image_conditional else None)
         scale = self.backbone.logit_scale
+        if self.image_conditional:
+            return self._per_image_scores(image_features, class_features, scale, class_index, targets)
         if targets is None:
             return cosine_logits(image_features, class_features, scale)
         if targets.targets is None:
@@ -96,6 +105,26 @@ class PromptClassifier(nn.Module):
             loss, predictions = cosine_cross_entropy(image_features, class_features, scale, targets.tasks,
                                                      targets.targets, targets.class_task, targets.task_weights,
                                                      self.kernels)
+            extra = self.method.loss_term(class_features, class_index)
+            return TaskScores(loss if extra is None else loss + extra, predictions)
+
+    def _per_image_scores(self, image_features: torch.Tensor, class_features: torch.Tensor, scale: torch.Tensor,
+                          class_index: Optional[torch.Tensor], targets: Optional[TaskTargets]):
+        """Logits, or ``TaskScores``, of an image-conditional method: image ``b`` against its own class
+        features ``class_features[b]``; the same multi-task loss on the PyTorch path (no fused kernel: the
+        class features differ per image)."""
+        with self.timer("loss"):
+            img = F.normalize(image_features.float(), dim=-1)
+            txt = F.normalize(class_features.float(), dim=-1)
+            logits = scale.float().exp() * torch.einsum("bd,bcd->bc", img, txt)
+            if targets is None:
+                return logits
+            with torch.no_grad():
+                predictions = within_task_argmax(logits, targets.tasks, targets.class_task)
+            if targets.targets is None:
+                return TaskScores(None, predictions)
+            loss = multitask_cross_entropy(logits, targets.tasks, targets.targets, targets.class_task,
+                                           targets.task_weights)
             extra = self.method.loss_term(class_features, class_index)
             return TaskScores(loss if extra is None else loss + extra, predictions)
 

@@ -31,8 +31,9 @@ def predict(model, loader: DataLoader, group: TaskGroup, show_progress: bool = F
     (``loader.sharded``) those of all ranks' shards, gathered."""
     was_training = model.training
     model.eval()
-    class_features = model.class_features()  # once per evaluation (sharded over ranks), not per batch
-    device = class_features.device
+    # Once per evaluation (sharded over ranks), not per batch; an image-conditional method's per batch.
+    class_features = None if model.image_conditional else model.class_features()
+    device = model.backbone.device
     class_task = group.class_task().to(device)
     offsets = torch.as_tensor(group.offsets, device=device)
     sharded = getattr(loader, "sharded", False)

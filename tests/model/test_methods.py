@@ -68,6 +68,15 @@ def test_coop_gradients_reach_exactly_the_context(tiny_backbone, mode):
     assert not frozen_with_grad
 
 
+def test_cocoop_gradients_reach_exactly_its_contexts_and_meta_networks(tiny_backbone):
+    cfg = _cfg("cocoop")
+    cfg.prompt = PromptConfig(n_ctx=4)
+    got, frozen_with_grad, learnable = _grad_names(cfg, tiny_backbone)
+    nets = {f"method.meta_nets.{t}.linear{i}.{w}" for t in range(3) for i in (1, 2) for w in ("weight", "bias")}
+    assert learnable == got == {"method.ctx"} | nets
+    assert not frozen_with_grad
+
+
 def test_zeroshot_has_no_learnable_tensors(tiny_backbone):
     method = _build(_cfg("zeroshot"), tiny_backbone, _group())
     assert not any(p.requires_grad for p in method.parameters())
@@ -120,3 +129,7 @@ def test_paper_parameter_counts_rn50(rn50, general10_like):
     kgcoop = _cfg("kgcoop")
     kgcoop.prompt = PromptConfig(n_ctx=4)
     assert sum(_count(_build(kgcoop, rn50, general10_like)).values()) == 20_480  # 10 tasks x 4 x 512
+    cocoop = _cfg("cocoop")
+    cocoop.prompt = PromptConfig(n_ctx=4)
+    # per task: 4 x 512 context + (1024 x 64 + 64) + (64 x 512 + 512) meta network
+    assert sum(_count(_build(cocoop, rn50, general10_like)).values()) == 1_009_280

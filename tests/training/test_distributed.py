@@ -124,15 +124,18 @@ def test_class_sampling_draws_the_same_classes_on_two_ranks_as_on_one(small_data
     _assert_same_training(tmp_path / "two", tmp_path / "one")
 
 
-def test_a_loss_term_on_class_features_trains_the_same_on_two_ranks(small_data_root, tmp_path):
-    """KgCoOp's penalty is computed on every rank from the gathered class features (class-parallel text):
-    2 ranks train exactly as one process."""
-    kg = ("method.name=kgcoop", "prompt.n_ctx=4", "optim.epochs=1")
-    for nproc, name in ((1, "one"), (2, "two")):
-        rc, log = _run(nproc, _args(small_data_root, tmp_path, name, *kg))
+@pytest.mark.parametrize("method, two_ranks", [("kgcoop", ()), ("cocoop", ("engine.zero_stage=3",))],
+                         ids=["kgcoop", "cocoop-zero3"])
+def test_per_task_baselines_train_the_same_on_two_ranks(small_data_root, tmp_path, method, two_ranks):
+    """KgCoOp's penalty is computed on every rank from the gathered class features (class-parallel text);
+    CoCoOp's ranks each encode their own images' prompts (here under ZeRO-3): 2 ranks train exactly as one
+    process."""
+    args = (f"method.name={method}", "prompt.n_ctx=4", "optim.epochs=1")
+    for nproc, name, extra in ((1, "one", ()), (2, "two", two_ranks)):
+        rc, log = _run(nproc, _args(small_data_root, tmp_path, name, *args, *extra))
         assert rc == 0, log
     wa, wb = (torch.load(tmp_path / r / "prompt_checkpoint.pt", weights_only=True)["states"] for r in ("two", "one"))
-    assert sorted(wa) == sorted(wb) and len(wa) == 4  # one scope per task (KgCoOp trains each task on its own)
+    assert sorted(wa) == sorted(wb) and len(wa) == 4  # one scope per task (each trains each task on its own)
     for scope in wa:
         for name in wa[scope]:
             torch.testing.assert_close(wa[scope][name], wb[scope][name], **TOL)

@@ -9,7 +9,7 @@ A method says how it is trained and evaluated:
 
 A prompt method is an ``nn.Module`` whose ``forward(class_index=None)`` returns the raw text
 feature of every class of its task group (or of the selected global classes), encoding only what
-those classes need; the classifier turns them into cosine logits. ``prompt_structures`` says which
+those classes need (an ``image_conditional`` one's ``forward(class_index, image_features)``: per image); the classifier turns them into cosine logits. ``prompt_structures`` says which
 prompts that encodes, so that the class-shard planner can cost a share without encoding it.
 """
 
@@ -36,6 +36,8 @@ class Method(nn.Module):
     fits: ClassVar[bool] = False  # fits a classifier on frozen image features instead of using prompts
     context_inits: ClassVar[Tuple[str, ...]] = ()  # the prompt.*_ctx_init keys it honours
     samples_classes: ClassVar[bool] = False  # honours method.class_sample_rate
+    # Its class features depend on the image (CoCoOp): forward(class_index, image_features) -> [B, C', E]
+    image_conditional: ClassVar[bool] = False
     def __init__(self, backbone, group: TaskGroup, prompt: PromptConfig, method: MethodConfig):
         super().__init__()
         # The backbone is shared, not owned: keep it out of this module's parameters and state dict.
