@@ -71,7 +71,7 @@ class KernelsConfig:
 
 @dataclass
 class MethodConfig:
-    # a registered method (softcpt_dist.model.methods): softcpt | coop | cocoop | kgcoop | zeroshot | linear_probe | protonet
+    # a registered method (softcpt_dist.model.methods): softcpt | coop | cocoop | kgcoop | prograd | zeroshot | linear_probe | protonet
     name: str = "softcpt"
     variant: str = one_of("NATA", "NATS", "CATA", "CSTA", "CATS", "CSTS")  # softcpt
     meta_net: str = one_of("lin", "mlp")  # lin (paper: bias-free linear) | mlp (extension, not in the paper)
@@ -91,6 +91,9 @@ class MethodConfig:
     # averaged (the official ZeroshotCLIP2)
     zeroshot_templates: str = one_of("task", "ensemble")
     kg_weight: float = 8.0  # kgcoop: weight of the hand-crafted-feature penalty (the official W; 8.0 as published)
+    # prograd: the projection's strength λ and the distillation temperature T (the official LOSS.LAMBDA, LOSS.T)
+    prograd_lambda: float = 1.0
+    prograd_temperature: float = 1.0
     coop_mode: str = one_of("CA", "CS", "MT")  # coop: one context per task | per class | one for all tasks
     # Linear probe: inverse L2 strengths searched on the validation split (CoOp's lpclip grid).
     lp_c_grid: List[float] = field(default_factory=lambda: [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6])

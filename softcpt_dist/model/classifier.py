@@ -52,6 +52,8 @@ class PromptClassifier(nn.Module):
         self.measure_activations = False
         self.activation_bytes = 0
         self.timer = NULL_TIMER  # the profiler's PhaseTimer (softcpt-dist profile): image / text_forward / loss
+        # The latest training forward's guide loss of a gradient-projecting method (ProGrad), for the engine.
+        self.guide_loss: Optional[torch.Tensor] = None
 
     def class_features(self, class_index: Optional[torch.Tensor] = None,
                        image_features: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -102,9 +104,17 @@ class PromptClassifier(nn.Module):
             return TaskScores(None, within_task_predict(image_features, class_features, scale, targets.tasks,
                                                         targets.class_task, self.kernels))
         with self.timer("loss"):
-            loss, predictions = cosine_cross_entropy(image_features, class_features, scale, targets.tasks,
-                                                     targets.targets, targets.class_task, targets.task_weights,
-                                                     self.kernels)
+            if getattr(self.method, "projects_gradient", False):  # its guide loss needs the logits
+                logits = cosine_logits(image_features, class_features, scale)
+                loss = multitask_cross_entropy(logits, targets.tasks, targets.targets, targets.class_task,
+                                               targets.task_weights)
+                with torch.no_grad():
+                    predictions = within_task_argmax(logits, targets.tasks, targets.class_task)
+                self.guide_loss = self.method.guide_loss(image_features, logits, class_index, targets)
+            else:
+                loss, predictions = cosine_cross_entropy(image_features, class_features, scale, targets.tasks,
+                                                         targets.targets, targets.class_task, targets.task_weights,
+                                                         self.kernels)
             extra = self.method.loss_term(class_features, class_index)
             return TaskScores(loss if extra is None else loss + extra, predictions)
 

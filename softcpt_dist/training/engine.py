@@ -27,6 +27,7 @@ from softcpt_dist.config import ConfigError, EngineConfig, OptimConfig
 from softcpt_dist import distributed as D
 from softcpt_dist.distributed import WorldInfo, launcher_env
 from softcpt_dist.training.checkpoint import read_state_file
+from softcpt_dist.training.gradient_projection import GuideGradients
 from softcpt_dist.training.optim import EpochLRSchedule, build_optimizer, steps_per_update
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,8 @@ class TrainEngine:
         self.model, self.optim_cfg, self.ecfg = model, optim, ecfg
         self.k = steps_per_update(optim, model.method)
         check_repeated_steps(self.k, ecfg)
+        model.method.check_engine(model.method.method_cfg, ecfg)
+        self.guide = GuideGradients(model, ecfg.grad_accum_steps) if model.method.projects_gradient else None
         model.backbone.set_grad_checkpointing(ecfg.activation_checkpointing)
         deepspeed = import_deepspeed()
         self.optimizer = build_optimizer(model.learnable_parameters().values(), optim)
@@ -206,10 +209,15 @@ class TrainEngine:
         return self.engine(inputs, class_index=class_index, targets=targets)
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.guide is not None:  # the guide loss's gradient first, on the graph the main backward frees
+            self.guide.accumulate(self.model.guide_loss)
         self.engine.backward(loss)
 
     def step(self) -> None:
-        """Optimizer step at an accumulation boundary (``k`` steps under official stepping)."""
+        """Optimizer step at an accumulation boundary (``k`` steps under official stepping); a projecting
+        method's projection first, on the reduced gradient."""
+        if self.guide is not None and self.engine.is_gradient_accumulation_boundary():
+            self.guide.project()
         if self.k > 1:
             for _ in range(self.k - 1):  # same reduced gradient, as the official code does
                 self.engine.optimizer.step()

@@ -16,6 +16,7 @@ from softcpt_dist.data.loaders import make_train_loader
 from softcpt_dist.data.sampler import TaskBalancedBatchSampler
 from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.distributed import WorldInfo, world_info_from_env
+from softcpt_dist.model import method_class
 from softcpt_dist.step_phases import NULL_TIMER
 from softcpt_dist.training.checkpoint import TrainingCheckpoints
 from softcpt_dist.training.engine import TrainEngine, check_repeated_steps, memory_report, micro_batch_size
@@ -134,6 +135,7 @@ def check_training_setup(scopes: Dict[str, List[Sample]], cfg: Config, world_siz
     engine, sampling = cfg.engine, cfg.data.sampler
     micro = micro_batch_size(cfg.optim, engine, world_size)
     check_repeated_steps(official_steps, engine)
+    method_class(cfg.method).check_engine(cfg.method, engine)
     for scope, samples in scopes.items():
         sampler = TaskBalancedBatchSampler([s.task for s in samples], micro, seed=cfg.train.seed, mode=sampling.mode,
                                            temperature=sampling.temperature,

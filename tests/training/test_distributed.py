@@ -124,13 +124,15 @@ def test_class_sampling_draws_the_same_classes_on_two_ranks_as_on_one(small_data
     _assert_same_training(tmp_path / "two", tmp_path / "one")
 
 
-@pytest.mark.parametrize("method, two_ranks", [("kgcoop", ()), ("cocoop", ("engine.zero_stage=3",))],
-                         ids=["kgcoop", "cocoop-zero3"])
-def test_per_task_baselines_train_the_same_on_two_ranks(small_data_root, tmp_path, method, two_ranks):
+@pytest.mark.parametrize("method, epochs, two_ranks", [("kgcoop", 1, ()), ("cocoop", 1, ("engine.zero_stage=3",)),
+                                                      # 4 epochs: by then 10 of its 32 updates are projected
+                                                      ("prograd", 4, ("engine.grad_accum_steps=2",))],
+                         ids=["kgcoop", "cocoop-zero3", "prograd-accumulated"])
+def test_per_task_baselines_train_the_same_on_two_ranks(small_data_root, tmp_path, method, epochs, two_ranks):
     """KgCoOp's penalty is computed on every rank from the gathered class features (class-parallel text);
-    CoCoOp's ranks each encode their own images' prompts (here under ZeRO-3): 2 ranks train exactly as one
-    process."""
-    args = (f"method.name={method}", "prompt.n_ctx=4", "optim.epochs=1")
+    CoCoOp's ranks each encode their own images' prompts (here under ZeRO-3); ProGrad projects the gradient
+    reduced over ranks and accumulated over micro-batches: 2 ranks train exactly as one process."""
+    args = (f"method.name={method}", "prompt.n_ctx=4", f"optim.epochs={epochs}")
     for nproc, name, extra in ((1, "one", ()), (2, "two", two_ranks)):
         rc, log = _run(nproc, _args(small_data_root, tmp_path, name, *args, *extra))
         assert rc == 0, log

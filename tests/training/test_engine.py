@@ -102,6 +102,14 @@ def test_resume_refuses_a_checkpoint_of_another_method_or_engine(small_data_root
         load_config([], ["train.resume=latest"])
 
 
+def test_a_projecting_method_refuses_partitioned_gradients_before_writing(small_data_root, tmp_path, caplog):
+    assert main(_args(small_data_root, tmp_path, "pg", "method.name=prograd", "prompt.n_ctx=4",
+                      "engine.zero_stage=1")) == 2
+    assert "method.name=prograd projects each learnable tensor's whole reduced gradient: it needs " \
+           "engine.zero_stage=0 (it is 1" in caplog.text
+    assert not (tmp_path / "pg").exists()
+
+
 def test_keep_last_n_checkpoints_and_memory_report(small_data_root, tmp_path):
     assert main(_args(small_data_root, tmp_path, "keep", "train.checkpoint_every=1", "train.keep_checkpoints=2")) == 0
     ckpts = tmp_path / "keep" / "checkpoints" / "joint"

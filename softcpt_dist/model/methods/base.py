@@ -20,7 +20,7 @@ from typing import ClassVar, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from softcpt_dist.config import ConfigError, MethodConfig, PromptConfig
+from softcpt_dist.config import ConfigError, EngineConfig, MethodConfig, PromptConfig
 from softcpt_dist.data.tasks import TaskGroup
 
 
@@ -38,6 +38,8 @@ class Method(nn.Module):
     samples_classes: ClassVar[bool] = False  # honours method.class_sample_rate
     # Its class features depend on the image (CoCoOp): forward(class_index, image_features) -> [B, C', E]
     image_conditional: ClassVar[bool] = False
+    # Its update is its loss's gradient projected against a guide loss's (ProGrad): guide_loss() and project()
+    projects_gradient: ClassVar[bool] = False
     def __init__(self, backbone, group: TaskGroup, prompt: PromptConfig, method: MethodConfig):
         super().__init__()
         # The backbone is shared, not owned: keep it out of this module's parameters and state dict.
@@ -80,6 +82,10 @@ class Method(nn.Module):
             if getattr(prompt, key) and key not in cls.context_inits:
                 raise ConfigError(f"prompt.{key} does not apply to method.name={method.name}: it initialises "
                                   + CONTEXT_INITS[key])
+
+    @classmethod
+    def check_engine(cls, method: MethodConfig, engine: EngineConfig) -> None:
+        """Refuse engine settings this method cannot train with (``ConfigError``), before a run touches anything."""
 
     def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError

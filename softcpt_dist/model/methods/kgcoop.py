@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from softcpt_dist.config import ConfigError, MethodConfig, PromptConfig
 from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.model.methods.coop import CoOp
-from softcpt_dist.model.prompts import TextPromptBank
+from softcpt_dist.model.methods.zeroshot import template_features
 
 KGCOOP_INIT = "a photo of a"  # the official CTX_INIT=True phrase
 
@@ -28,10 +28,7 @@ class KgCoOp(CoOp):
     def __init__(self, backbone, group: TaskGroup, prompt: PromptConfig, method: MethodConfig):
         super().__init__(backbone, group, replace(prompt, ctx_init=prompt.ctx_init or KGCOOP_INIT), method)
         self.kg_weight = method.kg_weight
-        hand = TextPromptBank([t.template.format(c) for t in group.tasks for c in t.classnames], backbone)
-        with torch.no_grad():
-            features = F.normalize(backbone.text_encoder(hand()).float(), dim=-1)
-        self.register_buffer("hand_features", features, persistent=False)
+        self.register_buffer("hand_features", template_features(backbone, group), persistent=False)
 
     @classmethod
     def label(cls, cfg: MethodConfig) -> str:

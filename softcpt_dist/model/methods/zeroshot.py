@@ -23,6 +23,14 @@ ENSEMBLE_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}."
                       "a {} in a video game.", "art of the {}.", "a photo of the small {}.")
 
 
+def template_features(backbone, group: TaskGroup) -> torch.Tensor:
+    """Frozen CLIP's L2-normalised features ``[C, E]`` of every class in its task's own template (zero-shot
+    CLIP's classifier; what KgCoOp stays close to and ProGrad's teacher predicts with)."""
+    bank = TextPromptBank([t.template.format(c) for t in group.tasks for c in t.classnames], backbone)
+    with torch.no_grad():
+        return F.normalize(backbone.text_encoder(bank()).float(), dim=-1)
+
+
 class ZeroShotCLIP(Method):
     name = "zeroshot"
     trains_prompts = False  # evaluated as built

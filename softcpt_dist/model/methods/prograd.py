@@ -1,0 +1,98 @@
+"""ProGrad (Zhu et al., ICCV 2023): CoOp whose gradient never works against zero-shot CLIP's knowledge.
+
+The context (``prompt.n_ctx`` vectors, 16 in the official runs; one per task, each task trained on its own, as
+CoOp CA) starts as zeros followed by the token embeddings of its task's template before the class name (the
+official ``CTX_INIT=True``: "a centered satellite photo of" for "a centered satellite photo of {}."); a template
+that does not end in " {}." starts from "a photo of a", and ``prompt.ctx_init`` names one phrase for every task. Two losses per batch: the cross-entropy ``L_ce`` and the
+distillation loss to zero-shot CLIP (each task's template), ``L_kd = T² · mean_b Σ_c −p_zs(c|b) log
+softmax(z_b / T)_c`` with both softmaxes at temperature ``T`` over the sample's own task's classes. The update
+uses ``∇L_ce`` of each learnable tensor, projected where it conflicts with ``∇L_kd``: if ``cos(g_ce, g_kd) < 0``,
+``g = g_ce − λ (g_ce · ĝ_kd) ĝ_kd`` (``method.prograd_lambda`` λ, ``method.prograd_temperature`` T; 1.0 and 1.0
+in the official commands). The training engine applies the projection to the full gradients, reduced over ranks
+and accumulated over micro-batches (``TrainEngine``); ZeRO stages that partition gradients are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from softcpt_dist.config import ConfigError, EngineConfig, MethodConfig, PromptConfig
+from softcpt_dist.data.tasks import TaskGroup, TaskSpec
+from softcpt_dist.model.loss import TaskTargets, cosine_logits, within_task_mask
+from softcpt_dist.model.methods.coop import CoOp
+from softcpt_dist.model.methods.zeroshot import template_features
+
+PROGRAD_INIT = "a photo of a"  # the generic template "a photo of a {}." before its class name
+
+
+class ProGrad(CoOp):
+    name = "prograd"
+    projects_gradient = True
+
+    def __init__(self, backbone, group: TaskGroup, prompt: PromptConfig, method: MethodConfig):
+        super().__init__(backbone, group, replace(prompt, ctx_init=None), method)
+        tasks = {"CA": group.tasks, "CS": [group.tasks[t] for t in group.class_task().tolist()],
+                 "MT": [None]}[self.mode]
+        phrases = [prompt.ctx_init or template_phrase(task) for task in tasks]
+        self.ctx = nn.Parameter(torch.stack([padded_word_context(backbone, phrase, prompt.n_ctx)
+                                             for phrase in phrases]))
+        self.lam, self.temperature = method.prograd_lambda, method.prograd_temperature
+        self.register_buffer("hand_features", template_features(backbone, group), persistent=False)
+
+    @classmethod
+    def label(cls, cfg: MethodConfig) -> str:
+        return "prograd" if cfg.coop_mode == "CA" else f"prograd-{cfg.coop_mode}"
+
+    @classmethod
+    def check_engine(cls, method: MethodConfig, engine: EngineConfig) -> None:
+        if engine.zero_stage > 0:
+            raise ConfigError(f"method.name=prograd projects each learnable tensor's whole reduced gradient: it needs "
+                              f"engine.zero_stage=0 (it is {engine.zero_stage}; ZeRO 1-3 partition the gradients)")
+
+    def guide_loss(self, image_features: torch.Tensor, logits: torch.Tensor, class_index: Optional[torch.Tensor],
+                   targets: TaskTargets) -> torch.Tensor:
+        """``L_kd``: the student's logits against zero-shot CLIP's, per sample over its own task's classes."""
+        hand = self.hand_features if class_index is None else self.hand_features[class_index]
+        with torch.no_grad():
+            teacher = cosine_logits(image_features, hand, self.backbone.logit_scale)
+        own = within_task_mask(targets.tasks, targets.class_task)
+        t = self.temperature
+        p_teacher = F.softmax(teacher.masked_fill(~own, float("-inf")) / t, dim=1)
+        log_student = F.log_softmax(logits.float().masked_fill(~own, float("-inf")) / t, dim=1)
+        per_sample = -(p_teacher * log_student.masked_fill(~own, 0.0)).sum(dim=1) * t * t
+        if targets.task_weights is not None:
+            per_sample = per_sample * targets.task_weights.to(per_sample.device)[targets.tasks]
+        return per_sample.sum() / logits.shape[0]
+
+    def project(self, grad: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        """The official rule on one tensor: ``grad`` minus λ times its component along ``guide`` where the two
+        point apart; unchanged otherwise."""
+        guide_unit = guide / torch.linalg.norm(guide)
+        if torch.dot((grad / torch.linalg.norm(grad)).flatten(), guide_unit.flatten()) < 0:
+            return grad - self.lam * torch.dot(grad.flatten(), guide_unit.flatten()) * guide_unit
+        return grad
+
+
+def template_phrase(task: Optional[TaskSpec]) -> str:
+    """The words of ``task``'s template before its class name, where the template ends in " {}."; else the
+    generic phrase (and for a context shared by all tasks, ``task=None``)."""
+    if task is not None and task.template.endswith(" {}."):
+        return task.template[:-len(" {}.")]
+    return PROGRAD_INIT
+
+
+def padded_word_context(backbone, words: str, n_ctx: int) -> torch.Tensor:
+    """``[n_ctx, dim]``: zeros, then the token embeddings of ``words`` in the last positions."""
+    ids = backbone.tokenizer.encode(words.replace("_", " "))
+    if len(ids) > n_ctx:
+        raise ConfigError(f"method.name=prograd starts a context from {words!r} ({len(ids)} tokens): more than "
+                          f"prompt.n_ctx={n_ctx}; raise prompt.n_ctx or set prompt.ctx_init to a shorter phrase")
+    ctx = torch.zeros(n_ctx, backbone.ctx_dim)
+    with torch.no_grad():
+        ctx[n_ctx - len(ids):] = backbone.token_embedding(torch.tensor(ids, device=backbone.device)).float().cpu()
+    return ctx
