@@ -56,7 +56,7 @@ def test_experiment_does_not_branch_on_method_names():
 
 
 def test_registered_methods_implement_the_interface():
-    assert set(METHODS) == {"softcpt", "coop", "cocoop", "kgcoop", "prograd", "zeroshot", "linear_probe", "protonet"}
+    assert set(METHODS) == {"softcpt", "coop", "cocoop", "kgcoop", "prograd", "plot", "zeroshot", "linear_probe", "protonet"}
     for name, cls in METHODS.items():
         assert issubclass(cls, Method) and cls.name == name
         assert not (cls.fits and cls.trains_prompts)

@@ -92,17 +92,17 @@ def test_named_settings_axis_sets_several_keys_per_value(tmp_path):
 
 @pytest.mark.slow
 def test_the_micro_comparison_sweep_resolves(monkeypatch):
-    """configs/micro/compare.yaml: 11 methods x 5 shots x 3 seeds, each run a distinct valid config."""
+    """configs/micro/compare.yaml: 12 methods x 5 shots x 3 seeds, each run a distinct valid config."""
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)
     sweep = load_sweep(repo / "configs" / "micro" / "compare.yaml")
     configs = [sweep.config(r) for r in sweep.runs]
-    assert len(configs) == 165
+    assert len(configs) == 180
     methods = {(c.method.name, c.method.variant if c.method.name == "softcpt" else c.method.coop_mode)
                for c in configs}
-    assert len(methods) == 11 and {c.data.dataset for c in configs} == {"micro"}
+    assert len(methods) == 12 and {c.data.dataset for c in configs} == {"micro"}
     assert {c.model.pretrained for c in configs} == {"micro"}
 
 

@@ -71,7 +71,7 @@ class KernelsConfig:
 
 @dataclass
 class MethodConfig:
-    # a registered method (softcpt_dist.model.methods): softcpt | coop | cocoop | kgcoop | prograd | zeroshot | linear_probe | protonet
+    # a registered method (softcpt_dist.model.methods): softcpt | coop | cocoop | kgcoop | prograd | plot | zeroshot | linear_probe | protonet
     name: str = "softcpt"
     variant: str = one_of("NATA", "NATS", "CATA", "CSTA", "CATS", "CSTS")  # softcpt
     meta_net: str = one_of("lin", "mlp")  # lin (paper: bias-free linear) | mlp (extension, not in the paper)
@@ -94,6 +94,9 @@ class MethodConfig:
     # prograd: the projection's strength λ and the distillation temperature T (the official LOSS.LAMBDA, LOSS.T)
     prograd_lambda: float = 1.0
     prograd_temperature: float = 1.0
+    # plot: prompts per class (the official TRAINER.PLOT.N), each of prompt.n_ctx vectors; 2 x 16 gives the paper's
+    # 163,840 learnable elements for RN50 on General-10
+    plot_prompts: int = positive(2)
     coop_mode: str = one_of("CA", "CS", "MT")  # coop: one context per task | per class | one for all tasks
     # Linear probe: inverse L2 strengths searched on the validation split (CoOp's lpclip grid).
     lp_c_grid: List[float] = field(default_factory=lambda: [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6])

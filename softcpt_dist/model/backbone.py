@@ -19,6 +19,7 @@ import softcpt_dist  # noqa: F401  (applies the torchvision import shim before o
 import open_clip
 
 from softcpt_dist.config import ConfigError, KernelsConfig, ModelConfig, TextConfig, validate_section
+from softcpt_dist.model.image_tokens import image_tokens
 from softcpt_dist.model.text_encoder import TextEncoder, text_tower
 from softcpt_dist.model.weights import WeightsError, load_into, local_weights
 from softcpt_dist.plugins import WEIGHTS, lookup
@@ -47,6 +48,10 @@ class ImageEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         param = next(self.visual.parameters())
         return self.visual(images.to(device=param.device, dtype=param.dtype))
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 1 + M, E]``: the pooled feature and the M per-position features (``image_tokens.py``)."""
+        return image_tokens(self.visual, images)
 
 
 class CLIPBackbone(nn.Module):

@@ -19,9 +19,16 @@ from softcpt_dist.model.loss import (TaskScores, TaskTargets, cosine_cross_entro
 from softcpt_dist.step_phases import NULL_TIMER
 
 
-def encode_images(backbone: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def encode_images(backbone: nn.Module, inputs: torch.Tensor, tokens: bool = False) -> torch.Tensor:
     """Frozen image features of a batch: images ``[B, C, H, W]`` are encoded, cached features
-    ``[B, D]`` (from the feature cache) pass through."""
+    ``[B, D]`` (from the feature cache) pass through; with ``tokens``, the per-position features
+    ``[B, 1 + M, E]`` of the images (pooled first)."""
+    if tokens:
+        if inputs.dim() != 4:
+            raise ValueError(f"per-position image features need images [B, C, H, W], not inputs of shape "
+                             f"{tuple(inputs.shape)} (cached features hold pooled features only)")
+        with torch.no_grad():
+            return backbone.image_encoder.tokens(inputs)
     if inputs.dim() == 2:
         return inputs.to(backbone.device)
     with torch.no_grad():
@@ -45,6 +52,8 @@ class PromptClassifier(nn.Module):
         self.kernels = (kernels or KernelsConfig()).enabled
         # An image-conditional method (CoCoOp) encodes each image's own prompts: every rank its own images'.
         self.image_conditional = bool(getattr(method, "image_conditional", False))  # a Method ClassVar
+        # A method scoring per-position image features (PLOT): image_features are then [B, 1 + M, E].
+        self.local_features = bool(getattr(method, "uses_local_features", False))
         self.shards = None if self.image_conditional else class_shards(text or TextConfig())
         # Autograd-saved bytes of the latest measured class-feature forward (its backward's memory): measured
         # only while measure_activations is set (a saved-tensor hook; the training loop sets it for the last
@@ -91,13 +100,18 @@ class PromptClassifier(nn.Module):
         ``image_features``/``class_features`` to skip an encoder explicitly."""
         if image_features is None:
             with self.timer("image"):
-                image_features = encode_images(self.backbone, images)
+                image_features = encode_images(self.backbone, images, self.local_features)
         if class_features is None or self.image_conditional:
             with self.timer("text_forward"):
                 class_features = self.class_features(class_index, image_features if self.image_conditional else None)
         scale = self.backbone.logit_scale
         if self.image_conditional:
             return self._per_image_scores(image_features, class_features, scale, class_index, targets)
+        if self.local_features:
+            with self.timer("loss"):
+                training = targets is not None and targets.targets is not None
+                logits = self.method.scores(image_features, class_features, scale, synchronized=training)
+                return self._from_logits(logits, class_features, class_index, targets)
         if targets is None:
             return cosine_logits(image_features, class_features, scale)
         if targets.targets is None:
@@ -127,16 +141,22 @@ class PromptClassifier(nn.Module):
             img = F.normalize(image_features.float(), dim=-1)
             txt = F.normalize(class_features.float(), dim=-1)
             logits = scale.float().exp() * torch.einsum("bd,bcd->bc", img, txt)
-            if targets is None:
-                return logits
-            with torch.no_grad():
-                predictions = within_task_argmax(logits, targets.tasks, targets.class_task)
-            if targets.targets is None:
-                return TaskScores(None, predictions)
-            loss = multitask_cross_entropy(logits, targets.tasks, targets.targets, targets.class_task,
-                                           targets.task_weights)
-            extra = self.method.loss_term(class_features, class_index)
-            return TaskScores(loss if extra is None else loss + extra, predictions)
+            return self._from_logits(logits, class_features, class_index, targets)
+
+    def _from_logits(self, logits: torch.Tensor, class_features: torch.Tensor, class_index: Optional[torch.Tensor],
+                     targets: Optional[TaskTargets]):
+        """The logits, or with ``targets`` the ``TaskScores`` from them on the PyTorch path: within-task
+        predictions, and the multi-task loss (plus the method's term) when ``targets.targets`` is given."""
+        if targets is None:
+            return logits
+        with torch.no_grad():
+            predictions = within_task_argmax(logits, targets.tasks, targets.class_task)
+        if targets.targets is None:
+            return TaskScores(None, predictions)
+        loss = multitask_cross_entropy(logits, targets.tasks, targets.targets, targets.class_task,
+                                       targets.task_weights)
+        extra = self.method.loss_term(class_features, class_index)
+        return TaskScores(loss if extra is None else loss + extra, predictions)
 
     def learnable_parameters(self) -> Dict[str, nn.Parameter]:
         return self.method.learnable_parameters()

@@ -55,6 +55,7 @@ class Trainer:
         self.ctx = start_run(cfg, run_path, name_folder)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.backbone = build_backbone(cfg.model, self.ctx.device, cfg.text, cfg.kernels)
+        self.method.check_setup(cfg, self.backbone)
         self.data = load_data_once(self.ctx.data, cfg.train)
         self.scopes: List[Scope] = scopes(cfg.train, cfg.method, self.data.group)
         self.train_transform: Callable = train_transform(self.backbone.preprocess_cfg, cfg.data.train_augment)

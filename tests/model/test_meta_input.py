@@ -1,8 +1,10 @@
 """``method.meta_input`` (the official ``PG_TYPE``) against a reference written from the official code's
 math (``trainers/mtcoop.py``, ``PromptGen.forward``): with ``x = [class feature, task feature]`` of each
 class, ``lin`` is ``x @ W``, ``linmean`` ``((x[:, :d] + x[:, d:]) / 2) @ W`` and ``lincls`` ``x[:, :d] @ W``,
-reshaped to ``[classes, N, width]``. Contexts and every learnable tensor's gradient equal the reference
-(fp32; same operations, so bound 1e-6 relative); non-class-aware variants refuse the key by name."""
+reshaped to ``[classes, N, width]``. Contexts equal the reference within 1e-6 relative (fp32, the same
+operations) and every learnable tensor's gradient within the project's fidelity bound, 1e-5 (the task context's
+gradient comes back through the text encoder, whose BLAS sums differ by CPU kind: 1.03e-6 on an AMD EPYC for
+CSTS); non-class-aware variants refuse the key by name."""
 
 import pytest
 import torch
@@ -56,7 +58,7 @@ def test_contexts_and_gradients_equal_the_official_prompt_generator(tiny_backbon
         grads.append({n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
-        assert _rel(grads[0][name], grads[1][name]) <= 1e-6, name
+        assert _rel(grads[0][name], grads[1][name]) <= 1e-5, name
 
 
 def test_a_variant_without_class_features_refuses_the_key_by_name(tiny_backbone):

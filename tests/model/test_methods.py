@@ -130,6 +130,7 @@ def test_paper_parameter_counts_rn50(rn50, general10_like):
     kgcoop.prompt = PromptConfig(n_ctx=4)
     assert sum(_count(_build(kgcoop, rn50, general10_like)).values()) == 20_480  # 10 tasks x 4 x 512
     assert sum(_count(_build(_cfg("prograd"), rn50, general10_like)).values()) == 81_920  # 10 tasks x 16 x 512
+    assert sum(_count(_build(_cfg("plot"), rn50, general10_like)).values()) == 163_840  # 10 tasks x 2 x 16 x 512
     cocoop = _cfg("cocoop")
     cocoop.prompt = PromptConfig(n_ctx=4)
     # per task: 4 x 512 context + (1024 x 64 + 64) + (64 x 512 + 512) meta network

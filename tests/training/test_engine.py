@@ -102,12 +102,17 @@ def test_resume_refuses_a_checkpoint_of_another_method_or_engine(small_data_root
         load_config([], ["train.resume=latest"])
 
 
-def test_a_projecting_method_refuses_partitioned_gradients_before_writing(small_data_root, tmp_path, caplog):
+def test_methods_refuse_what_they_cannot_honour_before_writing(small_data_root, tmp_path, caplog):
     assert main(_args(small_data_root, tmp_path, "pg", "method.name=prograd", "prompt.n_ctx=4",
                       "engine.zero_stage=1")) == 2
     assert "method.name=prograd projects each learnable tensor's whole reduced gradient: it needs " \
            "engine.zero_stage=0 (it is 1" in caplog.text
     assert not (tmp_path / "pg").exists()
+    assert main(_args(small_data_root, tmp_path, "plot", "method.name=plot", "data.cache.enabled=true")) == 2
+    assert "method.name=plot matches prompts to every image position's feature" in caplog.text
+    assert main(_args(small_data_root, tmp_path, "plot", "method.name=plot", "engine.zero_stage=3")) == 2
+    assert "method.name=plot reads the image tower's pooling weights" in caplog.text
+    assert not (tmp_path / "plot").exists()
 
 
 def test_keep_last_n_checkpoints_and_memory_report(small_data_root, tmp_path):

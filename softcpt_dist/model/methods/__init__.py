@@ -1,4 +1,4 @@
-"""Methods: SoftCPT, CoOp (CA / CS / MT), CoCoOp, KgCoOp, ProGrad, zero-shot CLIP, the linear probe and ProtoNet, behind one
+"""Methods: SoftCPT, CoOp (CA / CS / MT), CoCoOp, KgCoOp, ProGrad, PLOT, zero-shot CLIP, the linear probe and ProtoNet, behind one
 interface.
 
 ``METHODS`` is the registry (``method.name`` -> class); adding a method is one new file with a
@@ -16,12 +16,13 @@ from softcpt_dist.model.methods.cocoop import CoCoOp
 from softcpt_dist.model.methods.coop import CoOp
 from softcpt_dist.model.methods.kgcoop import KgCoOp
 from softcpt_dist.model.methods.linear_probe import LinearProbe
+from softcpt_dist.model.methods.plot import PLOT
 from softcpt_dist.model.methods.prograd import ProGrad
 from softcpt_dist.model.methods.protonet import ProtoNet
 from softcpt_dist.model.methods.softcpt import SoftCPT
 from softcpt_dist.model.methods.zeroshot import ZeroShotCLIP
 
-METHODS: Dict[str, Type[Method]] = {m.name: m for m in (SoftCPT, CoOp, CoCoOp, KgCoOp, ProGrad, ZeroShotCLIP, LinearProbe, ProtoNet)}
+METHODS: Dict[str, Type[Method]] = {m.name: m for m in (SoftCPT, CoOp, CoCoOp, KgCoOp, ProGrad, PLOT, ZeroShotCLIP, LinearProbe, ProtoNet)}
 
 
 def method_class(cfg: MethodConfig, prompt: Optional[PromptConfig] = None) -> Type[Method]:
@@ -49,5 +50,5 @@ def build_method(backbone, group: TaskGroup, method: Optional[MethodConfig] = No
     return cls(backbone, group, prompt, method).to(backbone.device)
 
 
-__all__ = ["METHODS", "CoCoOp", "CoOp", "KgCoOp", "LinearProbe", "Method", "ProGrad", "ProtoNet", "SoftCPT", "ZeroShotCLIP", "build_method", "method_class",
+__all__ = ["METHODS", "CoCoOp", "CoOp", "KgCoOp", "LinearProbe", "Method", "PLOT", "ProGrad", "ProtoNet", "SoftCPT", "ZeroShotCLIP", "build_method", "method_class",
            "method_label"]

@@ -20,7 +20,7 @@ from typing import ClassVar, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from softcpt_dist.config import ConfigError, EngineConfig, MethodConfig, PromptConfig
+from softcpt_dist.config import Config, ConfigError, EngineConfig, MethodConfig, PromptConfig
 from softcpt_dist.data.tasks import TaskGroup
 
 
@@ -40,6 +40,9 @@ class Method(nn.Module):
     image_conditional: ClassVar[bool] = False
     # Its update is its loss's gradient projected against a guide loss's (ProGrad): guide_loss() and project()
     projects_gradient: ClassVar[bool] = False
+    # It scores classes against the image's per-position features (PLOT): scores(image_tokens, ...) -> logits
+    uses_local_features: ClassVar[bool] = False
+
     def __init__(self, backbone, group: TaskGroup, prompt: PromptConfig, method: MethodConfig):
         super().__init__()
         # The backbone is shared, not owned: keep it out of this module's parameters and state dict.
@@ -86,6 +89,11 @@ class Method(nn.Module):
     @classmethod
     def check_engine(cls, method: MethodConfig, engine: EngineConfig) -> None:
         """Refuse engine settings this method cannot train with (``ConfigError``), before a run touches anything."""
+
+    @classmethod
+    def check_setup(cls, cfg: Config, backbone) -> None:
+        """Refuse a run's data or backbone this method cannot work with (``ConfigError``), before the run touches
+        anything (train, eval and profile)."""
 
     def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
