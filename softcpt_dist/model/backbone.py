@@ -19,7 +19,7 @@ import softcpt_dist  # noqa: F401  (applies the torchvision import shim before o
 import open_clip
 
 from softcpt_dist.config import ConfigError, KernelsConfig, ModelConfig, TextConfig, validate_section
-from softcpt_dist.model.image_tokens import image_tokens
+from softcpt_dist.model.image_tokens import local_image_features
 from softcpt_dist.model.text_encoder import TextEncoder, text_tower
 from softcpt_dist.model.weights import WeightsError, load_into, local_weights
 from softcpt_dist.plugins import WEIGHTS, lookup
@@ -49,10 +49,6 @@ class ImageEncoder(nn.Module):
         param = next(self.visual.parameters())
         return self.visual(images.to(device=param.device, dtype=param.dtype))
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 1 + M, E]``: the pooled feature and the M per-position features (``image_tokens.py``)."""
-        return image_tokens(self.visual, images)
-
 
 class CLIPBackbone(nn.Module):
     """Frozen CLIP in eval mode: image encoder, text encoder, token embedding, tokenizer, logit scale."""
@@ -70,6 +66,8 @@ class CLIPBackbone(nn.Module):
                 raise ConfigError(f"{arch}: tokenizer {type(tokenizer).__name__} has no {attr!r}; "
                                   "only CLIP BPE tokenizers are supported")
         self.image_encoder = ImageEncoder(model.visual)
+        # [B, 1 + M, E] per-position image features (PLOT); None for towers without them (image_tokens.py)
+        self.image_tokens = local_image_features(model.visual)
         self.text_encoder = TextEncoder(model, text_path, batch_invariant, kernels)
         self.token_embedding = tower.token_embedding
         # logit_scale is kept as a plain buffer: it is frozen, and DeepSpeed rejects 0-dim parameters.

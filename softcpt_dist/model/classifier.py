@@ -28,7 +28,7 @@ def encode_images(backbone: nn.Module, inputs: torch.Tensor, tokens: bool = Fals
             raise ValueError(f"per-position image features need images [B, C, H, W], not inputs of shape "
                              f"{tuple(inputs.shape)} (cached features hold pooled features only)")
         with torch.no_grad():
-            return backbone.image_encoder.tokens(inputs)
+            return backbone.image_tokens(inputs)
     if inputs.dim() == 2:
         return inputs.to(backbone.device)
     with torch.no_grad():

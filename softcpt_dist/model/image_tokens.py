@@ -30,26 +30,61 @@ def local_features_refusal(visual: nn.Module) -> Optional[str]:
     return f"{kind} (only CLIP's ResNet and ViT towers)"
 
 
+class ResNetTokens(nn.Module):
+    """The attention pool of a ``ModifiedResNet`` with every position as a query. It holds the pool's weights as
+    its own (the same tensors), so that ZeRO-3 gathers them for its forward; the trunk runs through its modules."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.__dict__["visual"] = visual  # not a submodule: the image encoder owns the tower
+        pool = visual.attnpool
+        self.num_heads = pool.num_heads
+        self.positional_embedding = pool.positional_embedding
+        self.q_weight, self.k_weight, self.v_weight = pool.q_proj.weight, pool.k_proj.weight, pool.v_proj.weight
+        self.q_bias, self.k_bias, self.v_bias = pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias
+        self.c_weight, self.c_bias = pool.c_proj.weight, pool.c_proj.bias
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        x = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(images.to(self.q_weight.dtype))))))
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(2, 0, 1)  # [HW, B, C]
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + self.positional_embedding[:, None, :].to(x.dtype)
+        out, _ = F.multi_head_attention_forward(
+            query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.num_heads,
+            q_proj_weight=self.q_weight, k_proj_weight=self.k_weight, v_proj_weight=self.v_weight,
+            in_proj_weight=None, in_proj_bias=torch.cat([self.q_bias, self.k_bias, self.v_bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=self.c_weight,
+            out_proj_bias=self.c_bias, use_separate_proj_weight=True, training=False, need_weights=False)
+        return out.permute(1, 0, 2)
+
+
+class ViTTokens(nn.Module):
+    """Every token of a ViT after its final layer norm, projected. It holds the tower's own tensors (class and
+    positional embeddings, projection), so that ZeRO-3 gathers them for its forward."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.__dict__["visual"] = visual
+        self.class_embedding, self.positional_embedding = visual.class_embedding, visual.positional_embedding
+        self.proj = visual.proj
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        x = v.ln_post(v.transformer(v._embeds(images.to(v.conv1.weight.dtype))))
+        return x @ self.proj if self.proj is not None else x
+
+
+def local_image_features(visual: nn.Module) -> Optional[nn.Module]:
+    """The module giving ``visual``'s ``[B, 1 + M, E]`` features (None where ``local_features_refusal`` says why
+    not)."""
+    if local_features_refusal(visual) is not None:
+        return None
+    return ResNetTokens(visual) if type(visual).__name__ == "ModifiedResNet" else ViTTokens(visual)
+
+
 def image_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """``[B, 1 + M, E]``: the pooled feature, then the M local features (see the module docstring)."""
-    param = next(visual.parameters())
-    x = images.to(device=param.device, dtype=param.dtype)
-    if type(visual).__name__ == "ModifiedResNet":
-        return _resnet_tokens(visual, x)
-    x = visual.transformer(visual._embeds(x))
-    x = visual.ln_post(x)
-    return x @ visual.proj if visual.proj is not None else x
-
-
-def _resnet_tokens(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(x)))))
-    pool = visual.attnpool
-    x = x.reshape(x.shape[0], x.shape[1], -1).permute(2, 0, 1)  # [HW, B, C]
-    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + pool.positional_embedding[:, None, :].to(x.dtype)
-    out, _ = F.multi_head_attention_forward(
-        query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
-        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
-        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
-        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
-        out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=False, need_weights=False)
-    return out.permute(1, 0, 2)
+    module = local_image_features(visual)
+    if module is None:
+        raise ValueError(f"no per-position features: {local_features_refusal(visual)}")
+    return module(images)

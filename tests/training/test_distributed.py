@@ -127,12 +127,13 @@ def test_class_sampling_draws_the_same_classes_on_two_ranks_as_on_one(small_data
 @pytest.mark.parametrize("method, epochs, two_ranks", [("kgcoop", 1, ()), ("cocoop", 1, ("engine.zero_stage=3",)),
                                                       # 4 epochs: by then 10 of its 32 updates are projected
                                                       ("prograd", 4, ("engine.grad_accum_steps=2",)),
-                                                      ("plot", 1, ("engine.zero_stage=2",))],
-                         ids=["kgcoop", "cocoop-zero3", "prograd-accumulated", "plot-zero2"])
+                                                      ("plot", 1, ("engine.zero_stage=3",))],
+                         ids=["kgcoop", "cocoop-zero3", "prograd-accumulated", "plot-zero3"])
 def test_per_task_baselines_train_the_same_on_two_ranks(small_data_root, tmp_path, method, epochs, two_ranks):
     """KgCoOp's penalty is computed on every rank from the gathered class features (class-parallel text);
     CoCoOp's ranks each encode their own images' prompts (here under ZeRO-3); ProGrad projects the gradient
-    reduced over ranks and accumulated over micro-batches; PLOT's ranks agree on Sinkhorn's stopping: 2 ranks
+    reduced over ranks and accumulated over micro-batches; PLOT's ranks agree on Sinkhorn's stopping, and its
+    per-position image features gather their partitioned weights (ZeRO-3): 2 ranks
     train exactly as one process."""
     args = (f"method.name={method}", "prompt.n_ctx=4", f"optim.epochs={epochs}")
     for nproc, name, extra in ((1, "one", ()), (2, "two", two_ranks)):

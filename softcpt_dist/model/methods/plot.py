@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from softcpt_dist import distributed as D
-from softcpt_dist.config import Config, ConfigError, EngineConfig, MethodConfig, PromptConfig
+from softcpt_dist.config import Config, ConfigError, MethodConfig, PromptConfig
 from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.model.image_tokens import local_features_refusal
 from softcpt_dist.model.meta_net import context_vectors
@@ -52,13 +52,6 @@ class PLOT(Method):
     @classmethod
     def transfers(cls, cfg: MethodConfig, to: str) -> bool:
         return to == "classes"  # contexts per task: any class of a seen task
-
-    @classmethod
-    def check_engine(cls, method: MethodConfig, engine: EngineConfig) -> None:
-        if engine.zero_stage == 3:
-            raise ConfigError("method.name=plot reads the image tower's pooling weights for every position, outside "
-                              "the tower's own forward, where ZeRO-3 leaves them partitioned: set engine.zero_stage "
-                              "to 0, 1 or 2 (the frozen CLIP is then whole on every rank)")
 
     @classmethod
     def check_setup(cls, cfg: Config, backbone) -> None:
