@@ -46,7 +46,8 @@ class ResNetTokens(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         v = self.visual
-        x = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(images.to(self.q_weight.dtype))))))
+        images = images.to(device=self.q_weight.device, dtype=v.conv1.weight.dtype)
+        x = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(images)))))
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(2, 0, 1)  # [HW, B, C]
         x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + self.positional_embedding[:, None, :].to(x.dtype)
         out, _ = F.multi_head_attention_forward(
@@ -70,7 +71,9 @@ class ViTTokens(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         v = self.visual
-        x = v.ln_post(v.transformer(v._embeds(images.to(v.conv1.weight.dtype))))
+        images = images.to(device=self.proj.device if self.proj is not None else self.class_embedding.device,
+                           dtype=v.conv1.weight.dtype)
+        x = v.ln_post(v.transformer(v._embeds(images)))
         return x @ self.proj if self.proj is not None else x
 
 

@@ -11,7 +11,8 @@ the row scaling over the batch's (image, class) pairs is below 0.01; no gradient
 logit is ``exp(s) · Σ_mn T_mn sim_mn``: the official ``CustomCLIP.forward`` for every dataset but ImageNet.
 
 In training, ranks agree on Sinkhorn's stopping mean (a scalar all-reduce per iteration), so any world size
-trains as one process on the whole batch; evaluation batches (``train.eval_batch_size``) stop on their own.
+trains as one process on the whole batch (with gradient accumulation, each micro-batch stops on its own);
+evaluation batches (``train.eval_batch_size``) stop on their own.
 The image features are recomputed from images at every step: the feature cache holds pooled features only.
 """
 

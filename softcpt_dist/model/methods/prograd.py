@@ -3,13 +3,21 @@
 The context (``prompt.n_ctx`` vectors, 16 in the official runs; one per task, each task trained on its own, as
 CoOp CA) starts as zeros followed by the token embeddings of its task's template before the class name (the
 official ``CTX_INIT=True``: "a centered satellite photo of" for "a centered satellite photo of {}."); a template
-that does not end in " {}." starts from "a photo of a", and ``prompt.ctx_init`` names one phrase for every task. Two losses per batch: the cross-entropy ``L_ce`` and the
-distillation loss to zero-shot CLIP (each task's template), ``L_kd = T² · mean_b Σ_c −p_zs(c|b) log
-softmax(z_b / T)_c`` with both softmaxes at temperature ``T`` over the sample's own task's classes. The update
-uses ``∇L_ce`` of each learnable tensor, projected where it conflicts with ``∇L_kd``: if ``cos(g_ce, g_kd) < 0``,
-``g = g_ce − λ (g_ce · ĝ_kd) ĝ_kd`` (``method.prograd_lambda`` λ, ``method.prograd_temperature`` T; 1.0 and 1.0
-in the official commands). The training engine applies the projection to the full gradients, reduced over ranks
-and accumulated over micro-batches (``TrainEngine``); ZeRO stages that partition gradients are refused.
+that does not end in " {}." starts from "a photo of a", and ``prompt.ctx_init`` names one phrase for every task.
+(The official code counts the phrase's words and takes that many tokens: with punctuation, "a type of pet, a
+photo of a" is 8 words and 9 tokens, its last token stays a fixed word between the context and the class name;
+here every token of the phrase is a context vector.)
+
+Two losses per batch: the cross-entropy ``L_ce`` and the distillation loss to zero-shot CLIP (each task's
+template), ``L_kd = T² · mean_b Σ_c −p_zs(c|b) log softmax(z_b / T)_c`` with both softmaxes at temperature ``T``
+over the sample's own task's classes; the teacher reads the student's image features, in ``model.precision``
+(fp32 by default, as the official teacher). The update uses ``∇L_ce`` of each learnable tensor, projected where
+it conflicts with ``∇L_kd``: if ``cos(g_ce, g_kd) < 0``, ``g = g_ce − λ (g_ce · ĝ_kd) ĝ_kd``
+(``method.prograd_lambda`` λ, ``method.prograd_temperature`` T; 1.0 and 1.0 in the official commands).
+
+The training engine applies the projection to the full gradients, reduced over ranks and accumulated over
+micro-batches (``TrainEngine``); ZeRO stages that partition the gradients, and DeepSpeed's bf16 optimizer (which
+copies them during backward), are refused.
 """
 
 from __future__ import annotations
@@ -53,6 +61,14 @@ class ProGrad(CoOp):
         if engine.zero_stage > 0:
             raise ConfigError(f"method.name=prograd projects each learnable tensor's whole reduced gradient: it needs "
                               f"engine.zero_stage=0 (it is {engine.zero_stage}; ZeRO 1-3 partition the gradients)")
+        passed = dict(engine.deepspeed or {})
+        stage = (passed.get("zero_optimization") or {}).get("stage", 0)
+        if stage:
+            raise ConfigError(f"method.name=prograd needs ZeRO stage 0: engine.deepspeed.zero_optimization.stage={stage} "
+                              "partitions the gradients it projects")
+        if (passed.get("bf16") or {}).get("enabled", False):
+            raise ConfigError("method.name=prograd projects the gradients the optimizer reads at its step: "
+                              "engine.deepspeed.bf16 accumulates them into its own fp32 copies during backward; remove it")
 
     def guide_loss(self, image_features: torch.Tensor, logits: torch.Tensor, class_index: Optional[torch.Tensor],
                    targets: TaskTargets) -> torch.Tensor:
