@@ -26,9 +26,7 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +37,7 @@ import open_clip  # noqa: E402
 import torch  # noqa: E402
 
 from group_shapes import GROUPS  # noqa: E402
+from side_by_side import add_arguments, device_name, relative_difference, run_paths, worker_arguments  # noqa: E402
 from softcpt_dist.config import MethodConfig, PromptConfig  # noqa: E402
 from softcpt_dist.model.backbone import _DTYPES, CLIPBackbone, ensure_builtin_configs  # noqa: E402
 from softcpt_dist.model.methods.softcpt import SoftCPT  # noqa: E402
@@ -147,41 +146,22 @@ def worker(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="ViT-B-16")
-    p.add_argument("--group", default="plant6", choices=sorted(GROUPS))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=sorted(_DTYPES))
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
-    p.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    add_arguments(p, PATHS, GROUPS, _DTYPES)
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
-    results, outputs = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for path in args.paths:
-            out = Path(tmp) / f"{path}.pt"
-            cmd = [sys.executable, __file__, "--worker", path, "--out", str(out), "--arch", args.arch, "--group",
-                   args.group, "--device", args.device, "--precision", args.precision, "--repeats", str(args.repeats)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            if proc.returncode:
-                why = "killed (out of memory)" if proc.returncode in (-9, 137) else proc.stderr.strip()[-500:]
-                print(f"{path}: failed: {why}", flush=True)
-                continue
-            results[path] = json.loads(proc.stdout.strip().splitlines()[-1])
-            outputs[path] = torch.load(out, weights_only=True)
+    results, outputs = run_paths(__file__, args.paths, worker_arguments(args))
     if not results:
         return 1
     ref = next(iter(results))
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    device = device_name(args.device)
     print(f"{args.arch} text tower, random init, {args.group} shape, {args.precision}, {device}, torch "
           f"{torch.__version__}; forward+backward of all class features, median of {args.repeats} after a warm-up")
     print(f"{'path':<15} {'positions':>10} {'time (s)':>10} {'speed-up':>9} {'peak MiB':>9} "
           f"{'feat rel diff':>14} {'grad rel diff':>14}   (speed-up and differences against {ref})")
     for path, r in results.items():
-        diff = {k: float((outputs[path][k] - outputs[ref][k]).abs().max() / outputs[ref][k].abs().max())
+        diff = {k: relative_difference(outputs[path][k], outputs[ref][k])
                 for k in ("features", "grad")}
         speed = results[ref]["median_s"] / r["median_s"]
         print(f"{path:<15} {r['positions']:>10,} {r['median_s']:>10.3f} {speed:>8.1f}x {r['peak_bytes'] / 2**20:>9.1f} "

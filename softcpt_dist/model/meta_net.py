@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from softcpt_dist.config import ConfigError
+from softcpt_dist.config import ConfigError, PromptConfig
 
 from softcpt_dist.model.batch_invariance import rowwise
 
@@ -35,6 +35,16 @@ def word_context(backbone, words: str, n_groups: int, n_ctx: int, key: str) -> n
     with torch.no_grad():
         embedding = backbone.token_embedding(torch.tensor(ids, device=backbone.device)).float().cpu()
     return nn.Parameter(embedding.unsqueeze(0).repeat(n_groups, 1, 1))
+
+
+def check_default_phrase(method: str, phrase: str, prompt: PromptConfig) -> None:
+    """A method whose context starts from ``phrase`` unless ``prompt.ctx_init`` names another: without one,
+    ``prompt.n_ctx`` must be the phrase's token count (its words here: single-token words)."""
+    words = len(phrase.split())
+    if prompt.ctx_init is None and prompt.n_ctx != words:
+        raise ConfigError(f"method.name={method} starts its context from {phrase!r} ({words} tokens): set "
+                          f"prompt.n_ctx={words} (it is {prompt.n_ctx}), or prompt.ctx_init to a phrase of "
+                          f"{prompt.n_ctx} tokens")
 
 
 def initial_context(backbone, words: Optional[str], n_groups: int, n_ctx: int, std: float, key: str) -> nn.Parameter:

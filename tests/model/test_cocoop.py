@@ -6,7 +6,6 @@ prompts ``[SOS] (ctx + π) <class>. [EOS]`` (77 positions) go through CLIP's tex
 context and meta network, train jointly here (each task's official loss summed over its images, divided by the
 batch). Loss, every gradient and two SGD steps equal within 1e-5 relative, on both text paths."""
 
-import open_clip
 import pytest
 import torch
 import torch.nn as nn
@@ -15,9 +14,9 @@ import torch.nn.functional as F
 from softcpt_dist.config import ConfigError, MethodConfig, PromptConfig
 from softcpt_dist.data.tasks import TaskGroup, TaskSpec
 from softcpt_dist.model import build_method
-from softcpt_dist.model.backbone import CLIPBackbone, ensure_builtin_configs
 from softcpt_dist.model.classifier import PromptClassifier
 from softcpt_dist.model.loss import TaskTargets
+from tiny_clip import tiny_clip
 
 GROUP = TaskGroup([TaskSpec("pets", "pet breed", ("abyssinian", "beagle", "pug")),
                    TaskSpec("leaf", "plant leaf disease", ("healthy", "rust"))])
@@ -64,12 +63,7 @@ def _rel(a, b):
 
 
 def _setup(path):
-    ensure_builtin_configs()
-    torch.manual_seed(5)
-    model = open_clip.create_model("softcpt-tiny", pretrained=None).eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer("softcpt-tiny")
-    backbone = CLIPBackbone(model, tokenizer, "softcpt-tiny", None, logit_scale=model.logit_scale.detach().clone(),
-                            text_path=path)
+    model, tokenizer, backbone = tiny_clip(text_path=path)
     method = build_method(backbone, GROUP, MethodConfig(name="cocoop"), PromptConfig(n_ctx=4))
     return model, tokenizer, backbone, method
 

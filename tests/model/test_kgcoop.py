@@ -5,7 +5,6 @@ the context starts as the embeddings of "a photo of a" (``embedding[0, 1:1+n]``)
 of the hand-crafted template. Loss, every gradient and two SGD steps equal within 1e-5 relative; the paper's
 parameter count for RN50 on General-10 (20,480) is in test_methods.py."""
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,10 +12,10 @@ import torch.nn.functional as F
 from softcpt_dist.config import ConfigError, MethodConfig, PromptConfig
 from softcpt_dist.data.tasks import TaskGroup, TaskSpec
 from softcpt_dist.model import build_method
-from softcpt_dist.model.backbone import CLIPBackbone, ensure_builtin_configs
 from softcpt_dist.model.classifier import PromptClassifier
 from softcpt_dist.model.loss import TaskTargets
 from softcpt_dist.model.text_encoder import TextEncoder
+from tiny_clip import tiny_clip
 
 TASK = TaskSpec("pets", "pet breed", ("abyssinian", "beagle", "pug"), template="a photo of a {}, a type of pet.")
 GROUP = TaskGroup([TASK])
@@ -43,11 +42,7 @@ def _rel(a, b):
 
 
 def test_loss_gradients_and_two_steps_equal_the_official_kgcoop():
-    ensure_builtin_configs()
-    torch.manual_seed(5)
-    model = open_clip.create_model("softcpt-tiny", pretrained=None).eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer("softcpt-tiny")
-    backbone = CLIPBackbone(model, tokenizer, "softcpt-tiny", None, logit_scale=model.logit_scale.detach().clone())
+    model, tokenizer, backbone = tiny_clip()
     method = build_method(backbone, GROUP, MethodConfig(name="kgcoop", kg_weight=W), PromptConfig(n_ctx=4))
     classifier = PromptClassifier(backbone, method)
     with torch.no_grad():

@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from softcpt_dist.config import Config, ConfigError, MethodConfig, PromptConfig
 from softcpt_dist.data.tasks import TaskGroup, TaskSpec
 from softcpt_dist.model import build_method
-from softcpt_dist.model.backbone import CLIPBackbone, ensure_builtin_configs
+from softcpt_dist.model.backbone import ensure_builtin_configs
 from softcpt_dist.model.classifier import PromptClassifier
 from softcpt_dist.model.image_tokens import image_tokens, local_features_refusal
 from softcpt_dist.model.loss import TaskTargets
 from softcpt_dist.model.methods import PLOT
 from softcpt_dist.model.methods import plot as plot_module
+from tiny_clip import tiny_clip
 
 TASK = TaskSpec("pets", "pet breed", ("abyssinian", "beagle", "pug", "shiba inu"))
 GROUP = TaskGroup([TASK])
@@ -93,17 +94,8 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
-def _tiny_rn():
-    ensure_builtin_configs()
-    torch.manual_seed(7)
-    model = open_clip.create_model("softcpt-tiny-rn", pretrained=None).eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer("softcpt-tiny-rn")
-    backbone = CLIPBackbone(model, tokenizer, "softcpt-tiny-rn", None, logit_scale=model.logit_scale.detach().clone())
-    return model, tokenizer, backbone
-
-
 def test_logits_loss_gradient_and_two_steps_equal_the_official_plot():
-    model, tokenizer, backbone = _tiny_rn()
+    model, tokenizer, backbone = tiny_clip("softcpt-tiny-rn", seed=7)
     method = build_method(backbone, GROUP, MethodConfig(name="plot", plot_prompts=N), PromptConfig(n_ctx=N_CTX))
     classifier = PromptClassifier(backbone, method)
     assert method.ctx.shape == (N, N_CTX, backbone.ctx_dim)  # one task: the official [N, n_ctx, dim]

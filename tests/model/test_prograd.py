@@ -7,7 +7,6 @@ takes ``g_ce`` of the context and, where ``cos(g_ce, g_kd) < 0``, replaces it by
 Loss, guide loss, every gradient and two SGD steps equal within 1e-5 relative, with the projection taken and
 not taken; the paper's parameter count for RN50 on General-10 (81,920) is in test_methods.py."""
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,26 +14,17 @@ import torch.nn.functional as F
 from softcpt_dist.config import ConfigError, EngineConfig, MethodConfig, PromptConfig
 from softcpt_dist.data.tasks import TaskGroup, TaskSpec
 from softcpt_dist.model import build_method
-from softcpt_dist.model.backbone import CLIPBackbone, ensure_builtin_configs
 from softcpt_dist.model.classifier import PromptClassifier
 from softcpt_dist.model.loss import TaskTargets
 from softcpt_dist.model.methods import ProGrad
 from softcpt_dist.model.text_encoder import TextEncoder
 from softcpt_dist.training.gradient_projection import GuideGradients
+from tiny_clip import tiny_clip
 
 TASK = TaskSpec("sat", "land use", ("forest", "river", "highway"), template="a centered satellite photo of {}.")
 GROUP = TaskGroup([TASK])
 N_CTX, LAMBDA, T = 8, 0.8, 2.0
 PHRASE = "a centered satellite photo of"  # 5 tokens
-
-
-def _tiny():
-    ensure_builtin_configs()
-    torch.manual_seed(5)
-    model = open_clip.create_model("softcpt-tiny", pretrained=None).eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer("softcpt-tiny")
-    backbone = CLIPBackbone(model, tokenizer, "softcpt-tiny", None, logit_scale=model.logit_scale.detach().clone())
-    return model, tokenizer, backbone
 
 
 def _official_start(model, tokenizer):
@@ -81,7 +71,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("against_teacher", [True, False], ids=["conflicting", "agreeing"])
 def test_losses_projected_gradients_and_two_steps_equal_the_official_prograd(against_teacher):
-    model, tokenizer, backbone = _tiny()
+    model, tokenizer, backbone = tiny_clip()
     cfg = MethodConfig(name="prograd", prograd_lambda=LAMBDA, prograd_temperature=T)
     method = build_method(backbone, GROUP, cfg, PromptConfig(n_ctx=N_CTX))
     classifier = PromptClassifier(backbone, method)
@@ -116,7 +106,7 @@ def test_losses_projected_gradients_and_two_steps_equal_the_official_prograd(aga
 def test_accumulated_guide_is_the_full_batch_guide():
     """Two micro-batches' guide gradients, each scaled by 1/2 as the engine scales their losses, sum to the
     guide gradient of the whole batch of equal halves."""
-    _, _, backbone = _tiny()
+    _, _, backbone = tiny_clip()
     method = build_method(backbone, GROUP, MethodConfig(name="prograd"), PromptConfig(n_ctx=N_CTX))
     classifier = PromptClassifier(backbone, method)
     image_features, labels = torch.randn(8, backbone.embed_dim), torch.tensor([0, 1, 2, 0, 1, 2, 2, 1])
@@ -131,7 +121,7 @@ def test_accumulated_guide_is_the_full_batch_guide():
 
 
 def test_contexts_start_from_each_tasks_template():
-    _, tokenizer, backbone = _tiny()
+    _, tokenizer, backbone = tiny_clip()
     group = TaskGroup([TASK, TaskSpec("pets", "pet breed", ("pug", "beagle"), template="a photo of a {}, a pet.")])
     method = build_method(backbone, group, MethodConfig(name="prograd"), PromptConfig(n_ctx=N_CTX))
     with torch.no_grad():

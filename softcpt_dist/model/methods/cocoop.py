@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from softcpt_dist.config import ConfigError, MethodConfig, PromptConfig
+from softcpt_dist.config import MethodConfig, PromptConfig
 from softcpt_dist.data.tasks import TaskGroup
-from softcpt_dist.model.meta_net import initial_context
+from softcpt_dist.model.meta_net import check_default_phrase, initial_context
 from softcpt_dist.model.methods.base import Method
 from softcpt_dist.model.prompts import ContextPromptBank
 
@@ -65,10 +65,7 @@ class CoCoOp(Method):
     @classmethod
     def check(cls, method: MethodConfig, prompt: PromptConfig) -> None:
         super().check(method, prompt)
-        if prompt.ctx_init is None and prompt.n_ctx != len(COCOOP_INIT.split()):
-            raise ConfigError(f"method.name=cocoop starts its context from {COCOOP_INIT!r} (4 tokens): set "
-                              f"prompt.n_ctx=4 (it is {prompt.n_ctx}), or prompt.ctx_init to a phrase of "
-                              f"{prompt.n_ctx} tokens")
+        check_default_phrase(cls.name, COCOOP_INIT, prompt)
 
     def contexts(self, image_features: torch.Tensor) -> torch.Tensor:
         """``[B, T, n_ctx, D_ctx]``: every task's context shifted by its meta network of each image."""

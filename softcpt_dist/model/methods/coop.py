@@ -6,7 +6,7 @@ MT: a single context shared by every class of every task, trained jointly.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -33,9 +33,14 @@ class CoOp(Method):
                  "MT": torch.zeros(group.num_classes, dtype=torch.long)}[mode]
         self.register_buffer("ctx_owner", owner.to(backbone.device), persistent=False)
 
+    # Its label names the default mode too (coop-CA); a CoOp-based method's (kgcoop, prograd) only another mode
+    mode_in_label: ClassVar[bool] = True
+
     @classmethod
     def label(cls, cfg: MethodConfig) -> str:
-        return f"coop-{cfg.coop_mode}"
+        if cfg.coop_mode == "CA" and not cls.mode_in_label:
+            return cls.name
+        return f"{cls.name}-{cfg.coop_mode}"
 
     @classmethod
     def transfers(cls, cfg: MethodConfig, to: str) -> bool:

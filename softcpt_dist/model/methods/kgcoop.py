@@ -14,8 +14,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from softcpt_dist.config import ConfigError, MethodConfig, PromptConfig
+from softcpt_dist.config import MethodConfig, PromptConfig
 from softcpt_dist.data.tasks import TaskGroup
+from softcpt_dist.model.meta_net import check_default_phrase
 from softcpt_dist.model.methods.coop import CoOp
 from softcpt_dist.model.methods.zeroshot import template_features
 
@@ -24,23 +25,18 @@ KGCOOP_INIT = "a photo of a"  # the official CTX_INIT=True phrase
 
 class KgCoOp(CoOp):
     name = "kgcoop"
+    mode_in_label = False
 
     def __init__(self, backbone, group: TaskGroup, prompt: PromptConfig, method: MethodConfig):
         super().__init__(backbone, group, replace(prompt, ctx_init=prompt.ctx_init or KGCOOP_INIT), method)
         self.kg_weight = method.kg_weight
         self.register_buffer("hand_features", template_features(backbone, group), persistent=False)
 
-    @classmethod
-    def label(cls, cfg: MethodConfig) -> str:
-        return "kgcoop" if cfg.coop_mode == "CA" else f"kgcoop-{cfg.coop_mode}"
 
     @classmethod
     def check(cls, method: MethodConfig, prompt: PromptConfig) -> None:
         super().check(method, prompt)
-        if prompt.ctx_init is None and prompt.n_ctx != len(KGCOOP_INIT.split()):
-            raise ConfigError(f"method.name=kgcoop starts its context from {KGCOOP_INIT!r} (4 tokens): set "
-                              f"prompt.n_ctx=4 (it is {prompt.n_ctx}), or prompt.ctx_init to a phrase of "
-                              f"{prompt.n_ctx} tokens")
+        check_default_phrase(cls.name, KGCOOP_INIT, prompt)
 
     def loss_term(self, class_features: torch.Tensor, class_index: Optional[torch.Tensor]) -> torch.Tensor:
         """``w · (1 − mean cos)`` between the encoded classes' features and their hand-crafted ones."""

@@ -40,6 +40,7 @@ PROGRAD_INIT = "a photo of a"  # the generic template "a photo of a {}." before 
 
 class ProGrad(CoOp):
     name = "prograd"
+    mode_in_label = False
     projects_gradient = True
 
     def __init__(self, backbone, group: TaskGroup, prompt: PromptConfig, method: MethodConfig):
@@ -52,9 +53,6 @@ class ProGrad(CoOp):
         self.lam, self.temperature = method.prograd_lambda, method.prograd_temperature
         self.register_buffer("hand_features", template_features(backbone, group), persistent=False)
 
-    @classmethod
-    def label(cls, cfg: MethodConfig) -> str:
-        return "prograd" if cfg.coop_mode == "CA" else f"prograd-{cfg.coop_mode}"
 
     @classmethod
     def check_engine(cls, method: MethodConfig, engine: EngineConfig) -> None:
