@@ -26,6 +26,8 @@ def test_yaml_inheritance_and_overrides(tmp_path):
     ("method.variant=XYZ", "method.variant"),
     ("optim.batch_size=0", "optim.batch_size"),
     ("optim.lr", "key=value"),
+    ("engine.deepspeed={zero_optimization: {stage: 2}}",
+     r"engine.deepspeed.zero_optimization.stage=2: set the ZeRO stage with engine.zero_stage \(it is 0\)"),
 ])
 def test_bad_config_entries_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

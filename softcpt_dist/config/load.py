@@ -129,6 +129,11 @@ def validate(cfg: Config) -> None:
             signal_number(name)
         except ValueError as err:
             raise ConfigError(f"train.stop_signals: {err}") from None
+    stage = ((cfg.engine.deepspeed or {}).get("zero_optimization") or {}).get("stage")
+    if stage is not None and stage != cfg.engine.zero_stage:
+        raise ConfigError(f"engine.deepspeed.zero_optimization.stage={stage}: set the ZeRO stage with engine.zero_stage "
+                          f"(it is {cfg.engine.zero_stage}), which the engine's buckets, partitioned backbones, "
+                          "method checks and checkpoints follow")
     if cfg.train.resume and not cfg.train.run_name:
         raise ConfigError("train.resume needs train.run_name: the run folder to resume in (the default name has a "
                           "timestamp)")

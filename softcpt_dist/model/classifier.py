@@ -54,6 +54,8 @@ class PromptClassifier(nn.Module):
         self.image_conditional = bool(getattr(method, "image_conditional", False))  # a Method ClassVar
         # A method scoring per-position image features (PLOT): image_features are then [B, 1 + M, E].
         self.local_features = bool(getattr(method, "uses_local_features", False))
+        # A gradient-projecting method (ProGrad) needs the logits for its guide loss: the PyTorch loss path.
+        self.projects_gradient = bool(getattr(method, "projects_gradient", False))
         self.shards = None if self.image_conditional else class_shards(text or TextConfig())
         # Autograd-saved bytes of the latest measured class-feature forward (its backward's memory): measured
         # only while measure_activations is set (a saved-tensor hook; the training loop sets it for the last
@@ -118,17 +120,13 @@ class PromptClassifier(nn.Module):
             return TaskScores(None, within_task_predict(image_features, class_features, scale, targets.tasks,
                                                         targets.class_task, self.kernels))
         with self.timer("loss"):
-            if getattr(self.method, "projects_gradient", False):  # its guide loss needs the logits
+            if self.projects_gradient:
                 logits = cosine_logits(image_features, class_features, scale)
-                loss = multitask_cross_entropy(logits, targets.tasks, targets.targets, targets.class_task,
-                                               targets.task_weights)
-                with torch.no_grad():
-                    predictions = within_task_argmax(logits, targets.tasks, targets.class_task)
                 self.guide_loss = self.method.guide_loss(image_features, logits, class_index, targets)
-            else:
-                loss, predictions = cosine_cross_entropy(image_features, class_features, scale, targets.tasks,
-                                                         targets.targets, targets.class_task, targets.task_weights,
-                                                         self.kernels)
+                return self._from_logits(logits, class_features, class_index, targets)
+            loss, predictions = cosine_cross_entropy(image_features, class_features, scale, targets.tasks,
+                                                     targets.targets, targets.class_task, targets.task_weights,
+                                                     self.kernels)
             extra = self.method.loss_term(class_features, class_index)
             return TaskScores(loss if extra is None else loss + extra, predictions)
 

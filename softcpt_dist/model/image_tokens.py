@@ -84,10 +84,3 @@ def local_image_features(visual: nn.Module) -> Optional[nn.Module]:
         return None
     return ResNetTokens(visual) if type(visual).__name__ == "ModifiedResNet" else ViTTokens(visual)
 
-
-def image_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """``[B, 1 + M, E]``: the pooled feature, then the M local features (see the module docstring)."""
-    module = local_image_features(visual)
-    if module is None:
-        raise ValueError(f"no per-position features: {local_features_refusal(visual)}")
-    return module(images)

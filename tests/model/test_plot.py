@@ -19,7 +19,7 @@ from softcpt_dist.data.tasks import TaskGroup, TaskSpec
 from softcpt_dist.model import build_method
 from softcpt_dist.model.backbone import ensure_builtin_configs
 from softcpt_dist.model.classifier import PromptClassifier
-from softcpt_dist.model.image_tokens import image_tokens, local_features_refusal
+from softcpt_dist.model.image_tokens import local_features_refusal, local_image_features
 from softcpt_dist.model.loss import TaskTargets
 from softcpt_dist.model.methods import PLOT
 from softcpt_dist.model.methods import plot as plot_module
@@ -139,7 +139,7 @@ def test_the_first_token_is_clips_pooled_feature(arch):
     size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
     images = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        tokens, pooled = image_tokens(model.visual, images), model.visual(images)
+        tokens, pooled = local_image_features(model.visual)(images), model.visual(images)
     assert tokens.shape[1] > 1 and tokens.shape[2] == pooled.shape[1]
     torch.testing.assert_close(tokens[:, 0], pooled, rtol=1e-5, atol=1e-6)
 

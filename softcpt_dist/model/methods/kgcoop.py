@@ -32,7 +32,6 @@ class KgCoOp(CoOp):
         self.kg_weight = method.kg_weight
         self.register_buffer("hand_features", template_features(backbone, group), persistent=False)
 
-
     @classmethod
     def check(cls, method: MethodConfig, prompt: PromptConfig) -> None:
         super().check(method, prompt)

@@ -70,18 +70,21 @@ class PLOT(Method):
         side by side (so that class shards gather whole classes)."""
         classes = torch.arange(self.num_classes, device=self.class_task.device) if class_index is None \
             else class_index.to(self.class_task.device)
-        n, c = self.n_prompts, len(classes)
-        which = torch.arange(n, device=classes.device).repeat_interleave(c)  # prompt n of (n, c) rows
-        owner = self.class_task[classes].repeat(n) * n + which
-        features = self.backbone.text_encoder(self.class_prompts(self.ctx, owner, classes.repeat(n)))
-        return features.view(n, c, -1).transpose(0, 1).reshape(c, -1)
+        owner, prompts = self._prompts_of(classes)
+        features = self.backbone.text_encoder(self.class_prompts(self.ctx, owner, prompts))
+        return features.view(self.n_prompts, len(classes), -1).transpose(0, 1).reshape(len(classes), -1)
 
     def prompt_structures(self, class_index: torch.Tensor):
-        n, c = self.n_prompts, len(class_index)
-        which = torch.arange(n, device=class_index.device).repeat_interleave(c)
-        owner = self.class_task[class_index].repeat(n) * n + which
-        source, length, _ = self.class_prompts.structure(self.n_ctx, owner, class_index.repeat(n))
+        owner, prompts = self._prompts_of(class_index)
+        source, length, _ = self.class_prompts.structure(self.n_ctx, owner, prompts)
         return [(source, length)]
+
+    def _prompts_of(self, classes: torch.Tensor):
+        """The N prompts of each class, prompt-major (row ``n · C' + c``): their contexts (row of ``self.ctx``:
+        task · N + n) and their class prompts."""
+        n, c = self.n_prompts, len(classes)
+        which = torch.arange(n, device=classes.device).repeat_interleave(c)
+        return self.class_task[classes].repeat(n) * n + which, classes.repeat(n)
 
     def scores(self, image_tokens: torch.Tensor, class_features: torch.Tensor, logit_scale: torch.Tensor,
                synchronized: bool) -> torch.Tensor:

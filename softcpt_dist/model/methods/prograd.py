@@ -53,18 +53,12 @@ class ProGrad(CoOp):
         self.lam, self.temperature = method.prograd_lambda, method.prograd_temperature
         self.register_buffer("hand_features", template_features(backbone, group), persistent=False)
 
-
     @classmethod
     def check_engine(cls, method: MethodConfig, engine: EngineConfig) -> None:
         if engine.zero_stage > 0:
             raise ConfigError(f"method.name=prograd projects each learnable tensor's whole reduced gradient: it needs "
                               f"engine.zero_stage=0 (it is {engine.zero_stage}; ZeRO 1-3 partition the gradients)")
-        passed = dict(engine.deepspeed or {})
-        stage = (passed.get("zero_optimization") or {}).get("stage", 0)
-        if stage:
-            raise ConfigError(f"method.name=prograd needs ZeRO stage 0: engine.deepspeed.zero_optimization.stage={stage} "
-                              "partitions the gradients it projects")
-        if (passed.get("bf16") or {}).get("enabled", False):
+        if ((engine.deepspeed or {}).get("bf16") or {}).get("enabled", False):
             raise ConfigError("method.name=prograd projects the gradients the optimizer reads at its step: "
                               "engine.deepspeed.bf16 accumulates them into its own fp32 copies during backward; remove it")
 
