@@ -9,6 +9,9 @@ Each timing is forward + backward (the gradients training needs), the median of 
 - shared_prefix_attention: one layer's attention over the packed nodes (gradient to q, k, v); FlexAttention
   gets a block mask of the same map (node q sees node k iff ``k <= q < subtree_end[k]``);
 - cosine_ce: the per-task loss of ``--batch`` cached image features against all class features;
+- the attention and loss kernels also with the tiles every GPU used before per-target launch settings
+  (``FORMER_*``: 32 x 32 attention tiles, 16-sample loss tiles, 4 warps, 3 stages): "vs former" is their
+  time over the per-target settings' (``softcpt_dist.kernels.launch``);
 - the text-side step: task prompts -> meta network -> all class prompts through the frozen tower -> loss,
   backward to the learnable tensors, kernels on vs off.
 
@@ -41,11 +44,21 @@ import torch  # noqa: E402
 
 from group_shapes import GROUPS  # noqa: E402
 from softcpt_dist.config import MethodConfig, PromptConfig  # noqa: E402
+from softcpt_dist.kernels.cosine_ce import fused_cosine_cross_entropy  # noqa: E402
+from softcpt_dist.kernels.launch import AttentionLaunch, LossLaunch, Tiles  # noqa: E402
+from softcpt_dist.kernels.shared_prefix_attention import triton_shared_prefix_attention  # noqa: E402
 from softcpt_dist.model.loss import cosine_cross_entropy  # noqa: E402  (the kernels' dispatchers: model side)
 from softcpt_dist.model.prompt_layout import prompt_assembly  # noqa: E402
 from softcpt_dist.model.tree_attention import shared_prefix_attention  # noqa: E402
 from softcpt_dist.model.backbone import _DTYPES, CLIPBackbone, ensure_builtin_configs  # noqa: E402
 from softcpt_dist.model.methods.softcpt import SoftCPT  # noqa: E402
+
+FORMER_ATTENTION = AttentionLaunch(Tiles(32, 32), Tiles(32, 32))
+
+
+def former_loss(dim: int) -> LossLaunch:
+    return LossLaunch(16, 32 if dim <= 512 else 16)
+
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 
@@ -96,10 +109,12 @@ def build(args):
     return backbone, group, method
 
 
-def variants(args, eager, kernel, flex=None) -> dict:
+def variants(args, eager, kernel, flex=None, former=None) -> dict:
     """Timings of one operation's callables (each runs forward + backward)."""
     out = {"eager": timed(eager, args.device, args.warmup, args.repeats),
            "kernel": timed(kernel, args.device, args.warmup, args.repeats)}
+    if former is not None:
+        out["former"] = timed(former, args.device, args.warmup, args.repeats)
     if "compile" not in args.skip:
         compiled = torch.compile(eager)
         out["compile"] = timed(compiled, args.device, max(args.warmup, 1), args.repeats)
@@ -139,8 +154,14 @@ def bench_attention(args, backbone, layout):
             qkv.grad = None
             shared_prefix_attention(qkv, layout, heads, enabled).backward(grad)
         return step
+
+    def former():
+        qkv.grad = None
+        triton_shared_prefix_attention(qkv, layout.node_parent, layout.subtree_end, heads,
+                                       launch=FORMER_ATTENTION).backward(grad)
+    former = former if args.device == "cuda" else None
     if "flex" in args.skip:
-        return variants(args, run("off"), run("auto"))
+        return variants(args, run("off"), run("auto"), former=former)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     end, n = layout.subtree_end, layout.positions
@@ -152,7 +173,7 @@ def bench_attention(args, backbone, layout):
         q, k, v = (t.view(n, heads, -1).transpose(0, 1).unsqueeze(0) for t in qkv.chunk(3, dim=-1))
         out = flex_fn(q, k, v, block_mask=mask)
         out.squeeze(0).transpose(0, 1).reshape(n, width).backward(grad)
-    return variants(args, run("off"), run("auto"), flex_step)
+    return variants(args, run("off"), run("auto"), flex_step, former)
 
 
 def bench_loss(args, backbone, group):
@@ -174,7 +195,12 @@ def bench_loss(args, backbone, group):
                                                      enabled=enabled)
             loss.backward()
         return step
-    return variants(args, run("off"), run("auto"))
+
+    def former():
+        txt.grad = None
+        fused_cosine_cross_entropy(img, txt, backbone.logit_scale, tasks, targets, class_task,
+                                   launch=former_loss(dim))[0].backward()
+    return variants(args, run("off"), run("auto"), former=former if args.device == "cuda" else None)
 
 
 def bench_step(args, backbone, group, method, layout):
@@ -210,14 +236,16 @@ def bench_step(args, backbone, group, method, layout):
 
 def markdown(report: dict) -> str:
     lines = [f"# Kernel check: {report['device']}", "", f"{report['setup']}", "",
-             "| operation | eager ms | torch.compile ms | FlexAttention ms | kernel ms | vs eager | vs compile |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| operation | eager ms | torch.compile ms | FlexAttention ms | kernel ms | vs eager | vs compile "
+             "| former tiles ms | vs former |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ms = lambda r, k: f"{r[k]['median_s'] * 1e3:.3f}" if k in r else "—"  # noqa: E731
     ratio = lambda r, k: f"{r[k]:.2f}×" if k in r else "—"  # noqa: E731
     for name in ("prompt_assembly", "shared_prefix_attention", "cosine_ce"):
         r = report[name]
         lines.append(f"| {name} | {ms(r, 'eager')} | {ms(r, 'compile')} | {ms(r, 'flex')} | {ms(r, 'kernel')} | "
-                     f"{ratio(r, 'kernel_vs_eager')} | {ratio(r, 'kernel_vs_compile')} |")
+                     f"{ratio(r, 'kernel_vs_eager')} | {ratio(r, 'kernel_vs_compile')} | {ms(r, 'former')} | "
+                     f"{ratio(r, 'kernel_vs_former')} |")
     s = report["text_step"]
     lines += ["", "| text-side step | ms | class prompts/s | positions/s | TFLOP/s | MFU |",
               "|---|---:|---:|---:|---:|---:|"]

@@ -25,9 +25,7 @@ from typing import Optional, Tuple
 import torch
 
 from softcpt_dist.kernels._triton import dot_precision, kernel, tl, use_triton
-
-BLOCK_B = 16  # samples per tile
-BLOCK_E = 64  # embedding chunk (the dot products' reduction step, and the gradients' column tile)
+from softcpt_dist.kernels.launch import LossLaunch, device_target, loss_launch
 
 
 @kernel
@@ -193,28 +191,34 @@ def _tiles(tasks: torch.Tensor, class_task: torch.Tensor):
     return order, col_start, col_end, sample_start, sample_end
 
 
-def _block_c(dim: int) -> int:
-    return 32 if dim <= 512 else 16
+def _launch(img: torch.Tensor, launch: Optional[LossLaunch]) -> LossLaunch:
+    return launch if launch is not None else loss_launch(img.dtype, img.shape[1], device_target(img.device))
+
+
+def _meta(launch: LossLaunch, dtype: torch.dtype) -> dict:
+    """The constexprs and options every loss kernel takes from a launch."""
+    return dict(BLOCK_B=launch.samples, BLOCK_C=launch.classes, BLOCK_E=launch.chunk, PRECISION=dot_precision(dtype),
+                **launch.options())
 
 
 class _CosineCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, img, txt, logit_scale, tasks, targets, class_task, weight):
+    def forward(ctx, img, txt, logit_scale, tasks, targets, class_task, weight, launch):
         img, txt = img.contiguous(), txt.contiguous()
         n, dim = img.shape
+        meta = _meta(launch, img.dtype)
         order, col_start, col_end, sample_start, sample_end = _tiles(tasks, class_task)
         loss = torch.empty(n, dtype=torch.float32, device=img.device)
         lse = torch.empty_like(loss)
         pred = torch.empty(n, dtype=torch.long, device=img.device)
         has_weight = weight is not None
         weight_arg = weight if has_weight else loss
-        _sample_tile[(-(-n // BLOCK_B), 1)](
+        _sample_tile[(-(-n // launch.samples), 1)](
             img, txt, order, col_start, col_end, targets, weight_arg, logit_scale, loss, lse, pred, loss, img,
-            n, dim, img.stride(0), txt.stride(0), HAS_TARGET=True, HAS_WEIGHT=has_weight, BACKWARD=False,
-            BLOCK_B=BLOCK_B, BLOCK_C=_block_c(dim), BLOCK_E=BLOCK_E, PRECISION=dot_precision(img.dtype))
+            n, dim, img.stride(0), txt.stride(0), HAS_TARGET=True, HAS_WEIGHT=has_weight, BACKWARD=False, **meta)
         ctx.save_for_backward(img, txt, logit_scale, targets, weight_arg, lse, order, col_start, col_end,
                               sample_start, sample_end)
-        ctx.has_weight = has_weight
+        ctx.has_weight, ctx.launch = has_weight, launch
         ctx.mark_non_differentiable(pred)
         return loss, pred
 
@@ -224,25 +228,25 @@ class _CosineCE(torch.autograd.Function):
             ctx.saved_tensors
         grad_loss = grad_loss.contiguous().float()
         n, dim = img.shape
-        chunks = -(-dim // BLOCK_E)
-        common = dict(HAS_WEIGHT=ctx.has_weight, BLOCK_B=BLOCK_B, BLOCK_C=_block_c(dim), BLOCK_E=BLOCK_E,
-                      PRECISION=dot_precision(img.dtype))
+        launch = ctx.launch
+        chunks = -(-dim // launch.chunk)
+        common = dict(HAS_WEIGHT=ctx.has_weight, **_meta(launch, img.dtype))
         need_img, need_txt, need_scale = ctx.needs_input_grad[:3]
         grad_img = grad_txt = grad_scale = None
         if need_img:
             grad_img = torch.empty_like(img)
-            _sample_tile[(-(-n // BLOCK_B), chunks)](
+            _sample_tile[(-(-n // launch.samples), chunks)](
                 img, txt, order, col_start, col_end, targets, weight, logit_scale, lse, lse, lse, grad_loss,
                 grad_img, n, dim, img.stride(0), txt.stride(0), HAS_TARGET=True, BACKWARD=True, **common)
         if need_txt or need_scale:
             grad_txt = torch.empty_like(txt)
             h = torch.empty(txt.shape[0], dtype=torch.float32, device=txt.device)
-            _class_tile[(-(-txt.shape[0] // common["BLOCK_C"]), chunks)](
+            _class_tile[(-(-txt.shape[0] // launch.classes), chunks)](
                 img, txt, order, col_start, col_end, sample_start, sample_end, targets, weight, logit_scale, lse,
                 grad_loss, grad_txt, h, n, txt.shape[0], dim, img.stride(0), txt.stride(0), **common)
             grad_scale = h.sum().to(logit_scale.dtype).reshape(logit_scale.shape) if need_scale else None
             grad_txt = grad_txt if need_txt else None
-        return grad_img, grad_txt, grad_scale, None, None, None, None
+        return grad_img, grad_txt, grad_scale, None, None, None, None, None
 
 
 def _common_dtype(image_features: torch.Tensor, class_features: torch.Tensor):
@@ -269,27 +273,31 @@ def fused_applies(enabled: str, image_features: torch.Tensor, class_features: to
 def fused_cosine_cross_entropy(image_features: torch.Tensor, class_features: torch.Tensor,
                                logit_scale: torch.Tensor, tasks: torch.Tensor, targets: torch.Tensor,
                                class_task: torch.Tensor,
-                               task_weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                               task_weights: Optional[torch.Tensor] = None,
+                               launch: Optional[LossLaunch] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(loss, predictions)`` where ``fused_applies``: the multi-task loss of ``exp(logit_scale) * cos``
     logits (per-task softmax cross-entropy over each sample's own task's columns, summed and divided by
-    the batch size; ``task_weights [T]`` scale each task's terms) and each sample's within-task argmax."""
+    the batch size; ``task_weights [T]`` scale each task's terms) and each sample's within-task argmax;
+    ``launch``: the tiles (default: ``launch.loss_launch`` for this device, dtype and dimension)."""
     image_features, class_features = _common_dtype(image_features, class_features)
     weight = None if task_weights is None else task_weights.to(image_features.device).float()[tasks].contiguous()
     per_sample, preds = _CosineCE.apply(image_features, class_features, logit_scale.reshape(()),
-                                        tasks.contiguous(), targets.contiguous(), class_task.contiguous(), weight)
+                                        tasks.contiguous(), targets.contiguous(), class_task.contiguous(), weight,
+                                        _launch(image_features, launch))
     return per_sample.sum() / image_features.shape[0], preds
 
 
 def fused_within_task_predict(image_features: torch.Tensor, class_features: torch.Tensor,
-                              logit_scale: torch.Tensor, tasks: torch.Tensor, class_task: torch.Tensor) -> torch.Tensor:
+                              logit_scale: torch.Tensor, tasks: torch.Tensor, class_task: torch.Tensor,
+                              launch: Optional[LossLaunch] = None) -> torch.Tensor:
     """Each sample's predicted column among its own task's columns, where ``fused_applies``."""
     image_features, class_features = (t.contiguous() for t in _common_dtype(image_features, class_features))
     n, dim = image_features.shape
+    launch = _launch(image_features, launch)
     order, col_start, col_end, _, _ = _tiles(tasks, class_task.contiguous())
     pred = torch.empty(n, dtype=torch.long, device=image_features.device)
-    _sample_tile[(-(-n // BLOCK_B), 1)](
+    _sample_tile[(-(-n // launch.samples), 1)](
         image_features, class_features, order, col_start, col_end, pred, pred, logit_scale.reshape(()), pred,
         pred, pred, pred, pred, n, dim, image_features.stride(0), class_features.stride(0), HAS_TARGET=False,
-        HAS_WEIGHT=False, BACKWARD=False, BLOCK_B=BLOCK_B, BLOCK_C=_block_c(dim), BLOCK_E=BLOCK_E,
-        PRECISION=dot_precision(image_features.dtype))
+        HAS_WEIGHT=False, BACKWARD=False, **_meta(launch, image_features.dtype))
     return pred

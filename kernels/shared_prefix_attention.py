@@ -26,17 +26,8 @@ from typing import Dict, Optional
 
 import torch
 
-from softcpt_dist.kernels._triton import block, dot_precision, interpreting, kernel, tl
-
-# (query nodes per tile, key nodes per inner step; the first a multiple of the second). On a GPU, small
-# tiles: a tile's own rows are mostly other classes' suffixes, masked. The interpreter pays per
-# operation, not per element, so it gets fewer, larger tiles.
-GPU_BLOCKS = (32, 32)
-INTERPRETER_BLOCKS = (64, 64)
-
-
-def _blocks():
-    return INTERPRETER_BLOCKS if interpreting() else GPU_BLOCKS
+from softcpt_dist.kernels._triton import block, dot_precision, kernel, tl
+from softcpt_dist.kernels.launch import AttentionLaunch, attention_launch, device_target
 
 
 @dataclass
@@ -181,20 +172,20 @@ def _shapes(qkv: torch.Tensor, heads: int):
 
 class _SharedPrefixAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, subtree_end, anc_start, ancestors, heads, blocks):
+    def forward(ctx, qkv, subtree_end, anc_start, ancestors, heads, launch: AttentionLaunch):
         qkv = qkv.contiguous()
-        block_m, block_n = blocks
         nodes, width, head_dim = _shapes(qkv, heads)
         out = qkv.new_empty(nodes, width)
         lse = torch.empty(heads, nodes, dtype=torch.float32, device=qkv.device)
-        meta = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block(head_dim),
-                    PRECISION=dot_precision(qkv.dtype))
+        meta = dict(HEAD_DIM=head_dim, BLOCK_D=block(head_dim), PRECISION=dot_precision(qkv.dtype))
         sm_scale = 1.0 / math.sqrt(head_dim)
-        _query_tile[(_cdiv(nodes, block_m), heads)](qkv, out, lse, out, lse, qkv, subtree_end, anc_start, ancestors,
-                                                    nodes, width, qkv.stride(0), out.stride(0), sm_scale,
-                                                    BACKWARD=False, **meta)
+        query = launch.query
+        _query_tile[(_cdiv(nodes, query.rows), heads)](qkv, out, lse, out, lse, qkv, subtree_end, anc_start, ancestors,
+                                                       nodes, width, qkv.stride(0), out.stride(0), sm_scale,
+                                                       BACKWARD=False, BLOCK_M=query.rows, BLOCK_N=query.cols, **meta,
+                                                       **query.options())
         ctx.save_for_backward(qkv, out, lse, subtree_end, anc_start, ancestors)
-        ctx.heads, ctx.meta, ctx.sm_scale = heads, meta, sm_scale
+        ctx.heads, ctx.meta, ctx.sm_scale, ctx.launch = heads, meta, sm_scale, launch
         return out
 
     @staticmethod
@@ -204,12 +195,14 @@ class _SharedPrefixAttention(torch.autograd.Function):
         nodes, width = out.shape
         grad_qkv = torch.empty_like(qkv)
         delta = torch.empty_like(lse)
-        _query_tile[(_cdiv(nodes, ctx.meta["BLOCK_M"]), ctx.heads)](
+        query, key = ctx.launch.query, ctx.launch.key
+        _query_tile[(_cdiv(nodes, query.rows), ctx.heads)](
             qkv, out, lse, grad_out, delta, grad_qkv, subtree_end, anc_start, ancestors, nodes, width,
-            qkv.stride(0), out.stride(0), ctx.sm_scale, BACKWARD=True, **ctx.meta)
-        _key_tile[(_cdiv(nodes, ctx.meta["BLOCK_N"]), ctx.heads)](
+            qkv.stride(0), out.stride(0), ctx.sm_scale, BACKWARD=True, BLOCK_M=query.rows, BLOCK_N=query.cols,
+            **ctx.meta, **query.options())
+        _key_tile[(_cdiv(nodes, key.cols), ctx.heads)](
             qkv, grad_out, lse, delta, grad_qkv, subtree_end, nodes, width, qkv.stride(0), out.stride(0),
-            ctx.sm_scale, **ctx.meta)
+            ctx.sm_scale, BLOCK_M=key.rows, BLOCK_N=key.cols, **ctx.meta, **key.options())
         return grad_qkv, None, None, None, None, None
 
 
@@ -218,9 +211,14 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def triton_shared_prefix_attention(qkv: torch.Tensor, node_parent: torch.Tensor, subtree_end: torch.Tensor,
-                                   heads: int, plans: Optional[Dict[int, TilePlan]] = None) -> torch.Tensor:
+                                   heads: int, plans: Optional[Dict[int, TilePlan]] = None,
+                                   launch: Optional[AttentionLaunch] = None) -> torch.Tensor:
     """Attention of a preorder tree's nodes (``node_parent``, ``subtree_end``), ``qkv [U, 3W] -> [U, W]``
-    (before the out-projection); ``plans``: the caller's cache of this tree's tile plans."""
-    blocks = _blocks()
-    plan = tile_plan(node_parent, blocks[0], plans)
-    return _SharedPrefixAttention.apply(qkv, subtree_end, plan.start, plan.ancestors, heads, blocks)
+    (before the out-projection); ``plans``: the caller's cache of this tree's tile plans; ``launch``: the
+    tiles (default: ``launch.attention_launch`` for this device, dtype and head dim)."""
+    if launch is None:
+        launch = attention_launch(qkv.dtype, _shapes(qkv, heads)[2], device_target(qkv.device))
+    if launch.query.rows % launch.query.cols:
+        raise ValueError(f"query tiles of {launch.query.rows} rows must be a multiple of {launch.query.cols} keys")
+    plan = tile_plan(node_parent, launch.query.rows, plans)
+    return _SharedPrefixAttention.apply(qkv, subtree_end, plan.start, plan.ancestors, heads, launch)

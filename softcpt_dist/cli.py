@@ -1,10 +1,10 @@
-"""Command line: ``softcpt-dist train|eval|interpret|sweep|report|profile|scaling|pretrain-micro|data|setup``,
+"""Command line: ``softcpt-dist train|eval|interpret|sweep|report|profile|scaling|pretrain-micro|data|setup|kernels``,
 with ``--config`` files and ``key=value`` overrides.
 
 Exit codes: 0 success; 1 ``data check`` found problems, training stopped on a non-finite loss, or a
 file could not be written (a full disk; the message names the file); 2 a bad config, data, weights or
 checkpoint, or a run folder another live run holds (the message names it), or runs ``report`` cannot
-read; 75 stopped by a stop signal (``train.stop_signals``, default SIGUSR1/SIGTERM) after saving a
+read, or a kernel launch failed ``kernels check``; 75 stopped by a stop signal (``train.stop_signals``, default SIGUSR1/SIGTERM) after saving a
 checkpoint (requeue and resume with ``train.resume=latest``).
 """
 
@@ -85,7 +85,22 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--config", nargs="*", default=[], help="YAML files, merged in order")
     chk.add_argument("--no-decode", action="store_true", help="only check that listed images exist")
     chk.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=/datasets")
+    _kernels_parser(sub)
     return p
+
+
+def _kernels_parser(sub) -> None:
+    from softcpt_dist.kernels.compile_check import DTYPES, TARGETS
+    ke = sub.add_parser("kernels", help="the Triton kernels: compile every launch for GPU targets, without a GPU")
+    ke_sub = ke.add_subparsers(dest="kernels_command", required=True)
+    kc = ke_sub.add_parser("check", help="compile each launch the dispatchers make for sm_80/86/89/90/100; "
+                                         "registers, spills, shared memory against each target's limits")
+    kc.add_argument("--targets", nargs="+", type=int, default=list(TARGETS), help="compute capabilities")
+    kc.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    kc.add_argument("--bounding", action="store_true",
+                    help="only the launches that bound each kernel's resources (what CI compiles)")
+    kc.add_argument("--jobs", type=int, default=0, help="compiling processes (default: one per CPU)")
+    kc.add_argument("--out", type=Path, help="also write kernels_check.md and kernels_check.json here")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -182,6 +197,8 @@ def _dispatch(args) -> int:
         report = check_data(cfg.data, cfg.train.seed, decode=not args.no_decode, eval_split=cfg.train.eval_split)
         print(report.text())
         return 1 if report.problems else 0
+    if args.command == "kernels":
+        return _kernels_check(args)
     if args.command == "data" and args.data_command == "generate":
         from softcpt_dist.config import SyntheticDataConfig
         from softcpt_dist.data.synthetic import generate_synthetic
@@ -228,6 +245,22 @@ def _profile(args) -> int:
     if rank() == 0:
         print(markdown(record), end="")
     return 0
+
+
+def _kernels_check(args) -> int:
+    from softcpt_dist.kernels import compile_check as check
+    from softcpt_dist.files import atomic_write_text
+    targets, unknown = check.known_targets(args.targets)
+    for target in unknown:
+        logger.warning("kernels check: this Triton cannot compile for sm_%d: skipped", target)
+    results = check.run_check(targets, args.dtypes, args.bounding, args.jobs)
+    table, summary = check.markdown(results), check.summary(results)
+    print(table + "\n" + summary)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out / "kernels_check.md", table + "\n" + summary + "\n")
+        atomic_write_text(args.out / "kernels_check.json", json.dumps(check.as_dicts(results), indent=1) + "\n")
+    return 1 if any(r.problems for r in results) else 0
 
 
 def _sweep(args) -> int:
