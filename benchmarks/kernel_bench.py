@@ -11,7 +11,7 @@ Each timing is forward + backward (the gradients training needs), the median of 
 - cosine_ce: the per-task loss of ``--batch`` cached image features against all class features;
 - the attention and loss kernels also with the tiles every GPU used before per-target launch settings
   (``FORMER_*``: 32 x 32 attention tiles, 16-sample loss tiles, 4 warps, 3 stages): "vs former" is their
-  time over the per-target settings' (``softcpt_dist.kernels.launch``);
+  time over the per-target settings' (``softcpt_dist.kernels.launch``), both called without the dispatcher;
 - the text-side step: task prompts -> meta network -> all class prompts through the frozen tower -> loss,
   backward to the learnable tensors, kernels on vs off.
 
@@ -109,12 +109,10 @@ def build(args):
     return backbone, group, method
 
 
-def variants(args, eager, kernel, flex=None, former=None) -> dict:
+def variants(args, eager, kernel, flex=None) -> dict:
     """Timings of one operation's callables (each runs forward + backward)."""
     out = {"eager": timed(eager, args.device, args.warmup, args.repeats),
            "kernel": timed(kernel, args.device, args.warmup, args.repeats)}
-    if former is not None:
-        out["former"] = timed(former, args.device, args.warmup, args.repeats)
     if "compile" not in args.skip:
         compiled = torch.compile(eager)
         out["compile"] = timed(compiled, args.device, max(args.warmup, 1), args.repeats)
@@ -155,13 +153,23 @@ def bench_attention(args, backbone, layout):
             shared_prefix_attention(qkv, layout, heads, enabled).backward(grad)
         return step
 
-    def former():
-        qkv.grad = None
-        triton_shared_prefix_attention(qkv, layout.node_parent, layout.subtree_end, heads,
-                                       launch=FORMER_ATTENTION).backward(grad)
-    former = former if args.device == "cuda" else None
+    plans = {}  # tile plans kept, as the dispatcher keeps the layout's own
+
+    def direct(launch):  # the kernel without the dispatcher, at the given tiles
+        def step():
+            qkv.grad = None
+            triton_shared_prefix_attention(qkv, layout.node_parent, layout.subtree_end, heads, plans,
+                                           launch=launch).backward(grad)
+        return step
+
+    def with_former(out):
+        if args.device == "cuda":
+            out["former"] = timed(direct(FORMER_ATTENTION), args.device, args.warmup, args.repeats)
+            out["direct"] = timed(direct(None), args.device, args.warmup, args.repeats)
+            out["kernel_vs_former"] = out["former"]["median_s"] / out["direct"]["median_s"]
+        return out
     if "flex" in args.skip:
-        return variants(args, run("off"), run("auto"), former=former)
+        return with_former(variants(args, run("off"), run("auto")))
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     end, n = layout.subtree_end, layout.positions
@@ -173,7 +181,7 @@ def bench_attention(args, backbone, layout):
         q, k, v = (t.view(n, heads, -1).transpose(0, 1).unsqueeze(0) for t in qkv.chunk(3, dim=-1))
         out = flex_fn(q, k, v, block_mask=mask)
         out.squeeze(0).transpose(0, 1).reshape(n, width).backward(grad)
-    return variants(args, run("off"), run("auto"), flex_step, former)
+    return with_former(variants(args, run("off"), run("auto"), flex_step))
 
 
 def bench_loss(args, backbone, group):
@@ -196,11 +204,18 @@ def bench_loss(args, backbone, group):
             loss.backward()
         return step
 
-    def former():
-        txt.grad = None
-        fused_cosine_cross_entropy(img, txt, backbone.logit_scale, tasks, targets, class_task,
-                                   launch=former_loss(dim))[0].backward()
-    return variants(args, run("off"), run("auto"), former=former if args.device == "cuda" else None)
+    def direct(launch):  # the fused kernel without the dispatcher's checks, at the given tiles
+        def step():
+            txt.grad = None
+            fused_cosine_cross_entropy(img, txt, backbone.logit_scale, tasks, targets, class_task,
+                                       launch=launch)[0].backward()
+        return step
+    out = variants(args, run("off"), run("auto"))
+    if args.device == "cuda":  # both without the dispatcher's checks: the tiles' difference alone
+        out["former"] = timed(direct(former_loss(dim)), args.device, args.warmup, args.repeats)
+        out["direct"] = timed(direct(None), args.device, args.warmup, args.repeats)
+        out["kernel_vs_former"] = out["former"]["median_s"] / out["direct"]["median_s"]
+    return out
 
 
 def bench_step(args, backbone, group, method, layout):

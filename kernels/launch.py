@@ -9,7 +9,7 @@ per element, and gets fewer, larger tiles. Why each row is what it is (ptxas's n
 - fp32 products are exact (``ieee``: FMA, no tensor cores), so operands and accumulators live in registers:
   at head dim 80-128 (a 128-wide tile) 8 warps share them and both kernels step 16 keys at a time (the
   key kernel with one stage), which keeps them inside the 99 KB of shared memory of sm_86/sm_89 and free of
-  spills; the loss's fp32 tiles use two stages for the same reason;
+  spills;
 - 16-bit products on sm_90 and later take 64-row tiles with whole warpgroups, so that the compiler emits
   warpgroup MMA (``wgmma``) for them; before sm_90 (``mma.sync``) 32-row tiles, as small tiles waste less of
   the shared-prefix layout's masked rows;
@@ -86,7 +86,7 @@ def attention_launch(dtype: torch.dtype, head_dim: int, target: Optional[int]) -
             return AttentionLaunch(Tiles(32, 32, 4), Tiles(32, 32, 4))
         return AttentionLaunch(Tiles(32, 32, 8), Tiles(16, 32, 8, 1))
     if width <= 64:
-        return AttentionLaunch(Tiles(32, 32, 4), Tiles(32, 32, 8, 1))
+        return AttentionLaunch(Tiles(32, 32, 8), Tiles(32, 32, 8, 1))
     if width <= 128:
         return AttentionLaunch(Tiles(32, 16, 8), Tiles(32, 16, 8, 1))
     return AttentionLaunch(Tiles(16, 16, 8, 1), Tiles(16, 16, 8, 1))
@@ -99,7 +99,7 @@ def loss_launch(dtype: torch.dtype, dim: int, target: Optional[int]) -> LossLaun
         return LossLaunch(16, classes)
     if _sixteen_bit(dtype) and target >= WARPGROUP_MMA_FROM:
         return LossLaunch(64, 32)
-    return LossLaunch(16, classes, num_stages=3 if _sixteen_bit(dtype) else 2)
+    return LossLaunch(16, classes)
 
 
 def device_target(device: torch.device) -> Optional[int]:

@@ -112,7 +112,7 @@ def test_attention_on_this_gpu(gpu, dtype, heads, head_dim):
     grad_out = torch.randn(layout.positions, heads * head_dim, device=gpu).to(dtype)
     results = []
     for enabled, cast in (("auto", dtype), ("off", torch.float32)):
-        leaf = qkv.to(cast).requires_grad_(True)
+        leaf = qkv.detach().clone().to(cast).requires_grad_(True)
         out = shared_prefix_attention(leaf, layout, heads, enabled)
         out.backward(grad_out.to(cast))
         results.append((out.detach(), leaf.grad))
@@ -130,7 +130,7 @@ def test_loss_on_this_gpu(gpu, dtype, dim):
     img, txt, scale, tasks, targets, class_task = _batch(n=256, dim=dim, device=gpu, dtype=dtype)
     results = []
     for enabled, cast in (("auto", dtype), ("off", torch.float32)):
-        leaves = [img.to(cast).requires_grad_(True), txt.to(cast).requires_grad_(True), scale.clone().requires_grad_(True)]
+        leaves = [t.detach().clone().to(c).requires_grad_(True) for t, c in ((img, cast), (txt, cast), (scale, scale.dtype))]
         loss, pred = cosine_cross_entropy(*leaves, tasks, targets, class_task, None, enabled)
         loss.backward()
         results.append((loss.detach(), pred, [t.grad for t in leaves]))
