@@ -7,10 +7,11 @@ partitioned parameters only around ``forward()``, can shard the frozen weights.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -36,6 +37,57 @@ def ensure_builtin_configs() -> None:
     names = {p.stem for p in MODEL_CONFIG_DIR.glob("*.json")}
     if not names.issubset(open_clip.list_models()):
         open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+# Where a text tower of each open_clip ``pool_type`` reads its feature (the project reads it at the EOT token).
+_POOLED_AT = {"last": "the last position", "first": "the first position", "none": "every position",
+              "eos": "the first token with id {eos_id}"}
+
+
+def unsupported_reasons(arch: str) -> List[str]:
+    """Why the open_clip architecture ``arch`` cannot be a backbone here, read from its config alone (nothing
+    is built, downloaded or imported: a missing ``transformers`` is a reason, never an ImportError); empty
+    when it can. Prompts are token embeddings of the CLIP BPE tokenizer fed to open_clip's own CLIP text
+    transformer and read at the end-of-text token (docs/real_clip.md lists the families)."""
+    model_cfg = open_clip.get_model_config(arch) or {}
+    text, vision = model_cfg.get("text_cfg", {}), model_cfg.get("vision_cfg", {})
+    reasons = []
+    coca = "multimodal_cfg" in model_cfg or bool(text.get("embed_cls"))
+    if coca:
+        reasons.append("a CoCa model (a captioning model whose text tower appends a CLS embedding and pools there)")
+    if text.get("hf_model_name"):
+        reasons.append(f"a Hugging Face text tower ({text['hf_model_name']}), which needs the `transformers` package "
+                       "and the model's config and tokenizer files, and is not open_clip's CLIP text transformer")
+    else:
+        # open_clip's get_tokenizer: hf_tokenizer_name, else a SigLIP name, means a Hugging Face tokenizer
+        if text.get("hf_tokenizer_name") or "siglip" in arch.lower():
+            name = text.get("hf_tokenizer_name") or "SigLIP's SentencePiece vocabulary"
+            reasons.append(f"a non-CLIP tokenizer ({name}), which needs the `transformers` package and the model's "
+                           "tokenizer files (prompts are built from the CLIP BPE tokenizer's tokens)")
+        pool = text.get("pool_type", "argmax")
+        if pool != "argmax" and not coca:
+            where = _POOLED_AT.get(pool, repr(pool)).format(eos_id=text.get("eos_id", 2))
+            reasons.append(f"text features pooled at {where} (pool_type={pool!r}), not at the end-of-text token")
+    if vision.get("timm_model_name"):
+        reasons += _timm_reasons(vision["timm_model_name"])
+    return reasons
+
+
+def _timm_reasons(name: str) -> List[str]:
+    if importlib.util.find_spec("timm") is None:
+        return [f"a timm image tower ({name}), which needs the `timm` package"]
+    import timm
+    if not timm.is_model(name):
+        return [f"a timm image tower ({name}) that the installed timm {timm.__version__} does not have"]
+    return []
+
+
+def check_architecture(arch: str) -> None:
+    """Refuse, by name and reason, an open_clip architecture that cannot be a backbone (``unsupported_reasons``)."""
+    reasons = unsupported_reasons(arch)
+    if reasons:
+        raise ConfigError(f"model.arch={arch!r} is not supported: {'; '.join(reasons)} "
+                          "(see docs/real_clip.md for the architectures that work)")
 
 
 class ImageEncoder(nn.Module):
@@ -113,12 +165,15 @@ def build_backbone(cfg: ModelConfig, device: Optional[str] = None, text: Optiona
     ``device`` (default ``cfg.device``); ``text`` chooses the text encoding path (default shared prefix),
     ``kernels`` whether its attention and input assembly use the Triton kernels (default auto).
     A ``pretrained`` name with a registered weights resolver (``softcpt_dist.plugins.WEIGHTS``) is resolved
-    first: ``micro`` pre-trains the micro CLIP of ``cfg.micro`` unless it is cached."""
+    first: ``micro`` pre-trains the micro CLIP of ``cfg.micro`` unless it is cached. An architecture whose
+    text side the project cannot prompt (CoCa, SigLIP, Hugging Face text towers, ...) is refused by name and
+    reason before anything is built (``check_architecture``)."""
     validate_section(cfg, "model")
     ensure_builtin_configs()
     if cfg.arch not in open_clip.list_models():
         raise ConfigError(f"model.arch={cfg.arch!r} is not an open_clip architecture; "
                           f"e.g. RN50, ViT-B-16, ViT-L-14, softcpt-tiny (see open_clip.list_models())")
+    check_architecture(cfg.arch)  # before any weights are resolved, downloaded or read
     resolve = lookup(WEIGHTS, cfg.pretrained) if cfg.pretrained else None
     if resolve is not None:
         # Weights made for the architecture's own activation: an ordinary local weights file from now on.

@@ -38,6 +38,10 @@ def text_tower(model: nn.Module) -> nn.Module:
         )
     if getattr(tower, "cls_emb", None) is not None:
         raise ConfigError("text towers with an appended CLS embedding (CoCa) are not supported")
+    pool = getattr(tower, "pool_type", None) or getattr(tower, "text_pool_type", "argmax")  # CustomTextCLIP / CLIP
+    if pool != "argmax":
+        raise ConfigError(f"text towers pooled by pool_type={pool!r} are not supported: prompt features are read "
+                          "at the end-of-text token (pool_type='argmax')")
     return tower
 
 
