@@ -12,6 +12,7 @@ Each timing is forward + backward (the gradients training needs), the median of 
 - the attention and loss kernels also with the tiles every GPU used before per-target launch settings
   (``FORMER_*``: 32 x 32 attention tiles, 16-sample loss tiles, 4 warps, 3 stages): "vs former" is their
   time over the per-target settings' (``softcpt_dist.kernels.launch``), both called without the dispatcher;
+  16-bit attention on sm_90+ also with the 64-row warpgroup-MMA tiles (``warpgroup=True``);
 - the text-side step: task prompts -> meta network -> all class prompts through the frozen tower -> loss,
   backward to the learnable tensors, kernels on vs off.
 
@@ -45,7 +46,8 @@ import torch  # noqa: E402
 from group_shapes import GROUPS  # noqa: E402
 from softcpt_dist.config import MethodConfig, PromptConfig  # noqa: E402
 from softcpt_dist.kernels.cosine_ce import fused_cosine_cross_entropy  # noqa: E402
-from softcpt_dist.kernels.launch import AttentionLaunch, LossLaunch, Tiles  # noqa: E402
+from softcpt_dist.kernels.launch import (AttentionLaunch, LossLaunch, Tiles, WARPGROUP_MMA_FROM,  # noqa: E402
+                                        attention_launch, device_target)
 from softcpt_dist.kernels.shared_prefix_attention import triton_shared_prefix_attention  # noqa: E402
 from softcpt_dist.model.loss import cosine_cross_entropy  # noqa: E402  (the kernels' dispatchers: model side)
 from softcpt_dist.model.prompt_layout import prompt_assembly  # noqa: E402
@@ -167,6 +169,11 @@ def bench_attention(args, backbone, layout):
             out["former"] = timed(direct(FORMER_ATTENTION), args.device, args.warmup, args.repeats)
             out["direct"] = timed(direct(None), args.device, args.warmup, args.repeats)
             out["kernel_vs_former"] = out["former"]["median_s"] / out["direct"]["median_s"]
+            target = device_target(qkv.device)
+            if qkv.dtype != torch.float32 and target >= WARPGROUP_MMA_FROM:
+                wide = attention_launch(qkv.dtype, width // heads, target, warpgroup=True)
+                out["warpgroup"] = timed(direct(wide), args.device, args.warmup, args.repeats)
+                out["kernel_vs_warpgroup"] = out["warpgroup"]["median_s"] / out["direct"]["median_s"]
         return out
     if "flex" in args.skip:
         return with_former(variants(args, run("off"), run("auto")))
@@ -252,15 +259,15 @@ def bench_step(args, backbone, group, method, layout):
 def markdown(report: dict) -> str:
     lines = [f"# Kernel check: {report['device']}", "", f"{report['setup']}", "",
              "| operation | eager ms | torch.compile ms | FlexAttention ms | kernel ms | vs eager | vs compile "
-             "| former tiles ms | vs former |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| former tiles ms | vs former | warpgroup tiles ms | vs warpgroup |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ms = lambda r, k: f"{r[k]['median_s'] * 1e3:.3f}" if k in r else "—"  # noqa: E731
     ratio = lambda r, k: f"{r[k]:.2f}×" if k in r else "—"  # noqa: E731
     for name in ("prompt_assembly", "shared_prefix_attention", "cosine_ce"):
         r = report[name]
         lines.append(f"| {name} | {ms(r, 'eager')} | {ms(r, 'compile')} | {ms(r, 'flex')} | {ms(r, 'kernel')} | "
                      f"{ratio(r, 'kernel_vs_eager')} | {ratio(r, 'kernel_vs_compile')} | {ms(r, 'former')} | "
-                     f"{ratio(r, 'kernel_vs_former')} |")
+                     f"{ratio(r, 'kernel_vs_former')} | {ms(r, 'warpgroup')} | {ratio(r, 'kernel_vs_warpgroup')} |")
     s = report["text_step"]
     lines += ["", "| text-side step | ms | class prompts/s | positions/s | TFLOP/s | MFU |",
               "|---|---:|---:|---:|---:|---:|"]

@@ -5,9 +5,10 @@ dispatchers make (same arguments, dtypes, alignment specialization, constexprs, 
 ``launch.py`` gives them) is compiled by Triton for a target (``GPUTarget("cuda", capability, 32)``) through
 the ``ptxas`` its wheel bundles, and ptxas's own report is read: registers, spill stores and loads, and
 Triton's shared memory. A launch fails the check on a compile error, on shared memory over the target's
-per-block limit, or on spills over ``SPILL_BOUND`` (none for 16-bit launches). The compiled PTX also
-shows which matrix instructions the dots became (``wgmma``: Hopper's warpgroup MMA, ``mma``: ``mma.sync``,
-``fma``: fp32 products, exact).
+per-block limit, on spills over ``SPILL_BOUND`` (none for 16-bit launches), or, for 64-row 16-bit tiles on
+sm_90, on products that did not become warpgroup MMA. The compiled PTX shows which matrix instructions the
+dots became (``wgmma``: Hopper's warpgroup MMA, ``mma``: ``mma.sync``, ``fma``: fp32 products, exact). The
+attention's optional warpgroup tiles (``attention_launch(..., warpgroup=True)``) are compiled too.
 
 The shapes are the open_clip text towers' (``TOWERS``; a test checks them against open_clip's configs) plus
 head dims 80 and 128. ``softcpt-dist kernels check`` runs it; ``bounding=True`` keeps the launches that
@@ -30,7 +31,7 @@ import torch
 
 from softcpt_dist.kernels import cosine_ce, prompt_assembly, shared_prefix_attention
 from softcpt_dist.kernels._triton import block, dot_precision, triton
-from softcpt_dist.kernels.launch import SHARED_MEMORY_LIMIT, attention_launch, loss_launch
+from softcpt_dist.kernels.launch import SHARED_MEMORY_LIMIT, WARPGROUP_MMA_FROM, attention_launch, loss_launch
 
 # open_clip text towers: (width, heads, embedding dim).
 TOWERS: Dict[str, Tuple[int, int, int]] = {
@@ -58,7 +59,7 @@ class Launch:
     args: list  # ("tensor", shape, dtype name) or a Python number
     constexprs: dict
     options: dict
-    sixteen_bit_dots: bool  # products in 16-bit (tensor cores), where warpgroup MMA is expected on sm_90+
+    expect_wgmma: bool  # 16-bit products in 64-row tiles: warpgroup MMA expected on sm_90
 
     def key(self) -> tuple:
         return (self.kernel, repr(self.args_spec()), tuple(sorted(self.constexprs.items())),
@@ -107,28 +108,34 @@ def _tiles_text(options: dict, **blocks) -> str:
     return f"{sizes}, {options['num_warps']}w/{options['num_stages']}s"
 
 
-def attention_launches(dtype_name: str, head_dim: int, width: int, heads: int, shape: str, target: int) -> List[Launch]:
+def attention_launches(dtype_name: str, head_dim: int, width: int, heads: int, shape: str, target: int,
+                       warpgroup: bool = False) -> List[Launch]:
+    """The forward, dQ and dK/dV launches; ``warpgroup``: the 64-row warpgroup tiles (``attention_launch``)."""
     dtype = DTYPES[dtype_name]
-    launch = attention_launch(dtype, head_dim, target)
+    launch = attention_launch(dtype, head_dim, target, warpgroup)
     three = 3 * width
     qkv, out, lse, i64 = _t((NODES, three), dtype), _t((NODES, width), dtype), _t((heads, NODES), torch.float32), \
         _t((NODES,), torch.int64)
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=block(head_dim), PRECISION=dot_precision(dtype))
     query, key = launch.query, launch.key
-    sixteen = dtype != torch.float32
+    wide = dtype != torch.float32 and launch.query.rows >= 64
+    suffix = ", warpgroup tiles" if warpgroup else ""
     qmeta = dict(meta, BLOCK_M=query.rows, BLOCK_N=query.cols)
     kmeta = dict(meta, BLOCK_M=key.rows, BLOCK_N=key.cols)
     fn_q, fn_k = shared_prefix_attention._query_tile, shared_prefix_attention._key_tile
     common = [NODES, width, three, width, 1.0 / head_dim ** 0.5]
     return [
-        Launch(_name(fn_q), "forward", dtype_name, shape, _tiles_text(query.options(), m=query.rows, n=query.cols),
+        Launch(_name(fn_q), "forward" + suffix, dtype_name, shape,
+               _tiles_text(query.options(), m=query.rows, n=query.cols),
                [qkv, out, lse, out, lse, qkv, i64, i64, i64, *common], dict(qmeta, BACKWARD=False),
-               query.options(), sixteen),
-        Launch(_name(fn_q), "backward dQ", dtype_name, shape, _tiles_text(query.options(), m=query.rows, n=query.cols),
+               query.options(), wide),
+        Launch(_name(fn_q), "backward dQ" + suffix, dtype_name, shape,
+               _tiles_text(query.options(), m=query.rows, n=query.cols),
                [qkv, out, lse, out, lse, qkv, i64, i64, i64, *common], dict(qmeta, BACKWARD=True),
-               query.options(), sixteen),
-        Launch(_name(fn_k), "backward dK dV", dtype_name, shape, _tiles_text(key.options(), m=key.rows, n=key.cols),
-               [qkv, out, lse, lse, qkv, i64, *common], kmeta, key.options(), sixteen),
+               query.options(), wide),
+        Launch(_name(fn_k), "backward dK dV" + suffix, dtype_name, shape,
+               _tiles_text(key.options(), m=key.rows, n=key.cols),
+               [qkv, out, lse, lse, qkv, i64, *common], kmeta, key.options(), wide and key.cols >= 64),
     ]
 
 
@@ -144,20 +151,20 @@ def loss_launches(dtype_name: str, dim: int, shape: str, target: int) -> List[La
     sample_args = [img, txt, i64, i64, i64, i64, f32, scale, f32, f32, i64, f32, img, SAMPLES, dim, dim, dim]
     class_args = [img, txt, i64, i64, i64, c64, c64, i64, f32, scale, f32, f32, txt, c32, SAMPLES, CLASSES, dim, dim,
                   dim]
-    sixteen = dtype != torch.float32
+    wide = dtype != torch.float32 and launch.samples >= 64
     out = []
     for weight in (False, True):
         suffix = ", task weights" if weight else ""
         out += [
             Launch(sample, "forward" + suffix, dtype_name, shape, tiles, sample_args,
-                   dict(meta, HAS_TARGET=True, HAS_WEIGHT=weight, BACKWARD=False), launch.options(), sixteen),
+                   dict(meta, HAS_TARGET=True, HAS_WEIGHT=weight, BACKWARD=False), launch.options(), wide),
             Launch(sample, "backward images" + suffix, dtype_name, shape, tiles, sample_args,
-                   dict(meta, HAS_TARGET=True, HAS_WEIGHT=weight, BACKWARD=True), launch.options(), sixteen),
+                   dict(meta, HAS_TARGET=True, HAS_WEIGHT=weight, BACKWARD=True), launch.options(), wide),
             Launch(_name(cosine_ce._class_tile), "backward classes" + suffix, dtype_name, shape, tiles, class_args,
-                   dict(meta, HAS_WEIGHT=weight), launch.options(), sixteen),
+                   dict(meta, HAS_WEIGHT=weight), launch.options(), wide),
         ]
     out.append(Launch(sample, "predict", dtype_name, shape, tiles, sample_args,
-                      dict(meta, HAS_TARGET=False, HAS_WEIGHT=False, BACKWARD=False), launch.options(), sixteen))
+                      dict(meta, HAS_TARGET=False, HAS_WEIGHT=False, BACKWARD=False), launch.options(), wide))
     return out
 
 
@@ -199,6 +206,8 @@ def launches_for(target: int, dtypes: Sequence[str] = tuple(DTYPES), bounding: b
         candidates = []
         for head_dim, width, heads, name in attention:
             candidates += attention_launches(dtype_name, head_dim, width, heads, name, target)
+            if dtype_name != "fp32" and target >= WARPGROUP_MMA_FROM:
+                candidates += attention_launches(dtype_name, head_dim, width, heads, name, target, warpgroup=True)
         for name, (width, heads, embed) in towers.items():
             candidates += loss_launches(dtype_name, embed, name, target)
             if not bounding or name == "ViT-bigG-14":
@@ -281,8 +290,8 @@ def problems(result: Result, launch: Launch) -> List[str]:
     bound = SPILL_BOUND[launch.dtype]
     if result.spill_stores > bound:
         found.append(f"{result.spill_stores} B of spill stores > the {launch.dtype} bound of {bound} B")
-    if launch.sixteen_bit_dots and result.target == 90 and _has_dot(launch) and result.mma != "wgmma":
-        found.append(f"16-bit products on sm_90 compiled to {result.mma or 'no MMA'}, not warpgroup MMA")
+    if launch.expect_wgmma and result.target == 90 and result.mma != "wgmma":
+        found.append(f"64-row 16-bit tiles on sm_90 compiled to {result.mma or 'no MMA'}, not warpgroup MMA")
     return found
 
 

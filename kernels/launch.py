@@ -10,10 +10,13 @@ per element, and gets fewer, larger tiles. Why each row is what it is (ptxas's n
   at head dim 80-128 (a 128-wide tile) 8 warps share them and both kernels step 16 keys at a time (the
   key kernel with one stage), which keeps them inside the 99 KB of shared memory of sm_86/sm_89 and free of
   spills;
-- 16-bit products on sm_90 and later take 64-row tiles with whole warpgroups, so that the compiler emits
-  warpgroup MMA (``wgmma``) for them; before sm_90 (``mma.sync``) 32-row tiles, as small tiles waste less of
-  the shared-prefix layout's masked rows;
-- the loss's 16-bit sample tiles are 64 rows on sm_90+ for the same reason (its dlogit products stay fp32).
+- 16-bit attention takes 32-row tiles (``mma.sync``) on every target: a tile of consecutive layout nodes is
+  mostly other classes' suffixes, masked, and a larger tile carries more of them. ``warpgroup=True`` gives
+  sm_90 and later 64-row tiles with whole warpgroups, for which the compiler emits warpgroup MMA (``wgmma``);
+  on an H200 at the ViT-L-14 General-10 shape (bf16) they were the slower (docs/results.md), so they are
+  not the default;
+- the loss's 16-bit sample tiles are 64 rows on sm_90+, with warpgroup MMA for the logits (its rows are
+  samples, none masked; its dlogit products stay fp32).
 """
 
 from __future__ import annotations
@@ -70,12 +73,14 @@ def _sixteen_bit(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
 
 
-def attention_launch(dtype: torch.dtype, head_dim: int, target: Optional[int]) -> AttentionLaunch:
-    """The shared-prefix attention's tiles for ``dtype`` qkv of ``head_dim`` on ``target``."""
+def attention_launch(dtype: torch.dtype, head_dim: int, target: Optional[int],
+                     warpgroup: bool = False) -> AttentionLaunch:
+    """The shared-prefix attention's tiles for ``dtype`` qkv of ``head_dim`` on ``target``; ``warpgroup``:
+    64-row warpgroup-MMA tiles for 16-bit qkv on sm_90 and later (elsewhere ignored)."""
     width = block(head_dim)
     if target is None:
         return AttentionLaunch(Tiles(64, 64), Tiles(64, 64))
-    if _sixteen_bit(dtype) and target >= WARPGROUP_MMA_FROM:
+    if _sixteen_bit(dtype) and warpgroup and target >= WARPGROUP_MMA_FROM:
         if width <= 64:
             return AttentionLaunch(Tiles(64, 64, 4), Tiles(64, 64, 4))
         if width <= 128:

@@ -2,7 +2,8 @@
 under the interpreter against the torch reference, within the bounds of the other kernel tests (1e-5).
 
 The interpreter's own tiles are covered by the other kernel tests; here the tile shapes that sm_80 ... sm_100
-get for fp32, bf16 and fp16 (warps and stages do not change the arithmetic) run on the odd shapes those
+get for fp32, bf16 and fp16, the attention's warpgroup tiles included (warps and stages do not change the
+arithmetic) run on the odd shapes those
 tests use: prefixes of 0, 1 and 17 positions, suffixes of 1 to 60 tokens, tasks of 1 and 397 classes, an
 embedding dimension that is no multiple of the chunk. On a GPU (``benchmarks/gpu_check.sh``) the
 dispatchers' own launches run in fp32, fp16 and bf16 against the fp32 torch path.
@@ -25,20 +26,21 @@ from test_cosine_ce import SIZES, _batch
 from test_shared_prefix_attention import BF16_BOUND, FP32_BOUND, _layout
 
 
-def _distinct(make):
+def _distinct(make, options=(False,)):
     """``{tiles: [targets and dtypes that launch them]}`` (tiles as the kernels see them: no warps/stages)."""
     found = {}
     for target in TARGETS:
         for name, dtype in DTYPES.items():
-            found.setdefault(make(dtype, target), []).append(f"sm_{target} {name}")
+            for option in options:
+                found.setdefault(make(dtype, target, option), []).append(f"sm_{target} {name}")
     return found
 
 
 def _attention_tiles(head_dim):
-    def shape(dtype, target):
-        launch = attention_launch(dtype, head_dim, target)
+    def shape(dtype, target, warpgroup):
+        launch = attention_launch(dtype, head_dim, target, warpgroup)
         return (launch.query.rows, launch.query.cols), (launch.key.rows, launch.key.cols)
-    return _distinct(shape)
+    return _distinct(shape, (False, True))
 
 
 ATTENTION_CASES = [(heads, head_dim, tiles) for heads, head_dim in ((12, 64), (3, 80), (2, 128))
@@ -68,7 +70,7 @@ def test_attention_gpu_tiles_match_torch(interpreter, heads, head_dim, tiles):
 
 
 def _loss_tiles(dim):
-    return _distinct(lambda dtype, target: (lambda l: (l.samples, l.classes, l.chunk))(loss_launch(dtype, dim, target)))
+    return _distinct(lambda dtype, target, _: (lambda l: (l.samples, l.classes, l.chunk))(loss_launch(dtype, dim, target)))
 
 
 LOSS_CASES = [(dim, tiles) for dim in (512, 768) for tiles in _loss_tiles(dim)]
