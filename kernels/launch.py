@@ -87,8 +87,10 @@ def attention_launch(dtype: torch.dtype, head_dim: int, target: Optional[int],
             return AttentionLaunch(Tiles(64, 64, 8), Tiles(32, 64, 8))
         return AttentionLaunch(Tiles(32, 32, 8), Tiles(16, 32, 8, 1))
     if _sixteen_bit(dtype):
-        if width <= 128:
+        if width <= 64:
             return AttentionLaunch(Tiles(32, 32, 4), Tiles(32, 32, 4))
+        if width <= 128:  # two stages: with three the query kernel spills a few bytes on sm_90/sm_100
+            return AttentionLaunch(Tiles(32, 32, 4, 2), Tiles(32, 32, 4))
         return AttentionLaunch(Tiles(32, 32, 8), Tiles(16, 32, 8, 1))
     if width <= 64:
         return AttentionLaunch(Tiles(32, 32, 8), Tiles(32, 32, 8, 1))
