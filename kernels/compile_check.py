@@ -300,23 +300,24 @@ def _compile_in_worker(job):
     return compile_launch(launch, target)
 
 
+def _set_env(name: str, value: Optional[str]) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 @contextlib.contextmanager
 def _environment(**values: Optional[str]):
     """Environment variables set (``None``: removed) for the processes started inside."""
     saved = {name: os.environ.get(name) for name in values}
     try:
         for name, value in values.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+            _set_env(name, value)
         yield
     finally:
         for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+            _set_env(name, value)
 
 
 def known_targets(targets: Sequence[int]) -> Tuple[List[int], List[int]]:
