@@ -18,7 +18,12 @@ class ModelConfig:
     # open_clip pretrained tag (e.g. "openai"), a local weights file, micro (the micro CLIP, pre-trained here on
     # first use: model.micro), or null for random init.
     pretrained: Optional[str] = None
-    precision: str = one_of("fp32", "bf16", "fp16")  # frozen CLIP weights; learnable tensors stay fp32
+    # fp32 | bf16 | fp16: the frozen CLIP's weights and compute; learnable tensors, logits and loss stay fp32.
+    # official_fp16: the official code's PREC=fp16 (its scripts' default): CLIP converted as OpenAI's (fp16
+    # linear, convolution and attention weights, layer norms computed in fp32), learnable contexts fp16 and
+    # updated in fp16 (no fp32 copy), the meta network's fp32 weight applied in fp16, logits and loss in fp16;
+    # method.name=softcpt or coop, engine.zero_stage=0.
+    precision: str = one_of("fp32", "bf16", "fp16", "official_fp16")
     device: str = "cpu"  # several ranks on CUDA: each uses cuda:<local rank>
     cache_dir: Optional[str] = None  # where open_clip looks for / stores tagged weights
     # null: QuickGELU when loading OpenAI's original checkpoints, else the architecture's default.

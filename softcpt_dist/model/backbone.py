@@ -28,7 +28,8 @@ from softcpt_dist.plugins import WEIGHTS, lookup
 logger = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # model.precision's choices
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # model.precision's plain choices
+OFFICIAL_FP16 = "official_fp16"  # model.precision: the official code's PREC=fp16
 
 
 def ensure_builtin_configs() -> None:
@@ -98,8 +99,17 @@ class ImageEncoder(nn.Module):
         self.visual = visual
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        param = next(self.visual.parameters())
-        return self.visual(images.to(device=param.device, dtype=param.dtype))
+        weight = compute_weight(self.visual)
+        return self.visual(images.to(device=weight.device, dtype=weight.dtype))
+
+
+def compute_weight(module: nn.Module) -> torch.Tensor:
+    """The first convolution or linear weight of ``module``: its dtype is the tower's compute dtype, also in
+    an OpenAI-style fp16 conversion, which keeps embeddings and layer norms in fp32."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Conv2d, nn.Linear)):
+            return sub.weight
+    return next(module.parameters())
 
 
 class CLIPBackbone(nn.Module):
@@ -127,6 +137,8 @@ class CLIPBackbone(nn.Module):
             logit_scale = model.logit_scale.detach().float().reshape(()).clone()
         self.register_buffer("logit_scale", logit_scale.to(model.logit_scale.device))
         self.preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
+        # model.precision=official_fp16: the methods keep their contexts, and the loss its logits, in fp16
+        self.official_fp16 = False
         self.requires_grad_(False)
         self.eval()
 
@@ -180,7 +192,8 @@ def build_backbone(cfg: ModelConfig, device: Optional[str] = None, text: Optiona
         cfg = replace(cfg, pretrained=str(resolve(cfg.arch, cfg)), quick_gelu=bool(cfg.quick_gelu))
     pretrained = cfg.pretrained
     path, state, fmt = local_weights(pretrained)
-    kwargs = dict(precision="fp32", device="cpu", force_quick_gelu=_quick_gelu(cfg, path, fmt),
+    official = cfg.precision == OFFICIAL_FP16  # converted by open_clip as OpenAI's fp16 CLIP
+    kwargs = dict(precision="fp16" if official else "fp32", device="cpu", force_quick_gelu=_quick_gelu(cfg, path, fmt),
                   nonscalar_logit_scale=True, cache_dir=cfg.cache_dir)
     if pretrained and path is None:
         model = _create_tagged(cfg.arch, pretrained, kwargs)
@@ -195,11 +208,16 @@ def build_backbone(cfg: ModelConfig, device: Optional[str] = None, text: Optiona
                            "beyond testing the pipeline.", cfg.arch)
             logger.warning("!" * 72)
     logit_scale = model.logit_scale.detach().float().reshape(()).clone()  # before any low-precision cast
-    model = model.to(device=device or cfg.device, dtype=_DTYPES[cfg.precision])
+    if official:
+        model = model.to(device=device or cfg.device)
+    else:
+        model = model.to(device=device or cfg.device, dtype=_DTYPES[cfg.precision])
     tokenizer = open_clip.get_tokenizer(cfg.arch)
     text, kernels = text or TextConfig(), kernels or KernelsConfig()
-    return CLIPBackbone(model, tokenizer, cfg.arch, pretrained, logit_scale, text.path, text.batch_invariant,
-                        kernels.enabled)
+    backbone = CLIPBackbone(model, tokenizer, cfg.arch, pretrained, logit_scale, text.path, text.batch_invariant,
+                            kernels.enabled)
+    backbone.official_fp16 = official
+    return backbone
 
 
 def _quick_gelu(cfg: ModelConfig, path: Optional[Path], fmt: Optional[str]) -> bool:

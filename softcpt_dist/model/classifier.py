@@ -114,11 +114,12 @@ class PromptClassifier(nn.Module):
                 training = targets is not None and targets.targets is not None
                 logits = self.method.scores(image_features, class_features, scale, synchronized=training)
                 return self._from_logits(logits, class_features, class_index, targets)
+        dtype = self.logits_dtype
         if targets is None:
-            return cosine_logits(image_features, class_features, scale)
+            return cosine_logits(image_features, class_features, scale, dtype)
         if targets.targets is None:
             return TaskScores(None, within_task_predict(image_features, class_features, scale, targets.tasks,
-                                                        targets.class_task, self.kernels))
+                                                        targets.class_task, self.kernels, dtype))
         with self.timer("loss"):
             if self.projects_gradient:
                 logits = cosine_logits(image_features, class_features, scale)
@@ -126,7 +127,7 @@ class PromptClassifier(nn.Module):
                 return self._from_logits(logits, class_features, class_index, targets)
             loss, predictions = cosine_cross_entropy(image_features, class_features, scale, targets.tasks,
                                                      targets.targets, targets.class_task, targets.task_weights,
-                                                     self.kernels)
+                                                     self.kernels, dtype)
             extra = self.method.loss_term(class_features, class_index)
             return TaskScores(loss if extra is None else loss + extra, predictions)
 
@@ -155,6 +156,11 @@ class PromptClassifier(nn.Module):
                                        targets.task_weights)
         extra = self.method.loss_term(class_features, class_index)
         return TaskScores(loss if extra is None else loss + extra, predictions)
+
+    @property
+    def logits_dtype(self) -> torch.dtype:
+        """fp16 in ``model.precision=official_fp16`` (the official code's logits and loss), else fp32."""
+        return torch.float16 if self.backbone.official_fp16 else torch.float32
 
     def learnable_parameters(self) -> Dict[str, nn.Parameter]:
         return self.method.learnable_parameters()

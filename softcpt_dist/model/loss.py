@@ -35,11 +35,12 @@ class TaskScores(NamedTuple):
 
 
 def cosine_logits(image_features: torch.Tensor, class_features: torch.Tensor,
-                  logit_scale: torch.Tensor) -> torch.Tensor:
-    """``exp(logit_scale) * cos(image, class)``, ``[B, C]`` in fp32."""
-    img = F.normalize(image_features.float(), dim=-1)
-    txt = F.normalize(class_features.float(), dim=-1)
-    return logit_scale.float().exp() * rowwise(lambda rows: rows @ txt.t(), img)
+                  logit_scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``exp(logit_scale) * cos(image, class)``, ``[B, C]`` in ``dtype`` (fp32; fp16 in
+    ``model.precision=official_fp16``, where the scale stays fp32 as the official code's)."""
+    img = F.normalize(image_features.to(dtype), dim=-1)
+    txt = F.normalize(class_features.to(dtype), dim=-1)
+    return (logit_scale.float().exp() * rowwise(lambda rows: rows @ txt.t(), img)).to(dtype)
 
 
 def within_task_mask(tasks: torch.Tensor, class_task: torch.Tensor) -> torch.Tensor:
@@ -59,14 +60,15 @@ def multitask_cross_entropy(logits: torch.Tensor, tasks: torch.Tensor, targets: 
     logits ``[B, C]`` over columns whose tasks are ``class_task`` ``[C]``; ``targets`` ``[B]`` are
     column indices (each inside its sample's task); ``task_weights`` ``[T]`` optionally scales
     each task's terms. Columns of other tasks are masked out of each sample's softmax, which is
-    exactly a softmax over the sample's own task.
+    exactly a softmax over the sample's own task. fp16 logits (``model.precision=official_fp16``) give an
+    fp16 loss, as the official code's; others are taken in fp32.
     """
     if logits.shape[0] == 0:
         raise ValueError("empty batch")
     own = within_task_mask(tasks, class_task)
     if not bool(own.gather(1, targets.unsqueeze(1)).all()):
         raise ValueError("a target column does not belong to its sample's task")
-    masked = logits.float().masked_fill(~own, float("-inf"))
+    masked = (logits if logits.dtype == torch.float16 else logits.float()).masked_fill(~own, float("-inf"))
     per_sample = F.cross_entropy(masked, targets, reduction="none")
     if task_weights is not None:
         per_sample = per_sample * task_weights.to(per_sample.device)[tasks]
@@ -76,24 +78,28 @@ def multitask_cross_entropy(logits: torch.Tensor, tasks: torch.Tensor, targets: 
 def cosine_cross_entropy(image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: torch.Tensor,
                          tasks: torch.Tensor, targets: torch.Tensor, class_task: torch.Tensor,
                          task_weights: Optional[torch.Tensor] = None,
-                         enabled: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+                         enabled: str = "auto", dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dispatcher: ``(loss, predictions)``: ``multitask_cross_entropy`` of ``cosine_logits`` and each sample's
     within-task argmax column; fused (no batch x classes matrix) where ``kernels.enabled`` and the tensors
-    allow, else the PyTorch path."""
+    allow, else the PyTorch path; ``dtype``: of the logits and loss (fp16: always the PyTorch path, whose
+    rounding is the official code's)."""
     if image_features.shape[0] == 0:
         raise ValueError("empty batch")
-    if fused_applies(enabled, image_features, class_features, logit_scale, tasks, class_task, targets):
+    if dtype == torch.float32 and fused_applies(enabled, image_features, class_features, logit_scale, tasks,
+                                                class_task, targets):
         return fused_cosine_cross_entropy(image_features, class_features, logit_scale, tasks, targets, class_task,
                                           task_weights)
-    logits = cosine_logits(image_features, class_features, logit_scale)
+    logits = cosine_logits(image_features, class_features, logit_scale, dtype)
     loss = multitask_cross_entropy(logits, tasks, targets, class_task, task_weights)
     with torch.no_grad():
         return loss, within_task_argmax(logits, tasks, class_task)
 
 
 def within_task_predict(image_features: torch.Tensor, class_features: torch.Tensor, logit_scale: torch.Tensor,
-                        tasks: torch.Tensor, class_task: torch.Tensor, enabled: str = "auto") -> torch.Tensor:
+                        tasks: torch.Tensor, class_task: torch.Tensor, enabled: str = "auto",
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dispatcher, evaluation entry: each sample's predicted column among its own task's columns."""
-    if fused_applies(enabled, image_features, class_features, logit_scale, tasks, class_task):
+    if dtype == torch.float32 and fused_applies(enabled, image_features, class_features, logit_scale, tasks,
+                                                class_task):
         return fused_within_task_predict(image_features, class_features, logit_scale, tasks, class_task)
-    return within_task_argmax(cosine_logits(image_features, class_features, logit_scale), tasks, class_task)
+    return within_task_argmax(cosine_logits(image_features, class_features, logit_scale, dtype), tasks, class_task)

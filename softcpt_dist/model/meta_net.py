@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from softcpt_dist.config import ConfigError, PromptConfig
 
@@ -48,10 +49,11 @@ def check_default_phrase(method: str, phrase: str, prompt: PromptConfig) -> None
 
 
 def initial_context(backbone, words: Optional[str], n_groups: int, n_ctx: int, std: float, key: str) -> nn.Parameter:
-    """A learnable context from ``words`` (``word_context``) or, without them, N(0, std)."""
-    if words:
-        return word_context(backbone, words, n_groups, n_ctx, key)
-    return context_vectors(n_groups, n_ctx, backbone.ctx_dim, std)
+    """A learnable context from ``words`` (``word_context``) or, without them, N(0, std); fp16 in
+    ``model.precision=official_fp16`` (the official code creates its contexts in CLIP's dtype)."""
+    ctx = word_context(backbone, words, n_groups, n_ctx, key) if words else \
+        context_vectors(n_groups, n_ctx, backbone.ctx_dim, std)
+    return nn.Parameter(ctx.detach().half()) if getattr(backbone, "official_fp16", False) else ctx
 
 
 class MetaNet(nn.Module):
@@ -78,5 +80,10 @@ class MetaNet(nn.Module):
             raise ValueError(f"unknown meta network kind {kind!r} (lin | mlp)")
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        weight_dtype = next(self.parameters()).dtype
-        return rowwise(self.net, features.to(weight_dtype)).view(features.shape[0], self.n_ctx, self.ctx_dim)
+        if features.dtype == torch.float16 and self.kind == "lin":  # model.precision=official_fp16
+            # the official PromptGen: x @ proj.type(x.dtype), the fp32 weight applied in fp16
+            weight = self.net.weight.to(torch.float16)
+            out = rowwise(lambda rows: F.linear(rows, weight), features)
+        else:
+            out = rowwise(self.net, features.to(next(self.parameters()).dtype))
+        return out.view(features.shape[0], self.n_ctx, self.ctx_dim)

@@ -126,7 +126,8 @@ class TextEncoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.positional_embedding.dtype
+        """The blocks' compute dtype (an OpenAI-style fp16 conversion keeps the embeddings in fp32)."""
+        return self.blocks[0].attn.in_proj_weight.dtype if len(self.blocks) else self.positional_embedding.dtype
 
     def forward(self, prompts: Union[PromptBatch, torch.Tensor],
                 eot_positions: Optional[torch.Tensor] = None) -> torch.Tensor:

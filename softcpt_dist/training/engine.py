@@ -6,7 +6,9 @@ partitioned across ranks and gathered inside each submodule's ``forward()``. The
 a single process without any launcher (a private one-process group), so there is one code path.
 
 Precision: the frozen CLIP runs in ``model.precision``; learnable tensors, gradients and optimizer
-state stay fp32 (DeepSpeed's own bf16/fp16 sections can still be passed through ``engine.deepspeed``).
+state stay fp32 (DeepSpeed's own bf16/fp16 sections can still be passed through ``engine.deepspeed``),
+except in ``model.precision=official_fp16``, where the contexts, their gradients and their optimizer state
+are fp16, updated in place on ZeRO-0, as the official code does.
 """
 
 from __future__ import annotations
@@ -193,6 +195,12 @@ class TrainEngine:
         # carries: every file it reads goes through our weights-only reader instead.
         self.engine.checkpoint_engine.load = self._read_file
         self.zero3 = ecfg.zero_stage == 3
+        # fp16 learnable tensors (model.precision=official_fp16, ZeRO-0): their gradients are averaged over
+        # ranks here, as DeepSpeed's own reduction would (sum, then 1/world), which on CPUs without oneDNN
+        # fp16 refuses fp16 gradients.
+        self.reduces_fp16 = any(p.dtype == torch.float16 for p in model.learnable_parameters().values())
+        if self.reduces_fp16:
+            self.engine.enable_backward_allreduce = False
 
     @staticmethod
     def state_classes() -> list:
@@ -212,6 +220,10 @@ class TrainEngine:
         if self.guide is not None:  # the guide loss's gradient first, on the graph the main backward frees
             self.guide.accumulate(self.model.guide_loss)
         self.engine.backward(loss)
+        if self.reduces_fp16 and self.engine.is_gradient_accumulation_boundary() and D.world_size() > 1:
+            for p in self.model.learnable_parameters().values():
+                if p.grad is not None:
+                    p.grad.copy_(D.all_reduce(p.grad)).mul_(1.0 / D.world_size())
 
     def step(self) -> None:
         """Optimizer step at an accumulation boundary (``k`` steps under official stepping); a projecting

@@ -311,3 +311,18 @@ def test_slurm_warning_signal_saves_and_exits_75(small_data_root, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out
     assert "stop signal received" in out
+
+
+def test_official_fp16_trains_on_two_ranks_as_on_one(small_data_root, tmp_path):
+    """``model.precision=official_fp16``: the engine averages the fp16 context gradients over ranks itself
+    (DeepSpeed's reduction refuses fp16 on CPUs without oneDNN fp16). Two ranks train as one within fp16
+    rounding: losses within 1e-2 relative, the fp16 contexts within 1e-2 (2^-10 per rounding, over 2 epochs)."""
+    for n in (1, 2):
+        rc, log = _run(n, _args(small_data_root, tmp_path, f"fp16-{n}", "model.precision=official_fp16"))
+        assert rc == 0, log
+    one, two = tmp_path / "fp16-1", tmp_path / "fp16-2"
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-2)
+    wa, wb = _weights(two), _weights(one)
+    assert wa["task_ctx"].dtype == torch.float16
+    for name in wa:
+        torch.testing.assert_close(wa[name].float(), wb[name].float(), rtol=1e-2, atol=1e-2)

@@ -127,11 +127,12 @@ class SoftCPT(Method):
         one per task of the selection (NA), one per class (CA/CS). Only the selected classes' tasks'
         prompts are encoded."""
         sel = self._selection(class_index)
-        task_feat = self.task_features(sel.tasks).float() if self.uses_tasks else None
+        feature_dtype = torch.float16 if self.backbone.official_fp16 else torch.float32  # the meta network's input
+        task_feat = self.task_features(sel.tasks).to(feature_dtype) if self.uses_tasks else None
         if not self.class_aware:
             return self.meta_net(task_feat), sel.context
         class_feat = self.backbone.text_encoder(self.class_feature_prompts(self.class_ctx, sel.class_owner,
-                                                                            sel.index)).float()
+                                                                            sel.index)).to(feature_dtype)
         if self.meta_input == "class":
             return self.meta_net(class_feat), sel.context
         if self.meta_input == "mean":
