@@ -134,18 +134,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"engine.deepspeed.zero_optimization.stage={stage}: set the ZeRO stage with engine.zero_stage "
                           f"(it is {cfg.engine.zero_stage}), which the engine's buckets, partitioned backbones, "
                           "method checks and checkpoints follow")
-    if cfg.model.precision == "official_fp16":
-        _check_official_fp16(cfg)
+    if cfg.model.precision in ("official_fp16", "official_amp"):
+        _check_official_precision(cfg)
     if cfg.train.resume and not cfg.train.run_name:
         raise ConfigError("train.resume needs train.run_name: the run folder to resume in (the default name has a "
                           "timestamp)")
 
 
-def _check_official_fp16(cfg: Config) -> None:
-    """``model.precision=official_fp16`` is the official SoftCPT code's PREC=fp16: its methods (SoftCPT and
-    CoOp), its meta network (one linear layer), fp16 parameters updated in place (ZeRO 1-3 would keep fp32
-    master copies) and no loss scaling (a DeepSpeed fp16/bf16 section would add one)."""
-    where = "model.precision=official_fp16 (the official code's PREC=fp16)"
+def _check_official_precision(cfg: Config) -> None:
+    """``model.precision=official_fp16`` / ``official_amp`` are the official SoftCPT code's PREC=fp16 / amp:
+    its methods (SoftCPT and CoOp), its meta network (one linear layer), its optimizer applied as it is (ZeRO
+    1-3 would keep fp32 master copies or partition the step that loss scaling skips) and no other loss scaling
+    or master weights (a DeepSpeed fp16/bf16 section would add them)."""
+    mode = cfg.model.precision.replace("official_", "")
+    where = f"model.precision={cfg.model.precision} (the official code's PREC={mode})"
     if cfg.method.name not in ("softcpt", "coop", "zeroshot"):
         raise ConfigError(f"{where} is defined for method.name=softcpt and coop (the official SoftCPT code's "
                           f"trainers; and zeroshot), not method.name={cfg.method.name}: use model.precision=fp16")
@@ -153,8 +155,8 @@ def _check_official_fp16(cfg: Config) -> None:
         raise ConfigError(f"{where} needs method.meta_net=lin (the official prompt generator), not "
                           f"{cfg.method.meta_net}")
     if cfg.engine.zero_stage != 0:
-        raise ConfigError(f"{where} trains the fp16 contexts in place, without fp32 master copies: "
-                          f"engine.zero_stage={cfg.engine.zero_stage} would keep them; use engine.zero_stage=0")
+        raise ConfigError(f"{where} applies the optimizer to the contexts as they are, on ZeRO-0: "
+                          f"engine.zero_stage={cfg.engine.zero_stage} would wrap it; use engine.zero_stage=0")
     for key in ("fp16", "bf16", "amp"):
         if ((cfg.engine.deepspeed or {}).get(key) or {}).get("enabled"):
             raise ConfigError(f"{where} has no loss scaling or master weights: remove engine.deepspeed.{key}")

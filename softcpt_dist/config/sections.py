@@ -22,8 +22,10 @@ class ModelConfig:
     # official_fp16: the official code's PREC=fp16 (its scripts' default): CLIP converted as OpenAI's (fp16
     # linear, convolution and attention weights, layer norms computed in fp32), learnable contexts fp16 and
     # updated in fp16 (no fp32 copy), the meta network's fp32 weight applied in fp16, logits and loss in fp16;
-    # method.name=softcpt or coop, engine.zero_stage=0.
-    precision: str = one_of("fp32", "bf16", "fp16", "official_fp16")
+    # official_amp: the official code's PREC=amp: fp32 CLIP and contexts, forward and loss under fp16 autocast,
+    # dynamic loss scaling (torch.amp.GradScaler's rules), one optimizer step per batch.
+    # Both official modes: method.name=softcpt or coop, engine.zero_stage=0.
+    precision: str = one_of("fp32", "bf16", "fp16", "official_fp16", "official_amp")
     device: str = "cpu"  # several ranks on CUDA: each uses cuda:<local rank>
     cache_dir: Optional[str] = None  # where open_clip looks for / stores tagged weights
     # null: QuickGELU when loading OpenAI's original checkpoints, else the architecture's default.

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # model.precision's plain choices
-OFFICIAL_FP16 = "official_fp16"  # model.precision: the official code's PREC=fp16
+OFFICIAL_FP16 = "official_fp16"  # model.precision: the official code's PREC=fp16 (official_amp: an fp32 CLIP)
 
 
 def ensure_builtin_configs() -> None:
@@ -210,8 +210,8 @@ def build_backbone(cfg: ModelConfig, device: Optional[str] = None, text: Optiona
     logit_scale = model.logit_scale.detach().float().reshape(()).clone()  # before any low-precision cast
     if official:
         model = model.to(device=device or cfg.device)
-    else:
-        model = model.to(device=device or cfg.device, dtype=_DTYPES[cfg.precision])
+    else:  # official_amp: an fp32 CLIP, autocast by the engine
+        model = model.to(device=device or cfg.device, dtype=_DTYPES.get(cfg.precision, torch.float32))
     tokenizer = open_clip.get_tokenizer(cfg.arch)
     text, kernels = text or TextConfig(), kernels or KernelsConfig()
     backbone = CLIPBackbone(model, tokenizer, cfg.arch, pretrained, logit_scale, text.path, text.batch_invariant,

@@ -63,7 +63,7 @@ def summarize(cfg: Config, ranks: List[Dict], settings, env: Dict, method, cache
     positions = [statistics.median([s["positions"] for s in r["steps"]]) for r in ranks]
     peak, source = settings.peak_tflops, "--peak-tflops"
     if peak is None:
-        peak, source = peak_tflops(env["device"], cfg.model.precision.replace("official_", "")), "device table"
+        peak, source = peak_tflops(env["device"], {"official_amp": "fp16", "official_fp16": "fp16"}.get(cfg.model.precision, cfg.model.precision)), "device table"
     achieved = flops_step / step_s / world / 1e12
     memory = [r["memory"] for r in ranks]
     return {
@@ -102,7 +102,7 @@ def cost_model(cfg: Config, method, main: Dict[str, List[float]], steps: List[Di
     text_s = statistics.median(main["text_forward"]) + statistics.median(main["backward"])
     fixed_s = max(statistics.median(main["step"]) - text_s - statistics.median(main["communication"]), 0.0)
     token_s = text_s / max(positions, 1)
-    element = {"fp32": 4, "bf16": 2, "fp16": 2, "official_fp16": 2}[cfg.model.precision]
+    element = {"fp32": 4, "bf16": 2, "fp16": 2, "official_fp16": 2, "official_amp": 2}[cfg.model.precision]
     worlds = sorted(set(COST_MODEL_WORLDS) | {world})
     estimates = predict_scaling(method, worlds, token_s, link, feature_bytes=element, fixed_s=fixed_s)
     return {"calibrated_at_world_size": world, "token_s": token_s, "fixed_s": fixed_s,

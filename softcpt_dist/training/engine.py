@@ -8,7 +8,8 @@ a single process without any launcher (a private one-process group), so there is
 Precision: the frozen CLIP runs in ``model.precision``; learnable tensors, gradients and optimizer
 state stay fp32 (DeepSpeed's own bf16/fp16 sections can still be passed through ``engine.deepspeed``),
 except in ``model.precision=official_fp16``, where the contexts, their gradients and their optimizer state
-are fp16, updated in place on ZeRO-0, as the official code does.
+are fp16, updated in place on ZeRO-0, as the official code does; ``official_amp`` runs the forward and
+the loss under fp16 autocast with dynamic loss scaling (``loss_scale.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from softcpt_dist import distributed as D
 from softcpt_dist.distributed import WorldInfo, launcher_env
 from softcpt_dist.training.checkpoint import read_state_file
 from softcpt_dist.training.gradient_projection import GuideGradients
+from softcpt_dist.training.loss_scale import LossScale, skipped_step
 from softcpt_dist.training.optim import EpochLRSchedule, build_optimizer, steps_per_update
 
 logger = logging.getLogger(__name__)
@@ -176,9 +178,14 @@ def deepspeed_config(ecfg: EngineConfig, world_size: int, micro_batch: int, lear
 class TrainEngine:
     """forward / backward / step for the learnable prompts, plus their state for checkpoints."""
 
-    def __init__(self, model, optim: OptimConfig, ecfg: EngineConfig, world: WorldInfo, micro_batch: int):
+    def __init__(self, model, optim: OptimConfig, ecfg: EngineConfig, world: WorldInfo, micro_batch: int,
+                 amp: bool = False):
         self.model, self.optim_cfg, self.ecfg = model, optim, ecfg
         self.k = steps_per_update(optim, model.method)
+        # model.precision=official_amp: fp16 autocast and loss scaling; the official amp path steps the
+        # optimizer once per batch (its schedule still advances k times an epoch)
+        self.loss_scale = LossScale() if amp else None
+        self.optimizer_steps = 1 if amp else self.k
         check_repeated_steps(self.k, ecfg)
         model.method.check_engine(model.method.method_cfg, ecfg)
         self.guide = GuideGradients(model, ecfg.grad_accum_steps) if model.method.projects_gradient else None
@@ -214,12 +221,16 @@ class TrainEngine:
         return read_state_file(path, self.state_classes(), map_location)
 
     def __call__(self, inputs, class_index: Optional[torch.Tensor] = None, targets=None):
-        return self.engine(inputs, class_index=class_index, targets=targets)
+        if self.loss_scale is None:
+            return self.engine(inputs, class_index=class_index, targets=targets)
+        device = next(iter(self.model.learnable_parameters().values())).device
+        with torch.autocast(device.type, dtype=torch.float16):
+            return self.engine(inputs, class_index=class_index, targets=targets)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.guide is not None:  # the guide loss's gradient first, on the graph the main backward frees
             self.guide.accumulate(self.model.guide_loss)
-        self.engine.backward(loss)
+        self.engine.backward(loss if self.loss_scale is None else self.loss_scale.scaled(loss))
         if self.reduces_fp16 and self.engine.is_gradient_accumulation_boundary() and D.world_size() > 1:
             for p in self.model.learnable_parameters().values():
                 if p.grad is not None:
@@ -230,8 +241,17 @@ class TrainEngine:
         method's projection first, on the reduced gradient."""
         if self.guide is not None and self.engine.is_gradient_accumulation_boundary():
             self.guide.project()
-        if self.k > 1:
-            for _ in range(self.k - 1):  # same reduced gradient, as the official code does
+        if self.loss_scale is not None and self.engine.is_gradient_accumulation_boundary():
+            finite = self.loss_scale.unscale(self.model.learnable_parameters().values())
+            if finite:
+                self.engine.step()
+            else:  # GradScaler's rule: no step on non-finite gradients, a smaller scale
+                with skipped_step(self.engine.optimizer):
+                    self.engine.step()
+            self.loss_scale.update(finite)
+            return
+        if self.optimizer_steps > 1:
+            for _ in range(self.optimizer_steps - 1):  # same reduced gradient, as the official code does
                 self.engine.optimizer.step()
         self.engine.step()
 
@@ -277,13 +297,16 @@ class TrainEngine:
 
     def save(self, folder: Path, tag: str) -> None:
         """DeepSpeed checkpoint (learnable module state, optimizer) into ``folder/tag``; all ranks call it."""
-        self.engine.save_checkpoint(str(folder), tag=tag, save_latest=False,
+        extra = {} if self.loss_scale is None else {"loss_scale": self.loss_scale.state_dict()}
+        self.engine.save_checkpoint(str(folder), tag=tag, save_latest=False, client_state=extra,
                                     exclude_frozen_parameters=True)
 
     def load(self, folder: Path, tag: str) -> bool:
         """Load DeepSpeed's part of ``folder/tag``; whether DeepSpeed found it."""
-        path, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        path, extra = self.engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is not None and self.loss_scale is not None and (extra or {}).get("loss_scale"):
+            self.loss_scale.load_state_dict(extra["loss_scale"])
         return path is not None
 
 

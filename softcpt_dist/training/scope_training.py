@@ -114,7 +114,8 @@ def prepare_training(job: ScopeJob, cfg: Config, signals: StopSignals, world: Op
     loader, sampler = make_train_loader(job.samples, job.transform, micro, seed=cfg.train.seed, sampler=data.sampler,
                                         num_workers=data.num_workers, features=job.features, rank=D.rank(),
                                         world_size=D.world_size())
-    tengine = TrainEngine(job.model, optim, engine, world or world_info_from_env(), micro)
+    tengine = TrainEngine(job.model, optim, engine, world or world_info_from_env(), micro,
+                          amp=cfg.model.precision == "official_amp")
     steps_per_epoch = _whole_steps(sampler, engine.grad_accum_steps, "" if job.scope == "joint" else f"{job.scope}: ")
     loop = TrainLoop(tengine, loader, job, cfg, signals, steps_per_epoch, timer)
     return PreparedTraining(tengine, loader, sampler, loop, LoopState(), micro)
