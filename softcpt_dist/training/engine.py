@@ -249,6 +249,9 @@ class TrainEngine:
                 with skipped_step(self.engine.optimizer):
                     self.engine.step()
             self.loss_scale.update(finite)
+            if not finite:
+                logger.info("loss scaling: non-finite gradients, optimizer step skipped; scale now %g",
+                            self.loss_scale.scale)
             return
         if self.optimizer_steps > 1:
             for _ in range(self.optimizer_steps - 1):  # same reduced gradient, as the official code does

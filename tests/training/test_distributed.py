@@ -2,6 +2,7 @@
 ZeRO-3 partitioning, exact distributed evaluation, resume after SIGKILL, SIGTERM, a dead rank."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -315,8 +316,9 @@ def test_slurm_warning_signal_saves_and_exits_75(small_data_root, tmp_path):
 
 def test_official_fp16_trains_on_two_ranks_as_on_one(small_data_root, tmp_path):
     """``model.precision=official_fp16``: the engine averages the fp16 context gradients over ranks itself
-    (DeepSpeed's reduction refuses fp16 on CPUs without oneDNN fp16). Two ranks train as one within fp16
-    rounding: losses within 1e-2 relative, the fp16 contexts within 1e-2 (2^-10 per rounding, over 2 epochs)."""
+    (DeepSpeed's reduction refuses fp16 on CPUs without oneDNN fp16). With class-parallel text encoding
+    (text.shard=auto), two ranks train as one within fp16 rounding: losses within 1e-2 relative, the contexts
+    within 1e-2 (2^-10 per rounding, over 2 epochs)."""
     for n in (1, 2):
         rc, log = _run(n, _args(small_data_root, tmp_path, f"fp16-{n}", "model.precision=official_fp16"))
         assert rc == 0, log
@@ -326,3 +328,14 @@ def test_official_fp16_trains_on_two_ranks_as_on_one(small_data_root, tmp_path):
     assert wa["task_ctx"].dtype == torch.float16
     for name in wa:
         torch.testing.assert_close(wa[name].float(), wb[name].float(), rtol=1e-2, atol=1e-2)
+
+
+def test_official_amp_trains_on_two_ranks(small_data_root, tmp_path):
+    """``model.precision=official_amp`` on two class-parallel ranks: DeepSpeed reduces the scaled fp32 gradients
+    and every rank takes or skips the same step. (One rank and two need not skip the same steps: the loss each
+    backward scales differs, so their trajectories are not compared.)"""
+    rc, log = _run(2, _args(small_data_root, tmp_path, "amp", "model.precision=official_amp"))
+    assert rc == 0, log
+    losses = _losses(tmp_path / "amp")
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert _weights(tmp_path / "amp")["task_ctx"].dtype == torch.float32
