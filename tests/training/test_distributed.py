@@ -255,7 +255,8 @@ def test_sigterm_saves_and_exits_with_the_preemption_code(small_data_root, tmp_p
     assert [p.returncode for p in procs] == [75, 75], outs
     assert "stop signal received" in outs[0] and "launcher slurm" in outs[0]
     latest = (ckpts / "latest").read_text()
-    assert latest > first and (ckpts / latest.strip()).is_dir()
+    # a signal that lands right after an epoch's checkpoint, before the next step, saves that same step
+    assert latest >= first and (ckpts / latest.strip()).is_dir()
     rc, log = _run(1, _args(small_data_root, tmp_path, "term", "optim.epochs=50", "engine.zero_stage=2",
                             "train.resume=latest", "optim.batch_size=8"), timeout=240)
     # The resumed job must run at the world size it was saved with: the sampler refuses otherwise.
