@@ -7,6 +7,7 @@ markdown table. Everything lives under ``--out`` (CLIPs, group, runs), so nothin
 
     python benchmarks/micro_spread.py --out /tmp/spread --split val --lrs 0.002,0.03   # choose the lr
     python benchmarks/micro_spread.py --out /tmp/spread --split test --lrs 0.002      # the claims
+    python benchmarks/micro_spread.py --out /tmp/spread --split val --set prompt.n_ctx=4  # another setting
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def one_clip(out: Path, seed: int, split: str, lrs: list) -> list:
-    """Runs in a process of its own (the thread count is fixed at torch's import)."""
+def one_clip(out: Path, seed: int, split: str, lrs: list, overrides: list) -> list:
+    """Runs in a process of its own (the thread count is fixed at torch's import); ``overrides`` (key=value)
+    go to every run and name it."""
     from softcpt_dist.cli import main
 
     clip = out / f"clip-seed{seed}-threads{os.environ['OMP_NUM_THREADS']}"
@@ -33,13 +35,14 @@ def one_clip(out: Path, seed: int, split: str, lrs: list) -> list:
     for lr in lrs:
         runs = []
         for run_seed in (1, 2, 3):
-            name = f"{split}-lr{lr}-seed{run_seed}"
+            name = "-".join([split, *(o.replace("=", "") for o in overrides), f"lr{lr}", f"seed{run_seed}"])
             if not (clip / "runs" / name / "results.json").is_file():
                 assert main(["train", "--config", str(REPO / "configs/default.yaml"), *common, f"train.run_name={name}",
-                             f"optim.lr={lr}", f"train.seed={run_seed}"]) == 0
+                             f"optim.lr={lr}", f"train.seed={run_seed}", *overrides]) == 0
             runs.append(json.loads((clip / "runs" / name / "results.json").read_text()))
         zero_shot = runs[0]["zero_shot"]
         rows.append({"seed": seed, "threads": int(os.environ["OMP_NUM_THREADS"]), "split": split, "lr": lr,
+                     "overrides": overrides,
                      "zero_shot": {k: v["value"] for k, v in zero_shot["tasks"].items()},
                      "zero_shot_mean": zero_shot["mean"],
                      "softcpt": [{k: v["value"] for k, v in r["tasks"].items()} for r in runs],
@@ -73,17 +76,18 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="thread counts")
     ap.add_argument("--split", default="test", choices=("val", "test"))
     ap.add_argument("--lrs", default="0.002", help="SoftCPT learning rates")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one pre-training seed, this process
     args = ap.parse_args()
     lrs = [float(x) for x in args.lrs.split(",")]
     if args.one is not None:
-        print(json.dumps(one_clip(args.out, args.one, args.split, lrs)))
+        print(json.dumps(one_clip(args.out, args.one, args.split, lrs, args.set)))
         return
     rows = []
     for threads in args.threads.split(","):
         for seed in args.seeds.split(","):
             done = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--split", args.split,
-                                   "--lrs", args.lrs, "--one", seed], env={**os.environ, "OMP_NUM_THREADS": threads},
+                                   "--lrs", args.lrs, "--one", seed, "--set", *args.set], env={**os.environ, "OMP_NUM_THREADS": threads},
                                   capture_output=True, text=True, check=True)
             for row in json.loads(done.stdout.strip().splitlines()[-1]):
                 print(json.dumps(row), flush=True)
