@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from softcpt_dist.config.fields import ConfigError
-from softcpt_dist.config.sections import Config
+from softcpt_dist.config.sections import OFFICIAL_PRECISION_METHODS, Config
 from softcpt_dist.config.signal_names import signal_number
 from softcpt_dist.config.yaml_words import as_written, bool_word
 
@@ -148,7 +148,7 @@ def _check_official_precision(cfg: Config) -> None:
     or master weights (a DeepSpeed fp16/bf16 section would add them)."""
     mode = cfg.model.precision.replace("official_", "")
     where = f"model.precision={cfg.model.precision} (the official code's PREC={mode})"
-    if cfg.method.name not in ("softcpt", "coop", "zeroshot"):
+    if cfg.method.name not in OFFICIAL_PRECISION_METHODS:
         raise ConfigError(f"{where} is defined for method.name=softcpt and coop (the official SoftCPT code's "
                           f"trainers; and zeroshot), not method.name={cfg.method.name}: use model.precision=fp16")
     if cfg.method.name == "softcpt" and cfg.method.meta_net != "lin":

@@ -12,6 +12,11 @@ from softcpt_dist.config.fields import fraction, non_negative, one_of, positive
 from softcpt_dist.config.micro import MicroGroupConfig, MicroPretrainConfig
 
 
+# The methods of the official SoftCPT code, whose precision modes model.precision=official_* reproduce (and
+# zero-shot CLIP, which learns nothing and is evaluated beside them).
+OFFICIAL_PRECISION_METHODS = ("softcpt", "coop", "zeroshot")
+
+
 @dataclass
 class ModelConfig:
     arch: str = "softcpt-tiny"  # any open_clip architecture name, e.g. RN50, ViT-B-16, ViT-L-14

@@ -185,6 +185,7 @@ class TrainEngine:
         # model.precision=official_amp: fp16 autocast and loss scaling; the official amp path steps the
         # optimizer once per batch (its schedule still advances k times an epoch)
         self.loss_scale = LossScale() if amp else None
+        self.autocast_device = next(iter(model.learnable_parameters().values())).device.type if amp else None
         self.optimizer_steps = 1 if amp else self.k
         check_repeated_steps(self.k, ecfg)
         model.method.check_engine(model.method.method_cfg, ecfg)
@@ -223,8 +224,7 @@ class TrainEngine:
     def __call__(self, inputs, class_index: Optional[torch.Tensor] = None, targets=None):
         if self.loss_scale is None:
             return self.engine(inputs, class_index=class_index, targets=targets)
-        device = next(iter(self.model.learnable_parameters().values())).device
-        with torch.autocast(device.type, dtype=torch.float16):
+        with torch.autocast(self.autocast_device, dtype=torch.float16):
             return self.engine(inputs, class_index=class_index, targets=targets)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -249,7 +249,7 @@ class TrainEngine:
                 with skipped_step(self.engine.optimizer):
                     self.engine.step()
             self.loss_scale.update(finite)
-            if not finite:
+            if not finite:  # after update: the log gives the new scale
                 logger.info("loss scaling: non-finite gradients, optimizer step skipped; scale now %g",
                             self.loss_scale.scale)
             return

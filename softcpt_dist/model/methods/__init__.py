@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Type
 
 from softcpt_dist.config import ConfigError, MethodConfig, PromptConfig
+from softcpt_dist.config.sections import OFFICIAL_PRECISION_METHODS
 from softcpt_dist.data.tasks import TaskGroup
 from softcpt_dist.model.methods.base import Method
 from softcpt_dist.model.methods.cocoop import CoCoOp
@@ -47,15 +48,11 @@ def build_method(backbone, group: TaskGroup, method: Optional[MethodConfig] = No
     cls = method_class(method, prompt)
     if cls.fits:
         raise ConfigError(f"method.name={method.name!r} has no prompt model ({method.name} trains no prompts)")
-    if getattr(backbone, "official_fp16", False) and cls.name not in OFFICIAL_FP16_METHODS:
+    if getattr(backbone, "official_fp16", False) and cls.name not in OFFICIAL_PRECISION_METHODS:
         raise ConfigError(f"model.precision=official_fp16 (the official SoftCPT code's PREC=fp16) is defined for "
-                          f"method.name={' and '.join(OFFICIAL_FP16_METHODS)}, not {method.name}")
+                          f"method.name={' and '.join(OFFICIAL_PRECISION_METHODS)}, not {method.name}")
     return cls(backbone, group, prompt, method).to(backbone.device)
 
-
-# The methods of the official SoftCPT code, whose fp16 mode model.precision=official_fp16 reproduces (and zero-shot
-# CLIP, which learns nothing and is evaluated beside them).
-OFFICIAL_FP16_METHODS = ("softcpt", "coop", "zeroshot")
 
 
 __all__ = ["METHODS", "CoCoOp", "CoOp", "KgCoOp", "LinearProbe", "Method", "PLOT", "ProGrad", "ProtoNet", "SoftCPT", "ZeroShotCLIP", "build_method", "method_class",
