@@ -233,3 +233,44 @@ def gather_rows(local: torch.Tensor, sizes: Sequence[int], contributes: bool = T
     if contributes and local.shape[0] != sizes[rank()]:
         raise ValueError(f"rank {rank()} holds {local.shape[0]} rows, the plan says {sizes[rank()]}")
     return _GatherRows.apply(local, sizes, contributes)
+
+
+def all_gather_padded(local: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """``[sum(sizes), ...]``: every rank's rows ``local [sizes[rank], ...]`` in rank order, on every rank;
+    no gradient (for inputs, such as a step's frozen image features)."""
+    sizes = [int(n) for n in sizes]
+    if world_size() == 1:
+        return local
+    device = _collective_device()
+    padded = local.new_zeros(max(sizes), *local.shape[1:], device=device)
+    padded[:local.shape[0]] = local.detach()
+    blocks = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(blocks, padded)
+    return torch.cat([b[:n] for b, n in zip(blocks, sizes)]).to(local.device)
+
+
+class _GatherOwnSlot(torch.autograd.Function):
+    """All-gather of equal-shape tensors, ``[W, *shape]``; backward hands each rank the gradient of its
+    own slot times ``scale``. Right when every rank computes the same function of the gathered tensor:
+    the gradient of slot ``r`` is then the same on every rank, and rank ``r``'s own is the one to use."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        if world_size() == 1:
+            return local.detach().unsqueeze(0).clone()
+        device = _collective_device()
+        blocks = [torch.empty_like(local, device=device) for _ in range(world_size())]
+        dist.all_gather(blocks, local.detach().to(device))
+        return torch.stack(blocks).to(local.device)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad[rank()] * ctx.scale, None
+
+
+def gather_own_gradient(local: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``[W, *local.shape]``: every rank's ``local``, in rank order. Autograd-aware for a function that
+    every rank computes alike from the result (a loss replicated on every rank): the backward gives this
+    rank the gradient of its own slot, times ``scale``, and communicates nothing."""
+    return _GatherOwnSlot.apply(local, scale)

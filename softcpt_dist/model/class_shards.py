@@ -29,6 +29,7 @@ import torch
 
 from softcpt_dist import distributed as D
 from softcpt_dist.config import TextConfig
+from softcpt_dist.model.share_loss import ShareBatch
 
 
 @dataclass
@@ -117,6 +118,8 @@ class ClassShards:
         self._plans: OrderedDict = OrderedDict()
         self.gathered_bytes = 0  # received by this rank's forward all-gathers so far
         self.reduced_bytes = 0  # fp32 gradient bytes reduced by their backwards so far
+        self.image_bytes = 0  # image-feature rows received by class-parallel scoring's all-gathers so far
+        self.stats_bytes = 0  # softmax statistics received by class-parallel scoring so far
 
     def plan(self, method, selection: torch.Tensor) -> ShardPlan:
         key = selection.cpu().numpy().tobytes()
@@ -136,16 +139,21 @@ class ClassShards:
         mask[class_index] = 1.0
         return torch.nonzero(D.all_reduce(mask)).flatten()
 
+    def _encode_share(self, method, selection: torch.Tensor):
+        """This rank's share of ``selection``: ``(plan, positions in the selection, features, contributes)``."""
+        plan = self.plan(method, selection)
+        mine = plan.shares[self.rank].to(selection.device)
+        contributes = len(mine) > 0
+        local = method(selection[mine] if contributes else selection[:1])  # a stand-in keeps ZeRO-3 in step
+        return plan, mine, local, contributes
+
     def features(self, method, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         device = method.class_task.device
         if class_index is None:
             selection = torch.arange(method.num_classes, device=device)
         else:
             selection = self._union(class_index.to(device), method.num_classes)
-        plan = self.plan(method, selection)
-        mine = plan.shares[self.rank].to(device)
-        contributes = len(mine) > 0
-        local = method(selection[mine] if contributes else selection[:1])  # a stand-in keeps ZeRO-3 in step
+        plan, _, local, contributes = self._encode_share(method, selection)
         gathered = D.gather_rows(local, plan.sizes, contributes)
         self.gathered_bytes += self.world_size * max(plan.sizes) * local.shape[1] * local.element_size()
         if local.requires_grad:
@@ -156,6 +164,54 @@ class ClassShards:
         position = torch.full((method.num_classes,), -1, dtype=torch.long, device=device)
         position[selection] = torch.arange(len(selection), device=device)
         return features.index_select(0, position[class_index.to(device)])
+
+    def share(self, method, class_index: Optional[torch.Tensor], batch_size: int) -> "Share":
+        """This rank's share of the classes every rank's micro-batch needs, encoded, for class-parallel
+        scoring (``share_loss.py``); all ranks call it together. One all-reduce finds the union of the
+        ranks' ``class_index`` (default: all classes), each class's weight in the ranks' average of a
+        per-class loss term, and every rank's micro-batch size."""
+        device = method.class_task.device
+        n, w = method.num_classes, self.world_size
+        local = torch.zeros(n + w, dtype=torch.float64, device=device)
+        if class_index is None:
+            local[:n] = 1.0 / n
+        else:
+            local[class_index.to(device)] = 1.0 / len(class_index)
+        local[n + self.rank] = batch_size
+        summed = D.all_reduce(local)
+        class_weight, sizes = summed[:n] / w, [int(b) for b in summed[n:].tolist()]
+        selection = torch.nonzero(class_weight).flatten()
+        _, mine, features, contributes = self._encode_share(method, selection)
+        ids = selection[mine] if contributes else selection[:1]  # the stand-in's class: it contributes nothing
+        return Share(features, ids, contributes, class_weight[ids].float(), sizes)
+
+    def gather_batch(self, image_features: torch.Tensor, tasks: torch.Tensor, targets: torch.Tensor,
+                     sizes: List[int], task_weights: Optional[torch.Tensor] = None) -> ShareBatch:
+        """Every rank's micro-batch (image features, tasks, targets as global class ids), in rank order: one
+        all-gather of fp32 rows (ids below 2**24 are exact)."""
+        rows = torch.cat([image_features.float(), tasks.unsqueeze(1).float(), targets.unsqueeze(1).float()], dim=1)
+        gathered = D.all_gather_padded(rows, sizes)
+        self.image_bytes += self.world_size * max(sizes) * rows.shape[1] * 4
+        tasks_g = gathered[:, -2].long()
+        weights = torch.cat([torch.full((b,), 1.0 / (self.world_size * b)) for b in sizes if b]).to(rows.device)
+        if task_weights is not None:
+            weights = weights * task_weights.to(rows.device)[tasks_g].float()
+        start = sum(sizes[:self.rank])
+        return ShareBatch(gathered[:, :-2].to(image_features.dtype), tasks_g, gathered[:, -1].long(), weights,
+                          slice(start, start + sizes[self.rank]))
+
+
+@dataclass
+class Share:
+    """This rank's share for class-parallel scoring: its classes' ``features [C_s, E]`` and global ids
+    ``class_ids``, whether it holds any (else ``features`` are a stand-in's), each class's weight in a
+    per-class loss term, and every rank's micro-batch size."""
+
+    features: torch.Tensor
+    class_ids: torch.Tensor
+    contributes: bool
+    class_weight: torch.Tensor
+    sizes: List[int]
 
 
 class SavedBytes(torch.autograd.graph.saved_tensors_hooks):

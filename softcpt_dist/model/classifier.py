@@ -16,6 +16,7 @@ from softcpt_dist.config import KernelsConfig, TextConfig
 from softcpt_dist.model.class_shards import SavedBytes, class_shards
 from softcpt_dist.model.loss import (TaskScores, TaskTargets, cosine_cross_entropy, cosine_logits,
                                      multitask_cross_entropy, within_task_argmax, within_task_predict)
+from softcpt_dist.model.share_loss import class_parallel_loss
 from softcpt_dist.step_phases import NULL_TIMER
 
 
@@ -56,7 +57,9 @@ class PromptClassifier(nn.Module):
         self.local_features = bool(getattr(method, "uses_local_features", False))
         # A gradient-projecting method (ProGrad) needs the logits for its guide loss: the PyTorch loss path.
         self.projects_gradient = bool(getattr(method, "projects_gradient", False))
-        self.shards = None if self.image_conditional else class_shards(text or TextConfig())
+        text = text or TextConfig()
+        self.shards = None if self.image_conditional else class_shards(text)
+        self.scoring = text.scoring
         # Autograd-saved bytes of the latest measured class-feature forward (its backward's memory): measured
         # only while measure_activations is set (a saved-tensor hook; the training loop sets it for the last
         # step of each epoch, whose record reports it).
@@ -70,12 +73,16 @@ class PromptClassifier(nn.Module):
                        image_features: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Raw text features of the selected global classes (default all) ``[C', E]``, sharded over ranks
         when text sharding is on; of an image-conditional method, ``[B, C', E]`` for ``image_features``."""
+        return self._measured(lambda: self._class_features(class_index, image_features))
+
+    def _measured(self, encode):
+        """``encode()``, its autograd-saved bytes measured while ``measure_activations`` is set."""
         if not (self.measure_activations and torch.is_grad_enabled()):
-            return self._class_features(class_index, image_features)
+            return encode()
         with SavedBytes() as saved:
-            features = self._class_features(class_index, image_features)
+            out = encode()
         self.activation_bytes = saved.bytes
-        return features
+        return out
 
     def _class_features(self, class_index: Optional[torch.Tensor], image_features: Optional[torch.Tensor]):
         if self.image_conditional:
@@ -90,7 +97,18 @@ class PromptClassifier(nn.Module):
         shards = self.shards
         return {"positions": self.backbone.text_encoder.positions_encoded,
                 "gathered_bytes": shards.gathered_bytes if shards else 0,
-                "reduced_bytes": shards.reduced_bytes if shards else 0}
+                "reduced_bytes": shards.reduced_bytes if shards else 0,
+                "image_bytes": shards.image_bytes if shards else 0,
+                "stats_bytes": shards.stats_bytes if shards else 0}
+
+    def scores_on_shares(self, class_features: Optional[torch.Tensor], targets: Optional[TaskTargets]) -> bool:
+        """Whether a forward scores the global batch on this rank's class share (``share_loss.py``) instead of
+        gathering the class features: training forwards with text sharding on, except where a method needs
+        every class's logits (ProGrad's guide loss, PLOT's per-position scores) and in
+        ``model.precision=official_fp16`` (whose fp16 loss is the official code's rounding)."""
+        return (self.shards is not None and self.scoring == "shares" and class_features is None and targets is not None
+                and targets.targets is not None and not self.local_features and not self.projects_gradient
+                and self.logits_dtype == torch.float32)
 
     def forward(self, images: Optional[torch.Tensor] = None, *, image_features: Optional[torch.Tensor] = None,
                 class_features: Optional[torch.Tensor] = None,
@@ -103,6 +121,8 @@ class PromptClassifier(nn.Module):
         if image_features is None:
             with self.timer("image"):
                 image_features = encode_images(self.backbone, images, self.local_features)
+        if self.scores_on_shares(class_features, targets):
+            return self._class_parallel_scores(image_features, class_index, targets)
         if class_features is None or self.image_conditional:
             with self.timer("text_forward"):
                 class_features = self.class_features(class_index, image_features if self.image_conditional else None)
@@ -130,6 +150,28 @@ class PromptClassifier(nn.Module):
                                                      self.kernels, dtype)
             extra = self.method.loss_term(class_features, class_index)
             return TaskScores(loss if extra is None else loss + extra, predictions)
+
+    def _class_parallel_scores(self, image_features: torch.Tensor, class_index: Optional[torch.Tensor],
+                               targets: TaskTargets) -> TaskScores:
+        """The loss of the global batch and this rank's predictions, scored on this rank's class share: the
+        image features are gathered, the class features never (``share_loss.py``)."""
+        shards, method = self.shards, self.method
+        with self.timer("text_forward"):
+            share = self._measured(lambda: shards.share(method, class_index, len(image_features)))
+        with self.timer("loss"):
+            global_targets = targets.targets if class_index is None else class_index[targets.targets]
+            batch = shards.gather_batch(image_features, targets.tasks, global_targets, share.sizes,
+                                        targets.task_weights)
+            terms = method.class_loss_terms(share.features, share.class_ids)
+            loss, predicted = class_parallel_loss(share.features, share.class_ids, method.class_task, batch,
+                                                  self.backbone.logit_scale, share.contributes,
+                                                  None if terms is None else terms * share.class_weight)
+            shards.stats_bytes += shards.world_size * (4 * len(batch.tasks) + 1) * 4
+            if class_index is not None:  # this rank's columns
+                position = torch.full((method.num_classes,), -1, dtype=torch.long, device=predicted.device)
+                position[class_index] = torch.arange(len(class_index), device=predicted.device)
+                predicted = position[predicted]
+        return TaskScores(loss, predicted)
 
     def _per_image_scores(self, image_features: torch.Tensor, class_features: torch.Tensor, scale: torch.Tensor,
                           class_index: Optional[torch.Tensor], targets: Optional[TaskTargets]):

@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from softcpt_dist.config import ConfigError, PromptConfig
-
 from softcpt_dist.model.batch_invariance import rowwise
+from softcpt_dist.model.gradient_factors import GradientFactors, factored_linear
 
 
 def context_vectors(n_groups: int, n_ctx: int, dim: int, std: float) -> nn.Parameter:
@@ -78,12 +78,18 @@ class MetaNet(nn.Module):
                 nn.init.zeros_(layer.bias)
         else:
             raise ValueError(f"unknown meta network kind {kind!r} (lin | mlp)")
+        # Set by the training engine's structured gradient exchange (lin only): the weight's gradient is then
+        # recorded as its factors, not formed (``gradient_factors.py``).
+        self.factors: Optional[GradientFactors] = None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.dtype == torch.float16 and self.kind == "lin":  # model.precision=official_fp16
             # the official PromptGen: x @ proj.type(x.dtype), the fp32 weight applied in fp16
             weight = self.net.weight.to(torch.float16)
             out = rowwise(lambda rows: F.linear(rows, weight), features)
+        elif self.factors is not None:
+            rows, weight = features.shape[0], self.net.weight
+            out = rowwise(lambda x: factored_linear(x, weight, self.factors, rows), features.to(weight.dtype))
         else:
             out = rowwise(self.net, features.to(next(self.parameters()).dtype))
         return out.view(features.shape[0], self.n_ctx, self.ctx_dim)

@@ -30,6 +30,7 @@ from softcpt_dist.config import ConfigError, EngineConfig, OptimConfig
 from softcpt_dist import distributed as D
 from softcpt_dist.distributed import WorldInfo, launcher_env
 from softcpt_dist.training.checkpoint import read_state_file
+from softcpt_dist.training.gradient_exchange import StructuredGradients
 from softcpt_dist.training.gradient_projection import GuideGradients
 from softcpt_dist.training.loss_scale import LossScale, skipped_step
 from softcpt_dist.training.optim import EpochLRSchedule, build_optimizer, steps_per_update
@@ -209,6 +210,21 @@ class TrainEngine:
         self.reduces_fp16 = any(p.dtype == torch.float16 for p in model.learnable_parameters().values())
         if self.reduces_fp16:
             self.engine.enable_backward_allreduce = False
+        # ZeRO-0 on several ranks: the gradients exchanged by their structure (gradient_exchange.py), not by
+        # DeepSpeed's all-reduce of every tensor.
+        self.structured = None
+        self.deepspeed_reduced_bytes = 0
+        if (ecfg.gradient_exchange == "structured" and ecfg.zero_stage == 0 and D.world_size() > 1
+                and not self.reduces_fp16 and not model.method.projects_gradient):
+            self.structured = StructuredGradients(model)
+            self.engine.enable_backward_allreduce = False
+
+    def gradient_counters(self) -> Dict[str, int]:
+        """Running totals of this rank's learnable-gradient exchange: bytes of gradient factors received
+        (all-gathered) and of gradients all-reduced (per rank: the reduced tensors' fp32 size)."""
+        if self.structured is not None:
+            return {"factor_bytes": self.structured.factor_bytes, "allreduce_bytes": self.structured.allreduce_bytes}
+        return {"factor_bytes": 0, "allreduce_bytes": self.deepspeed_reduced_bytes}
 
     @staticmethod
     def state_classes() -> list:
@@ -231,6 +247,11 @@ class TrainEngine:
         if self.guide is not None:  # the guide loss's gradient first, on the graph the main backward frees
             self.guide.accumulate(self.model.guide_loss)
         self.engine.backward(loss if self.loss_scale is None else self.loss_scale.scaled(loss))
+        if self.engine.is_gradient_accumulation_boundary() and D.world_size() > 1:
+            if self.structured is not None:
+                self.structured.exchange()
+            else:  # DeepSpeed's reduction (or the fp16 one below): every learnable tensor, whole
+                self.deepspeed_reduced_bytes += 4 * self.num_learnable()
         if self.reduces_fp16 and self.engine.is_gradient_accumulation_boundary() and D.world_size() > 1:
             for p in self.model.learnable_parameters().values():
                 if p.grad is not None:

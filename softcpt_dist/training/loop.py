@@ -87,7 +87,7 @@ class TrainLoop:
         self.state = state
         for epoch in range(state.epoch, self.epochs):
             self.begin_epoch(epoch)
-            lr, t0, text0 = self.engine.schedule.lr, time.perf_counter(), self.engine.module.text_counters()
+            lr, t0, text0 = self.engine.schedule.lr, time.perf_counter(), self.counters()
             totals, state.totals = state.totals, _zeros()
             prior_seconds, state.seconds = state.seconds, 0.0
             todo = self.steps_per_epoch - self.sampler.start_step
@@ -169,17 +169,25 @@ class TrainLoop:
             bar.set_postfix(loss=f"{global_loss:.4f}", lr=f"{lr:.2e}")
         return bool(flags[1] > 0)
 
+    def counters(self) -> Dict[str, int]:
+        """Running totals of this rank's text work and bytes exchanged, by kind (the epoch records' source)."""
+        return {**self.engine.module.text_counters(), **self.engine.gradient_counters()}
+
     def _text_record(self, before: Dict[str, int], steps: int) -> Dict:
         """This epoch's text-side work per micro-batch step, every rank's: token positions encoded, bytes
         all-gathered (forward) and gradient bytes reduced (backward), autograd-saved text activations."""
         module, steps = self.engine.module, max(steps, 1)
-        now = module.text_counters()
+        now = self.counters()
         mine = {k: (now[k] - before[k]) / steps for k in now}
         mine["activation_bytes"] = module.activation_bytes
         ranks = D.all_gather_objects(mine)
         return {"text_positions_per_step": [r["positions"] for r in ranks],
                 "text_gather_bytes_per_step": ranks[0]["gathered_bytes"],
                 "text_grad_reduce_bytes_per_step": ranks[0]["reduced_bytes"],
+                "image_gather_bytes_per_step": ranks[0]["image_bytes"],
+                "softmax_stats_bytes_per_step": ranks[0]["stats_bytes"],
+                "grad_factor_bytes_per_step": ranks[0]["factor_bytes"],
+                "grad_allreduce_bytes_per_step": ranks[0]["allreduce_bytes"],
                 "text_activation_bytes": [r["activation_bytes"] for r in ranks]}
 
     def _end_epoch(self, epoch: int, totals: torch.Tensor, lr: float, elapsed: float, text: Dict) -> None:
@@ -195,10 +203,13 @@ class TrainLoop:
             self.run_dir.log_metrics(record)
         logger.info("%sepoch %d/%d loss %.4f train acc %.1f%% lr %.3g %.1f samples/s", self.tag, epoch + 1,
                     self.epochs, record["loss"], record["train_acc"], lr, record["samples_per_s"])
-        logger.info("%stext per step: token positions encoded per rank %s, all-gather %.1f KiB (forward) + "
-                    "%.1f KiB (gradients), saved activations per rank %s MiB", self.tag,
+        logger.info("%stext per step: token positions encoded per rank %s, received %.1f KiB of class features "
+                    "+ %.1f KiB of their gradients + %.1f KiB of image features + %.1f KiB of softmax statistics; learnable "
+                    "gradients: %.1f KiB of factors + %.1f KiB all-reduced; saved activations per rank %s MiB", self.tag,
                     "/".join(f"{p:.0f}" for p in text["text_positions_per_step"]),
                     text["text_gather_bytes_per_step"] / 2**10, text["text_grad_reduce_bytes_per_step"] / 2**10,
+                    text["image_gather_bytes_per_step"] / 2**10, text["softmax_stats_bytes_per_step"] / 2**10,
+                    text["grad_factor_bytes_per_step"] / 2**10, text["grad_allreduce_bytes_per_step"] / 2**10,
                     "/".join(f"{b / 2**20:.1f}" for b in text["text_activation_bytes"]))
         if self.checkpoints is not None:
             self.sampler.set_epoch(epoch + 1)

@@ -30,14 +30,19 @@ METHODS = {"nata": ["method.variant=NATA"], "nats": ["method.variant=NATS"], "cs
            "coopmt": ["method.name=coop", "method.coop_mode=MT"]}
 GROUPED = {"all": [], "grouped": ["data.sampler.tasks_per_batch=1"]}
 # CoOp CA trains each task on its own: 2 ranks share 1 task, split by classes.
-PER_TASK = {"coopca-pertask": ["method.name=coop", "method.coop_mode=CA"]}
+# KgCoOp (the same, with its per-class loss term, which class-parallel scoring adds share by share).
+PER_TASK = {"coopca-pertask": ["method.name=coop", "method.coop_mode=CA"], "kgcoop-pertask": ["method.name=kgcoop", "prompt.n_ctx=4"]}
 # (one rank's overrides, two ranks' overrides, one rank's logged losses per two ranks' logged loss, bound).
 # Official stepping applies 3 SGD steps per gradient (39 in all), which amplifies the one difference
 # left -- the order in which the ranks' gradient contributions are summed -- about 3-fold (measured up
 # to 8.4e-5).
 SPECIAL = {"nata-accumulated": (["optim.batch_size=12", "engine.grad_accum_steps=4"],
                                 ["optim.batch_size=12", "engine.grad_accum_steps=2", "engine.zero_stage=2"], 2, REL),
-           "nata-official": (["optim.official_stepping=true"], ["optim.official_stepping=true"], 1, 1e-4)}
+           "nata-official": (["optim.official_stepping=true"], ["optim.official_stepping=true"], 1, 1e-4),
+           # The exchange before class-parallel scoring and structured gradients: class features gathered,
+           # every gradient all-reduced by DeepSpeed.
+           "nata-gathered": (["engine.grad_accum_steps=2"],
+                             ["text.scoring=gathered", "engine.gradient_exchange=deepspeed"], 2, REL)}
 
 
 def _launch_many(nproc, out, common, runs, timeout=900):
@@ -137,9 +142,17 @@ def test_each_rank_encodes_about_half_of_the_token_positions(matrix):
             # (25 positions here; CoOp-MT's one prefix, shared by all tasks, is paid by both ranks).
             assert all(abs(p - alone / 2) <= 25 for p in per_rank), (name, per_rank, alone)
             assert sum(per_rank) <= alone + 25
-            assert record["text_gather_bytes_per_step"] > 0 and record["text_grad_reduce_bytes_per_step"] > 0
+            # Class-parallel scoring: image features and softmax statistics move, class features never.
+            assert record["image_gather_bytes_per_step"] > 0 and record["softmax_stats_bytes_per_step"] > 0
+            assert record["text_gather_bytes_per_step"] == record["text_grad_reduce_bytes_per_step"] == 0
+            # The meta network's gradient goes as factors (CoOp has none); the rest is all-reduced.
+            assert (record["grad_factor_bytes_per_step"] > 0) == (name != "coopmt-all")
+            assert record["grad_allreduce_bytes_per_step"] > 0
             assert all(b > 0 for b in record["text_activation_bytes"])
         assert _epochs(out / f"one-{name}")[-1]["text_gather_bytes_per_step"] == 0
+    gathered = _epochs(out / "two-nata-gathered")[-1]
+    assert gathered["text_gather_bytes_per_step"] > 0 and gathered["image_gather_bytes_per_step"] == 0
+    assert gathered["grad_factor_bytes_per_step"] == 0 and gathered["grad_allreduce_bytes_per_step"] > 0
 
 
 def test_text_shard_off_encodes_everything_on_every_rank(small_data_root, tmp_path):

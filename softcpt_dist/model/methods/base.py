@@ -98,10 +98,17 @@ class Method(nn.Module):
     def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss_term(self, class_features: torch.Tensor, class_index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """A term the method adds to the training loss, from the raw features of the encoded classes
-        (``class_index``, default all); None (the default) adds nothing."""
+    def class_loss_terms(self, class_features: torch.Tensor, class_index: Optional[torch.Tensor]
+                         ) -> Optional[torch.Tensor]:
+        """Per-class terms ``[C']`` whose mean the method adds to the training loss, from the raw features of
+        the encoded classes (``class_index``, default all); None (the default) adds nothing. Per class, so
+        that class-parallel scoring adds each share's own (``share_loss.py``)."""
         return None
+
+    def loss_term(self, class_features: torch.Tensor, class_index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """What the method adds to the training loss: the mean of its ``class_loss_terms``, or None."""
+        terms = self.class_loss_terms(class_features, class_index)
+        return None if terms is None else terms.mean()
 
     def prompt_structures(self, class_index: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """``(source, length)`` of every prompt batch ``forward(class_index)`` encodes (see ``PromptBatch``)."""

@@ -37,8 +37,9 @@ class KgCoOp(CoOp):
         super().check(method, prompt)
         check_default_phrase(cls.name, KGCOOP_INIT, prompt)
 
-    def loss_term(self, class_features: torch.Tensor, class_index: Optional[torch.Tensor]) -> torch.Tensor:
-        """``w · (1 − mean cos)`` between the encoded classes' features and their hand-crafted ones."""
+    def class_loss_terms(self, class_features: torch.Tensor, class_index: Optional[torch.Tensor]) -> torch.Tensor:
+        """``w · (1 − cos)`` between each encoded class's feature and its hand-crafted one (the loss adds
+        their mean)."""
         hand = self.hand_features if class_index is None else self.hand_features[class_index]
         cos = F.cosine_similarity(class_features.float(), hand, dim=1, eps=1e-7)
-        return self.kg_weight * (1.0 - cos.mean())
+        return self.kg_weight * (1.0 - cos)

@@ -1,0 +1,123 @@
+"""Class-parallel scoring: every rank scores the step's whole global batch against its own share of the classes.
+
+With class-parallel text encoding each rank holds the features of a share of the classes. Gathering every
+class feature to every rank moves classes × embedding per step, and their gradients back; the images of a
+step are few and the classes many, so here the ranks gather the image features instead (global batch ×
+embedding) and each scores every sample against its share. A sample's softmax over its own task's classes
+then needs from each share only three numbers -- the largest logit among the task's columns there, the sum
+of exponentials relative to it, and the target's logit where the share holds it -- plus the share's best
+column for the prediction (as vocabulary-parallel cross-entropy does for language models): one all-gather
+of a few numbers per sample. The gradient of a share's features is then complete on the rank that encoded
+them: nothing is reduced back.
+
+The loss is the one the gathered path trains with: each sample's cross-entropy over its task's classes,
+times its task weight, over its rank's micro-batch size, averaged over ranks (the global batch mean when the
+micro-batches are equal); a method's per-class loss term (``Method.class_loss_terms``) enters with each
+class's weight in that average. Every rank computes it alike; its gradient reaches a share's features on
+the share's owner only, so each rank's gradient is its share's part of the whole. DeepSpeed averages the
+ranks' gradients (their sum over W), so the statistics' backward multiplies by W.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from softcpt_dist import distributed as D
+from softcpt_dist.model.batch_invariance import MIN_ROWS, rowwise
+from softcpt_dist.model.loss import cosine_logits
+
+NEG_INF = float("-inf")
+
+
+class ShareBatch(NamedTuple):
+    """The step's global batch, every rank's micro-batch in rank order: image features ``[B, E]``, each
+    sample's task and target class (global class ids) ``[B]``, its weight in the loss ``[B]``
+    (task weight / (world size × its micro-batch size)), and where this rank's samples are (``rows``)."""
+
+    image_features: torch.Tensor
+    tasks: torch.Tensor
+    targets: torch.Tensor
+    weights: torch.Tensor
+    rows: slice
+
+
+class ShareStats(NamedTuple):
+    """Per sample of the global batch, over one share's columns of the sample's task: the largest logit
+    (-inf without such a column), the sum of exponentials relative to it, the target's logit (0 where the
+    share lacks the target), and the share's best column (a global class id; 0 without a column)."""
+
+    top: torch.Tensor
+    sum_exp: torch.Tensor
+    target: torch.Tensor
+    best: torch.Tensor
+
+
+def share_logits(image_features: torch.Tensor, features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """``[B, C_s]`` cosine logits against a share; the share is padded to ``MIN_ROWS`` classes so that each
+    logit is computed by the same BLAS kernel whatever the share's size (``batch_invariance``)."""
+    classes = features.shape[0]
+    if classes < MIN_ROWS:
+        features = torch.cat([features, features.new_zeros(MIN_ROWS - classes, features.shape[1])])
+    return rowwise(lambda rows: cosine_logits(rows, features, logit_scale), image_features)[:, :classes]
+
+
+def share_stats(logits: torch.Tensor, class_ids: torch.Tensor, class_task: torch.Tensor,
+                tasks: torch.Tensor, targets: torch.Tensor) -> ShareStats:
+    """The statistics of one share (``logits [B, C_s]`` of the global classes ``class_ids``, whose tasks are
+    ``class_task``) for samples of ``tasks`` and ``targets``."""
+    own = class_task.unsqueeze(0) == tasks.unsqueeze(1)
+    masked = logits.masked_fill(~own, NEG_INF)
+    with torch.no_grad():
+        top, column = masked.max(dim=1) if masked.shape[1] else (masked.new_full((len(masked),), NEG_INF),
+                                                               torch.zeros(len(masked), dtype=torch.long))
+        has = torch.isfinite(top)
+        shift = torch.where(has, top, torch.zeros_like(top))
+        best = torch.where(has, class_ids[column] if len(class_ids) else column, torch.zeros_like(column))
+    sum_exp = torch.exp(masked - shift.unsqueeze(1)).sum(dim=1)
+    target = (logits * (class_ids.unsqueeze(0) == targets.unsqueeze(1))).sum(dim=1)
+    return ShareStats(top, sum_exp, target, best)
+
+
+def combine(top: torch.Tensor, sum_exp: torch.Tensor, target: torch.Tensor, best: torch.Tensor
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every share's statistics ``[W, B]`` -> each sample's cross-entropy over its task ``[B]`` and its
+    predicted global class (the largest logit over shares; the lowest class id on a tie)."""
+    high = top.max(dim=0).values
+    scale = torch.exp(torch.where(torch.isfinite(top), top - high, torch.full_like(top, NEG_INF)))
+    loss = torch.log((sum_exp * scale).sum(dim=0)) + high - target.sum(dim=0)
+    with torch.no_grad():
+        tied = torch.where(top == high, best, torch.full_like(best, torch.iinfo(best.dtype).max))
+        predicted = tied.min(dim=0).values
+    return loss, predicted
+
+
+def class_parallel_loss(share_features: torch.Tensor, class_ids: torch.Tensor, class_task: torch.Tensor,
+                        batch: ShareBatch, logit_scale: torch.Tensor, contributes: bool = True,
+                        class_terms: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, predictions)``: the global batch's loss (the same on every rank) and each of this rank's
+    samples' predicted global class, from this rank's share (``share_features [C_s, E]`` of the global
+    classes ``class_ids``; ``class_task [C]``: every class's task). ``contributes=False``: the share is a
+    stand-in (ZeRO-3 runs every rank's forward and backward) that contributes nothing and gets a zero
+    gradient. ``class_terms``: the share's classes' weighted loss terms, summed into the loss."""
+    if len(class_task) >= 2**24:
+        raise ValueError(f"{len(class_task)} classes: class-parallel scoring carries class ids in fp32 (below 2**24)")
+    logits = share_logits(batch.image_features, share_features, logit_scale)
+    stats = share_stats(logits, class_ids, class_task[class_ids], batch.tasks, batch.targets)
+    term = class_terms.sum() if class_terms is not None else logits.new_zeros(())
+    if not contributes:  # the stand-in: joins the graph with exact zeros
+        stats = ShareStats(torch.full_like(stats.top, NEG_INF), stats.sum_exp * 0, stats.target * 0,
+                           torch.zeros_like(stats.best))
+        term = term * 0
+    n = len(stats.top)
+    # One all-gather of fp32 numbers; class ids below 2**24 are exact in fp32.
+    packed = torch.cat([stats.top.float(), stats.sum_exp.float(), stats.target.float(), stats.best.float(),
+                        term.reshape(1).float()])
+    gathered = D.gather_own_gradient(packed, scale=float(D.world_size()))
+    top, sum_exp, target, best = (gathered[:, i * n:(i + 1) * n] for i in range(4))
+    terms = gathered[:, 4 * n]
+    best = best.long()
+    per_sample, predicted = combine(top, sum_exp, target, best)
+    loss = (per_sample * batch.weights).sum() + terms.sum()
+    return loss, predicted[batch.rows]
