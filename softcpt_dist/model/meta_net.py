@@ -64,8 +64,9 @@ class MetaNet(nn.Module):
     """
 
     def __init__(self, in_dim: int, n_ctx: int, ctx_dim: int, kind: str = "lin", hidden: int = 512,
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, key_count: Optional[int] = None):
         super().__init__()
+        self.key_count = key_count  # how many distinct rows (tasks or classes) forward's keys name
         self.n_ctx, self.ctx_dim, self.kind = n_ctx, ctx_dim, kind
         out_dim = n_ctx * ctx_dim
         if kind == "lin":
@@ -78,18 +79,29 @@ class MetaNet(nn.Module):
                 nn.init.zeros_(layer.bias)
         else:
             raise ValueError(f"unknown meta network kind {kind!r} (lin | mlp)")
-        # Set by the training engine's structured gradient exchange (lin only): the weight's gradient is then
-        # recorded as its factors, not formed (``gradient_factors.py``).
+        # Set by ``record_factors`` (the training engine's structured gradient exchange; lin only): the weight's
+        # gradient is then recorded as its factors, by key, not formed (``gradient_factors.py``).
         self.factors: Optional[GradientFactors] = None
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def record_factors(self) -> GradientFactors:
+        """From now on, backward records the weight's gradient factors by key instead of forming it."""
+        if self.kind != "lin" or self.key_count is None:
+            raise ValueError("gradient factors need a linear meta network whose rows have keys (key_count)")
+        out_f, in_f = self.net.weight.shape
+        self.factors = GradientFactors(self.key_count, out_f, in_f)
+        return self.factors
+
+    def forward(self, features: torch.Tensor, keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``keys [B]``: which task or class each row is (below ``key_count``); needed while recording factors."""
         if features.dtype == torch.float16 and self.kind == "lin":  # model.precision=official_fp16
             # the official PromptGen: x @ proj.type(x.dtype), the fp32 weight applied in fp16
             weight = self.net.weight.to(torch.float16)
             out = rowwise(lambda rows: F.linear(rows, weight), features)
-        elif self.factors is not None:
-            rows, weight = features.shape[0], self.net.weight
-            out = rowwise(lambda x: factored_linear(x, weight, self.factors, rows), features.to(weight.dtype))
+        elif self.factors is not None and torch.is_grad_enabled():
+            if keys is None or len(keys) != features.shape[0]:
+                raise ValueError("a meta network recording gradient factors needs one key per row")
+            weight = self.net.weight
+            out = rowwise(lambda x: factored_linear(x, weight, self.factors, keys), features.to(weight.dtype))
         else:
             out = rowwise(self.net, features.to(next(self.parameters()).dtype))
         return out.view(features.shape[0], self.n_ctx, self.ctx_dim)

@@ -113,6 +113,23 @@ def test_the_cost_model_adds_text_gather_and_gradient_all_reduce():
     assert floor.text_s == 0.1
 
 
+def test_the_cost_model_prices_class_parallel_scoring_and_gradient_factors():
+    from softcpt_dist.scaling import Link, step_estimate
+    link = Link(bandwidth_gb_s=1.0, latency_us=10.0)
+    common = dict(rows=6, feature_dim=8, learnable=1000 + 64 * 32, token_s=1e-3, link=link)
+    two = step_estimate([500, 480], **common, scoring="shares", batch=3, factors=(5, 64, 32))
+    assert two.image_bytes == 3 * (8 + 2) * 4 and two.stats_bytes == (4 * 2 * 3 + 1) * 4
+    assert two.gather_bytes == two.image_bytes + two.stats_bytes
+    # 2 ranks: a ring all-reduce moves 2 (W - 1) / W = 1 times the tensor; factors and the rest in one
+    assert two.factor_bytes == 5 * (64 + 32 + 1) * 4 and two.allreduce_bytes == 4 * 1000
+    assert two.reduce_s == pytest.approx(2e-5 + (two.factor_bytes + two.allreduce_bytes) / 1e9)
+    # keys costing more than the matrix: the matrix is all-reduced with the rest
+    many = step_estimate([500, 480], **common, scoring="shares", batch=3, factors=(40, 64, 32))
+    assert many.factor_bytes == 0 and many.allreduce_bytes == 4 * (1000 + 64 * 32)
+    with pytest.raises(ValueError, match="scoring"):
+        step_estimate([1, 1], **common, scoring="other")
+
+
 def test_predicted_shares_shrink_until_tasks_split_into_few_classes(tiny_backbone):
     from softcpt_dist.scaling import Link, predict_scaling
     method = build_method(tiny_backbone, plant6(), MethodConfig(variant="NATA"), PromptConfig())

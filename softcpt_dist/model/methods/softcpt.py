@@ -62,7 +62,7 @@ class SoftCPT(Method):
             self.class_ctx.requires_grad_(not method.freeze_class_context)  # frozen: neither trained nor saved
         concat = self.class_aware and method.meta_input == "concat"
         self.meta_net = MetaNet(feat * (2 if concat else 1), prompt.n_ctx, dim, method.meta_net, method.meta_hidden,
-                                prompt.init_std)
+                                prompt.init_std, key_count=n_classes if self.class_aware else n_tasks)
         self.class_prompts = ContextPromptBank(group.classnames, prompt.n_ctx, backbone,
                                                prompt.class_token_position)
 
@@ -129,16 +129,16 @@ class SoftCPT(Method):
         sel = self._selection(class_index)
         feature_dtype = torch.float16 if self.backbone.official_fp16 else torch.float32  # the meta network's input
         task_feat = self.task_features(sel.tasks).to(feature_dtype) if self.uses_tasks else None
-        if not self.class_aware:
-            return self.meta_net(task_feat), sel.context
+        if not self.class_aware:  # one context per task (the meta network's rows are keyed by task)
+            return self.meta_net(task_feat, sel.tasks), sel.context
         class_feat = self.backbone.text_encoder(self.class_feature_prompts(self.class_ctx, sel.class_owner,
                                                                             sel.index)).to(feature_dtype)
         if self.meta_input == "class":
-            return self.meta_net(class_feat), sel.context
+            return self.meta_net(class_feat, sel.index), sel.context
         if self.meta_input == "mean":
-            return self.meta_net((class_feat + task_feat[sel.task_of]) / 2), sel.context
+            return self.meta_net((class_feat + task_feat[sel.task_of]) / 2, sel.index), sel.context
         # Official order: class feature first, then the feature of the class's task.
-        return self.meta_net(torch.cat([class_feat, task_feat[sel.task_of]], dim=1)), sel.context
+        return self.meta_net(torch.cat([class_feat, task_feat[sel.task_of]], dim=1), sel.index), sel.context
 
     def contexts(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Context vectors of the selected global classes ``[C', N, D]``."""
