@@ -1,4 +1,5 @@
-"""Task groups for the text-side benchmarks: Plant-6 with its real class names, General-10's shape; and
+"""Task groups for the text-side benchmarks: Plant-6 with its real class names, General-10's shape, a
+generated group of 100 tasks x 100 classes (``large_group``); and
 either as a ``task_folders`` dataset of noise images (``write_folders``), for profiling without the datasets.
 
 Plant-6's six datasets and their classes (cleaned the way the readers clean folder names). For
@@ -67,7 +68,31 @@ def general10(seed: int = 0) -> TaskGroup:
     return TaskGroup(tasks)
 
 
-GROUPS = {"plant6": plant6, "general10": general10}
+def clip_words() -> list:
+    """A word list: the whole-word entries of CLIP's BPE vocabulary (alphabetic, 3+ letters), in its order."""
+    import softcpt_dist  # noqa: F401  (the torchvision shim before open_clip)
+    import open_clip
+
+    encoder = open_clip.get_tokenizer("ViT-B-16").encoder
+    return [w[:-4] for w in encoder if w.endswith("</w>") and w[:-4].isalpha() and len(w) >= 7]
+
+
+def large_group(tasks: int = 100, classes: int = 100, seed: int = 0) -> TaskGroup:
+    """A generated group of ``tasks`` tasks of ``classes`` classes each (shapes only): task names of one word
+    and class names of one to three words drawn from ``clip_words``, distinct within each task."""
+    rng, words = random.Random(seed), clip_words()
+    specs = []
+    for t in range(tasks):
+        names = []
+        while len(names) < classes:
+            name = " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
+            if name not in names:
+                names.append(name)
+        specs.append(TaskSpec(f"task{t:03d}", rng.choice(words), tuple(names), "accuracy", "a photo of a {}."))
+    return TaskGroup(specs)
+
+
+GROUPS = {"plant6": plant6, "general10": general10, "large100": large_group}
 
 
 def write_folders(group: TaskGroup, root: Path, per_class: int = 2, size: int = 32) -> Path:

@@ -1,13 +1,16 @@
-"""The class-parallel cost model (``softcpt_dist.scaling``) for General-10 (1,191 classes) with ViT-L-14.
+"""The class-parallel cost model (``softcpt_dist.scaling``) for General-10 (1,191 classes) and a generated
+group of 100 tasks x 100 classes, with ViT-L-14.
 
 1. Measures the per-token cost of the text side here: forward + backward (input gradients only) of
    SoftCPT NATA's class features for Plant-6 through the ViT-L-14 text tower (random init, fp32,
    shared-prefix path), seconds per encoded token position.
-2. Plans General-10 (its shape: ``group_shapes.general10``) at each world size with the real planner
-   and prints the predicted step for two settings: this machine's measured per-token cost, and an
-   H200 one derived from FLOPs (stated assumptions: no GPU measured it).
+2. Plans each group at each world size with the real planner and prints the predicted step, side by
+   side for the former exchange (class features gathered, every gradient all-reduced by DeepSpeed) and
+   the current one (class-parallel scoring, the meta network's gradient by factors): with this machine's
+   measured per-token cost for General-10, and for both groups with an H200 one derived from FLOPs
+   (stated assumptions: no GPU measured it). Then the bytes per step by kind at 8 ranks.
 
-    python benchmarks/scaling_model.py                      # ~1 min on 2 CPU cores
+    python benchmarks/scaling_model.py                      # ~2 min on 2 CPU cores
     python benchmarks/scaling_model.py --token-us 0.9       # your own measured per-token cost (us)
 """
 
@@ -24,12 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import softcpt_dist  # noqa: E402,F401  (the torchvision shim first)
 import torch  # noqa: E402
 
-from group_shapes import general10, plant6  # noqa: E402
+from group_shapes import general10, large_group, plant6  # noqa: E402
 from softcpt_dist.config import MethodConfig, ModelConfig, PromptConfig  # noqa: E402
 from softcpt_dist.model import build_backbone, build_method  # noqa: E402
 from softcpt_dist.scaling import Link, predict_scaling  # noqa: E402
 
-WORLDS = (1, 2, 8, 64, 512)
+WORLDS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
+GLOBAL_BATCH = 32  # images a step; each rank gets ceil(32 / W), at least 1
+FORMER = {"scoring": "gathered", "structured": False}
+CURRENT = {"scoring": "shares", "structured": True}
 NVLINK, INFINIBAND = Link(300.0, 5.0), Link(50.0, 10.0)  # per-GPU all-gather bandwidth (GB/s), hop latency (us)
 
 
@@ -53,11 +59,37 @@ def flop_token_cost(width: int, layers: int, peak_tflops: float, mfu: float) -> 
 
 def table(title: str, rows) -> str:
     lines = [f"**{title}**", "",
-             "| ranks | positions (slowest rank) | text ms | gather KiB | gather ms | grad all-reduce ms | step ms | "
-             "speedup | efficiency |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| ranks | positions (slowest rank) | text ms | scoring KiB | scoring ms | gradients KiB | gradients ms | "
+             "step ms | speedup | efficiency |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.world_size} | {r.positions:,} | {r.text_s * 1e3:.2f} | {r.gather_bytes / 2**10:,.0f} | "
-                     f"{r.gather_s * 1e3:.2f} | {r.reduce_s * 1e3:.2f} | {r.step_s * 1e3:.2f} | {r.speedup:.1f}x | {100 * r.efficiency:.0f}% |")
+                     f"{r.gather_s * 1e3:.2f} | {(r.factor_bytes + r.allreduce_bytes) / 2**10:,.0f} | "
+                     f"{r.reduce_s * 1e3:.2f} | {r.step_s * 1e3:.2f} | {r.speedup:.1f}x | {100 * r.efficiency:.0f}% |")
+    return "\n".join(lines)
+
+
+def gpu_rows(method, token_s: float, floor_s: float, exchange: dict):
+    rows = [predict_scaling(method, [1, w], token_s, NVLINK if w <= 8 else INFINIBAND, kernel_floor_s=floor_s,
+                            fixed_s=1e-3, global_batch=GLOBAL_BATCH, **exchange)[-1] for w in WORLDS]
+    for r in rows:
+        r.speedup, r.efficiency = rows[0].step_s / r.step_s, rows[0].step_s / r.step_s / r.world_size
+    return rows
+
+
+def bytes_by_kind(name: str, former, current) -> str:
+    """One world size's bytes per kind, former vs current exchange."""
+    kinds = [("class features + their gradients", former.gather_bytes, current.gather_bytes - current.image_bytes
+              - current.stats_bytes),
+             ("image features", former.image_bytes, current.image_bytes),
+             ("softmax statistics", former.stats_bytes, current.stats_bytes),
+             ("meta-network gradient factors", former.factor_bytes, current.factor_bytes),
+             ("gradients all-reduced", former.allreduce_bytes, current.allreduce_bytes)]
+    total_f = sum(k[1] for k in kinds)
+    total_c = sum(k[2] for k in kinds)
+    lines = [f"**{name}, {former.world_size} ranks: bytes per rank per step**", "",
+             "| kind | former KiB | current KiB |", "|---|---:|---:|"]
+    lines += [f"| {k} | {f / 2**10:,.1f} | {c / 2**10:,.1f} |" for k, f, c in kinds]
+    lines.append(f"| **total** | **{total_f / 2**10:,.1f}** | **{total_c / 2**10:,.1f}** ({total_c / total_f:.3f}x) |")
     return "\n".join(lines)
 
 
@@ -72,27 +104,35 @@ def main(argv=None) -> int:
     backbone = build_backbone(ModelConfig(arch=args.arch))
     text = backbone.text_encoder
     measured = args.token_us * 1e-6 if args.token_us else measure_token_cost(backbone)
-    method = build_method(backbone, general10(), MethodConfig(variant="NATA"), PromptConfig())
     layers, width = len(text.blocks), text.width
-    learnable = sum(p.numel() for p in method.learnable_parameters().values())
-    print(f"# {args.arch} text tower ({layers} layers, width {width}), SoftCPT NATA, General-10 shape "
-          f"({method.num_classes} classes, {learnable:,} learnable elements), all classes every step; torch "
-          f"{torch.__version__}\n")
-    cpu = predict_scaling(method, WORLDS, measured, Link(10.0, 20.0), feature_bytes=4)
-    print(table(f"Measured here: {measured * 1e6:.0f} us per token position (fp32, {args.threads} CPU threads); "
-                "links of 10 GB/s, 20 us", cpu) + "\n")
+    groups = {"General-10": general10(), "100 x 100 group": large_group()}
+    methods = {name: build_method(backbone, group, MethodConfig(variant="NATA"), PromptConfig())
+               for name, group in groups.items()}
+    for name, method in methods.items():
+        learnable = sum(q.numel() for q in method.learnable_parameters().values())
+        print(f"# {args.arch} text tower ({layers} layers, width {width}), SoftCPT NATA, {name} "
+              f"({method.num_classes} classes, {learnable:,} learnable elements), all classes every step, global "
+              f"batch {GLOBAL_BATCH}; torch {torch.__version__}\n")
+    general = methods["General-10"]
+    for label, exchange in (("former", FORMER), ("current", CURRENT)):
+        cpu = predict_scaling(general, WORLDS[:4], measured, Link(10.0, 20.0), feature_bytes=4,
+                              global_batch=GLOBAL_BATCH, **exchange)
+        print(table(f"General-10, {label} exchange, measured here: {measured * 1e6:.0f} us per token position (fp32, "
+                    f"{args.threads} CPU threads); links of 10 GB/s, 20 us", cpu) + "\n")
     # H200: 989 dense bf16 TFLOPS; 40% of it on the large packed GEMMs; a text pass takes >= 2 encoder calls
     # x layers x ~20 kernels (forward + backward) x 4 us of launch and sync however small its share.
     gpu_token = flop_token_cost(width, layers, 989.0, 0.4)
     floor = 2 * layers * 20 * 4e-6
-    gpu = [predict_scaling(method, [1, w], gpu_token, NVLINK if w <= 8 else INFINIBAND, kernel_floor_s=floor,
-                           fixed_s=1e-3)[-1] for w in WORLDS]
-    for r in gpu:
-        r.speedup, r.efficiency = gpu[0].step_s / r.step_s, gpu[0].step_s / r.step_s / r.world_size
-    print(table(f"Assumed H200 (bf16): {gpu_token * 1e6:.2f} us per position (FLOPs at 40% of 989 TFLOPS), "
-                f"{floor * 1e3:.1f} ms kernel floor, 1 ms rest of step; NVLink {NVLINK.bandwidth_gb_s:.0f} GB/s "
-                f"{NVLINK.latency_us:.0f} us up to 8 ranks, InfiniBand {INFINIBAND.bandwidth_gb_s:.0f} GB/s "
-                f"{INFINIBAND.latency_us:.0f} us beyond", gpu))
+    assumptions = (f"H200 (bf16): {gpu_token * 1e6:.2f} us per position (FLOPs at 40% of 989 TFLOPS), "
+                   f"{floor * 1e3:.1f} ms kernel floor, 1 ms rest of step; NVLink {NVLINK.bandwidth_gb_s:.0f} GB/s "
+                   f"{NVLINK.latency_us:.0f} us up to 8 ranks, InfiniBand {INFINIBAND.bandwidth_gb_s:.0f} GB/s "
+                   f"{INFINIBAND.latency_us:.0f} us beyond")
+    for name, method in methods.items():
+        former, current = gpu_rows(method, gpu_token, floor, FORMER), gpu_rows(method, gpu_token, floor, CURRENT)
+        print(table(f"{name}, former exchange, assumed {assumptions}", former) + "\n")
+        print(table(f"{name}, current exchange, assumed {assumptions}", current) + "\n")
+        at8 = WORLDS.index(8)
+        print(bytes_by_kind(name, former[at8], current[at8]) + "\n")
     return 0
 
 

@@ -134,7 +134,8 @@ def _time_steps(prepared, group, timer: PhaseTimer, settings: ProfileSettings, p
                         torch.cuda.reset_peak_memory_stats(device)
                     tracer = _trace(settings.trace, device)
                     tracer.__enter__()
-                work, linear = TextWork.of(encoder), linears.total()
+                work, linear, sent = TextWork.of(encoder), linears.total(), loop.counters()
+                module.measure_activations = i == settings.warmup + settings.steps - 1  # the last step's
                 timer.begin_step()
                 with timer("image"):
                     inputs, tasks, labels, _ = next(batches)
@@ -146,6 +147,8 @@ def _time_steps(prepared, group, timer: PhaseTimer, settings: ProfileSettings, p
                     steps.append(_step_record(phases, shape, TextWork.of(encoder) - work, linears.total(), linear,
                                               inputs.shape[0], _classes(loop, group, tasks), module.backbone.embed_dim,
                                               image_per_sample))
+                    now = loop.counters()
+                    steps[-1]["bytes"] = {k: now[k] - sent[k] for k in now if k.endswith("_bytes")}
     finally:
         linears.close()
         module.timer = NULL_TIMER
@@ -153,7 +156,9 @@ def _time_steps(prepared, group, timer: PhaseTimer, settings: ProfileSettings, p
             tracer.__exit__(None, None, None)
     if settings.trace:
         tracer.export_chrome_trace(str(path / f"trace_rank{D.rank()}.json"))
-    return {"rank": D.rank(), "steps": steps, "memory": memory_report(module)}
+    module.measure_activations = False
+    return {"rank": D.rank(), "steps": steps,
+            "memory": {**memory_report(module), "text_activation_bytes": float(module.activation_bytes)}}
 
 
 def _classes(loop, group, tasks: torch.Tensor) -> int:

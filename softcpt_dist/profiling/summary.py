@@ -43,6 +43,11 @@ def phase_seconds(steps: List[Dict]) -> Dict[str, List[float]]:
     return out
 
 
+BYTE_KINDS = {"image_bytes": "image features", "stats_bytes": "softmax statistics",
+              "gathered_bytes": "class features", "reduced_bytes": "class-feature gradients",
+              "factor_bytes": "gradient factors", "allreduce_bytes": "gradients all-reduced"}
+
+
 def _mean(values) -> float:
     return sum(values) / len(values)
 
@@ -87,6 +92,8 @@ def summarize(cfg: Config, ranks: List[Dict], settings, env: Dict, method, cache
         "mfu": achieved / peak if peak else None,
         "memory": memory,
         "peak_memory_bytes": [m.get("peak_allocated_bytes", m.get("peak_rss_bytes")) for m in memory],
+        "bytes_per_step": {k: statistics.median([s["bytes"][k] for s in ranks[0]["steps"]])
+                           for k in ranks[0]["steps"][0].get("bytes", {})},
         "cost_model": cost_model(cfg, method, main, ranks[0]["steps"], settings.link or default_link(
             env["device_type"]), world),
     }
@@ -104,11 +111,19 @@ def cost_model(cfg: Config, method, main: Dict[str, List[float]], steps: List[Di
     token_s = text_s / max(positions, 1)
     element = {"fp32": 4, "bf16": 2, "fp16": 2, "official_fp16": 2, "official_amp": 2}[cfg.model.precision]
     worlds = sorted(set(COST_MODEL_WORLDS) | {world})
-    estimates = predict_scaling(method, worlds, token_s, link, feature_bytes=element, fixed_s=fixed_s)
+    scoring = cfg.text.scoring if not (method.projects_gradient or method.uses_local_features
+                                      or cfg.model.precision == "official_fp16") else "gathered"
+    structured = cfg.engine.gradient_exchange == "structured" and cfg.engine.zero_stage == 0 \
+        and not method.projects_gradient and cfg.model.precision != "official_fp16"
+    estimates = predict_scaling(method, worlds, token_s, link, feature_bytes=element, fixed_s=fixed_s,
+                                scoring=scoring, global_batch=cfg.optim.batch_size, structured=structured)
     return {"calibrated_at_world_size": world, "token_s": token_s, "fixed_s": fixed_s,
             "link": {"bandwidth_gb_s": link.bandwidth_gb_s, "latency_us": link.latency_us},
+            "scoring": scoring, "gradient_exchange": "structured" if structured else "deepspeed",
             "predictions": [{"world_size": e.world_size, "step_s": e.step_s, "text_s": e.text_s,
-                             "gather_s": e.gather_s, "reduce_s": e.reduce_s, "positions": e.positions}
+                             "gather_s": e.gather_s, "reduce_s": e.reduce_s, "positions": e.positions,
+                             "gather_bytes": e.gather_bytes, "factor_bytes": e.factor_bytes,
+                             "allreduce_bytes": e.allreduce_bytes}
                             for e in estimates]}
 
 
@@ -151,9 +166,13 @@ def markdown(record: Dict) -> str:
               f"- achieved: {record['achieved_tflops_per_rank']:,.3f} TFLOP/s per rank; "
               + (f"peak {record['peak_tflops']:,.1f} TFLOP/s ({record['peak_source']}): MFU "
                  f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None
-                 else "no peak known for this device (pass --peak-tflops for MFU)"), "",
-              "| rank | frozen params MiB | learnable params MiB | peak memory MiB |", "|---:|---:|---:|---:|"]
+                 else "no peak known for this device (pass --peak-tflops for MFU)")]
+    if any(record["bytes_per_step"].values()):
+        lines.append("- received per step by rank 0: " + ", ".join(
+            f"{BYTE_KINDS.get(k, k)} {v / 2**10:,.1f} KiB" for k, v in record["bytes_per_step"].items() if v))
+    lines += ["", "| rank | frozen params MiB | learnable params MiB | text activations MiB | peak memory MiB |",
+              "|---:|---:|---:|---:|---:|"]
     for rank, (mem, peak) in enumerate(zip(record["memory"], record["peak_memory_bytes"])):
         lines.append(f"| {rank} | {_mib(mem['frozen_param_bytes'])} | {_mib(mem['learnable_param_bytes'])} | "
-                     f"{_mib(peak)} |")
+                     f"{_mib(mem.get('text_activation_bytes'))} | {_mib(peak)} |")
     return "\n".join(lines) + "\n"
