@@ -56,16 +56,16 @@ def table(rows: list) -> str:
     chance = {task.key: 100 / task.num_classes for task in TASKS}
     tasks = list(chance)
     lines = ["| pre-training | lr | zero-shot " + " / ".join(tasks) + " | zero-shot mean | SoftCPT seeds 1/2/3 "
-             "| SoftCPT − zero-shot, mean | SoftCPT − zero-shot, size | zero-shot − chance, lowest task |",
-             "|---|---:|---|---:|---|---:|---:|---:|"]
+             "| SoftCPT − zero-shot, mean | SoftCPT − zero-shot per task | zero-shot − chance, lowest task |",
+             "|---|---:|---|---:|---|---:|---|---:|"]
     for r in sorted(rows, key=lambda r: (r["lr"], r["threads"], r["seed"])):
-        size = sum(s["size"] for s in r["softcpt"]) / 3 - r["zero_shot"]["size"]
+        gains = [sum(s[t] for s in r["softcpt"]) / 3 - r["zero_shot"][t] for t in tasks]
         gain = sum(r["softcpt_means"]) / 3 - r["zero_shot_mean"]
         margin = min(r["zero_shot"][t] - chance[t] for t in tasks)
         lines.append(f"| seed {r['seed']}, {r['threads']} thread(s) | {r['lr']} | "
                      + " / ".join(f"{r['zero_shot'][t]:.1f}" for t in tasks)
                      + f" | {r['zero_shot_mean']:.2f} | " + " / ".join(f"{m:.2f}" for m in r["softcpt_means"])
-                     + f" | {gain:+.2f} | {size:+.1f} | {margin:.1f} |")
+                     + f" | {gain:+.2f} | " + " / ".join(f"{g:+.1f}" for g in gains) + f" | {margin:.1f} |")
     return "\n".join(lines)
 
 
