@@ -9,9 +9,13 @@ rank's peak memory (``memory_joint.json``: peak RSS on CPU, max allocated on CUD
 ``--text-bound`` (the default) is the step class-parallel text encoding is for: a task group shaped
 like Plant-6 (6 tasks, 116 classes, their real class names; 2 training images per class), cached
 image features, the ViT-B-16 CLIP at random init. ``--shard-off`` adds runs with ``text.shard=off``
-(every rank encodes every class: the behaviour before class sharding) at each world size above 1.
+(every rank encodes every class: the behaviour before class sharding) at each world size above 1;
+``--former`` adds runs with the exchange before class-parallel scoring (``text.scoring=gathered``,
+``engine.gradient_exchange=deepspeed``). "exchanged KiB" counts every kind of bytes a rank received per
+step (class features and their gradients, image features, softmax statistics, gradients).
 
     python benchmarks/rank_scaling.py                                   # Plant-6 shape, ViT-B-16, CPU
+    python benchmarks/rank_scaling.py --former                          # former vs current exchange
     python benchmarks/rank_scaling.py --shard-off --zero-stage 3
     python benchmarks/rank_scaling.py --no-text-bound --epochs 6        # the built-in demo data, tiny CLIP
     python benchmarks/rank_scaling.py --ranks 1 2 4 8 -- model.arch=ViT-L-14 model.device=cuda \\
@@ -39,6 +43,13 @@ def plant6_folders(root: Path, per_class: int = 2, size: int = 32) -> Path:
     return write_folders(plant6(), root, per_class, size)
 
 
+# Bytes received per step by kind (epoch records): class features and their gradients, image features, softmax
+# statistics, the meta network's factor table, other gradients all-reduced.
+BYTE_KEYS = ("text_gather_bytes_per_step", "text_grad_reduce_bytes_per_step", "image_gather_bytes_per_step",
+             "softmax_stats_bytes_per_step", "grad_factor_bytes_per_step", "grad_allreduce_bytes_per_step")
+FORMER = ["text.scoring=gathered", "engine.gradient_exchange=deepspeed"]  # the exchange before class-parallel scoring
+
+
 def run(nproc: int, work: Path, name: str, args, extra) -> dict:
     import shutil
     shutil.rmtree(work / "runs" / name, ignore_errors=True)
@@ -62,7 +73,7 @@ def run(nproc: int, work: Path, name: str, args, extra) -> dict:
     last = epochs[-1]
     return {"steps_per_s": statistics.median(rates) / args.batch_size, "min": min(rates) / args.batch_size,
             "max": max(rates) / args.batch_size, "wall": wall, "positions": last["text_positions_per_step"],
-            "gather_kib": (last["text_gather_bytes_per_step"] + last["text_grad_reduce_bytes_per_step"]) / 2**10,
+            "exchanged_kib": sum(last.get(k, 0) for k in BYTE_KEYS) / 2**10,
             "activation_mib": [b / 2**20 for b in last["text_activation_bytes"]],
             "peak_mib": [m.get("peak_allocated_bytes", m.get("peak_rss_bytes", 0)) / 2**20 for m in memory]}
 
@@ -75,6 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="global batch")
     p.add_argument("--text-bound", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--shard-off", action="store_true", help="also run text.shard=off above 1 rank")
+    p.add_argument("--former", action="store_true", help="also run the former exchange above 1 rank (class "
+                   "features gathered, every gradient all-reduced by DeepSpeed)")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                    help="pin rank i to CPU core i (CPU runs; --no-pin on GPU nodes)")
     p.add_argument("--work", type=Path, default=None, help="a folder to work in (kept: its feature cache is reused)")
@@ -89,10 +102,12 @@ def main(argv=None) -> int:
                     f"data.cache.dir={work / 'cache'}"]
         else:
             base = [f"data.root={work / 'data'}"]
-        runs = [(n, "auto") for n in args.ranks] + [(n, "off") for n in args.ranks if args.shard_off and n > 1]
+        runs = [(n, "auto") for n in args.ranks] + [(n, "off") for n in args.ranks if args.shard_off and n > 1] \
+            + [(n, "former") for n in args.ranks if args.former and n > 1]
         results = {}
-        for n, shard in runs:
-            results[(n, shard)] = run(n, work, f"ranks{n}-{shard}", args, [*base, f"text.shard={shard}", *args.extra])
+        for n, shard in runs:  # "former": text.shard=auto with the former exchange
+            extra = FORMER if shard == "former" else [f"text.shard={shard}"]
+            results[(n, shard)] = run(n, work, f"ranks{n}-{shard}", args, [*base, *extra, *args.extra])
     what = "text-bound Plant-6 shape, ViT-B-16 random init, cached image features" if args.text_bound else "demo"
     pinned = ", pinned" if args.pin else ""
     print(f"# rank scaling ({what}): ZeRO {args.zero_stage}, global batch {args.batch_size}, torch "
@@ -100,10 +115,10 @@ def main(argv=None) -> int:
           f"median of epochs 2..{args.epochs}")
     base_rate = results[(args.ranks[0], "auto")]["steps_per_s"]
     print(f"{'ranks':>5} {'text.shard':>10} {'steps/s':>8} {'vs ' + str(args.ranks[0]):>6} {'positions/rank':>15} "
-          f"{'gather KiB':>10} {'activations MiB/rank':>21} {'peak MiB/rank':>15} {'wall s':>7}")
+          f"{'exchanged KiB':>13} {'activations MiB/rank':>21} {'peak MiB/rank':>15} {'wall s':>7}")
     for (n, shard), r in results.items():
         print(f"{n:>5} {shard:>10} {r['steps_per_s']:>8.3f} {r['steps_per_s'] / base_rate:>5.2f}x "
-              f"{'/'.join(f'{x:.0f}' for x in r['positions']):>15} {r['gather_kib']:>10.1f} "
+              f"{'/'.join(f'{x:.0f}' for x in r['positions']):>15} {r['exchanged_kib']:>13.1f} "
               f"{'/'.join(f'{x:.1f}' for x in r['activation_mib']):>21} "
               f"{'/'.join(f'{x:.0f}' for x in r['peak_mib']):>15} {r['wall']:>7.1f}")
     return 0
