@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from group_shapes import general10, large_group, plant6  # noqa: E402
 from softcpt_dist.config import MethodConfig, ModelConfig, PromptConfig  # noqa: E402
 from softcpt_dist.model import build_backbone, build_method  # noqa: E402
-from softcpt_dist.scaling import Link, predict_scaling  # noqa: E402
+from softcpt_dist.scaling import Link, plan_all_classes, predict_scaling  # noqa: E402
 
 WORLDS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 GLOBAL_BATCH = 32  # images a step; each rank gets ceil(32 / W), at least 1
@@ -68,12 +68,9 @@ def table(title: str, rows) -> str:
     return "\n".join(lines)
 
 
-def gpu_rows(method, token_s: float, floor_s: float, exchange: dict):
-    rows = [predict_scaling(method, [1, w], token_s, NVLINK if w <= 8 else INFINIBAND, kernel_floor_s=floor_s,
-                            fixed_s=1e-3, global_batch=GLOBAL_BATCH, **exchange)[-1] for w in WORLDS]
-    for r in rows:
-        r.speedup, r.efficiency = rows[0].step_s / r.step_s, rows[0].step_s / r.step_s / r.world_size
-    return rows
+def gpu_rows(method, token_s: float, floor_s: float, exchange: dict, plans: dict):
+    return predict_scaling(method, WORLDS, token_s, lambda w: NVLINK if w <= 8 else INFINIBAND, kernel_floor_s=floor_s,
+                           fixed_s=1e-3, global_batch=GLOBAL_BATCH, plans=plans, **exchange)
 
 
 def bytes_by_kind(name: str, former, current) -> str:
@@ -113,10 +110,11 @@ def main(argv=None) -> int:
         print(f"# {args.arch} text tower ({layers} layers, width {width}), SoftCPT NATA, {name} "
               f"({method.num_classes} classes, {learnable:,} learnable elements), all classes every step, global "
               f"batch {GLOBAL_BATCH}; torch {torch.__version__}\n")
+    plans = {name: {w: plan_all_classes(method, w) for w in WORLDS} for name, method in methods.items()}
     general = methods["General-10"]
     for label, exchange in (("former", FORMER), ("current", CURRENT)):
         cpu = predict_scaling(general, WORLDS[:4], measured, Link(10.0, 20.0), feature_bytes=4,
-                              global_batch=GLOBAL_BATCH, **exchange)
+                              global_batch=GLOBAL_BATCH, plans=plans["General-10"], **exchange)
         print(table(f"General-10, {label} exchange, measured here: {measured * 1e6:.0f} us per token position (fp32, "
                     f"{args.threads} CPU threads); links of 10 GB/s, 20 us", cpu) + "\n")
     # H200: 989 dense bf16 TFLOPS; 40% of it on the large packed GEMMs; a text pass takes >= 2 encoder calls
@@ -128,7 +126,8 @@ def main(argv=None) -> int:
                    f"{NVLINK.latency_us:.0f} us up to 8 ranks, InfiniBand {INFINIBAND.bandwidth_gb_s:.0f} GB/s "
                    f"{INFINIBAND.latency_us:.0f} us beyond")
     for name, method in methods.items():
-        former, current = gpu_rows(method, gpu_token, floor, FORMER), gpu_rows(method, gpu_token, floor, CURRENT)
+        former = gpu_rows(method, gpu_token, floor, FORMER, plans[name])
+        current = gpu_rows(method, gpu_token, floor, CURRENT, plans[name])
         print(table(f"{name}, former exchange, assumed {assumptions}", former) + "\n")
         print(table(f"{name}, current exchange, assumed {assumptions}", current) + "\n")
         at8 = WORLDS.index(8)

@@ -39,11 +39,11 @@ cluster; the ring's latency term makes the model pessimistic at hundreds of rank
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from softcpt_dist.model.class_shards import plan_shards
+from softcpt_dist.model.class_shards import ShardPlan, plan_shards
 from softcpt_dist.training.engine import full_numel
 
 
@@ -114,21 +114,30 @@ def meta_net(method):
     return nets[0] if nets else None
 
 
-def predict_scaling(method, world_sizes: Sequence[int], token_s: float, link: Link, *, feature_bytes: int = 2,
+def plan_all_classes(method, world_size: int) -> ShardPlan:
+    """The planner's shares of all of ``method``'s classes over ``world_size`` ranks (as training plans them)."""
+    all_classes = torch.arange(method.num_classes, device=method.class_task.device)
+    return plan_shards(method.class_task.cpu(), lambda pos: method.text_positions(all_classes[pos]), world_size)
+
+
+def predict_scaling(method, world_sizes: Sequence[int], token_s: float, link, *, feature_bytes: int = 2,
                     kernel_floor_s: float = 0.0, fixed_s: float = 0.0, scoring: str = "gathered",
-                    global_batch: int = 32, structured: bool = False) -> List[StepEstimate]:
+                    global_batch: int = 32, structured: bool = False,
+                    plans: Optional[Dict[int, ShardPlan]] = None) -> List[StepEstimate]:
     """Estimates for ``method`` (a built prompt method: its prompts are planned exactly as in training,
     all classes per step) at each world size; ``global_batch`` images a step (``scoring="shares"``: each
     rank's ``global_batch / W`` are gathered); ``structured``: the meta network's gradient by factors (one
-    row per task, per class for class-aware variants)."""
-    all_classes = torch.arange(method.num_classes, device=method.class_task.device)
+    row per task, per class for class-aware variants). ``link``: a ``Link``, or a function of the world
+    size giving one; ``plans``: ``plan_all_classes`` by world size, where already made (planning thousands
+    of classes takes a while)."""
     learnable = sum(full_numel(p) for p in method.learnable_parameters().values())
     meta = meta_net(method) if structured else None
     factors = (meta.key_count, *meta.net.weight.shape) if meta is not None else None
     out = []
     for world in world_sizes:
-        plan = plan_shards(method.class_task.cpu(), lambda pos: method.text_positions(all_classes[pos]), world)
-        est = step_estimate(plan.costs, max(plan.sizes), method.backbone.embed_dim, learnable, token_s, link,
+        plan = plans[world] if plans and world in plans else plan_all_classes(method, world)
+        est = step_estimate(plan.costs, max(plan.sizes), method.backbone.embed_dim, learnable, token_s,
+                            link(world) if callable(link) else link,
                             feature_bytes=feature_bytes, kernel_floor_s=kernel_floor_s, fixed_s=fixed_s,
                             scoring=scoring, batch=max(1, -(-global_batch // world)), factors=factors)
         if out:
