@@ -57,7 +57,9 @@ class _FactoredLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         rows = len(ctx.keys)
         ctx.factors.record(grad[:rows], x[:rows], ctx.keys)
-        return (grad.mm(weight) if ctx.input_grad else None), None, None, None
+        # under fp16 autocast (model.precision=official_amp) the forward ran in fp16: so does this product, as
+        # F.linear's own backward (autograd casts the result to x's dtype)
+        return (grad.mm(weight.to(grad.dtype)) if ctx.input_grad else None), None, None, None
 
 
 def factored_linear(x: torch.Tensor, weight: torch.Tensor, factors: GradientFactors, keys: torch.Tensor) -> torch.Tensor:

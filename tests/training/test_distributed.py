@@ -332,8 +332,9 @@ def test_official_fp16_trains_on_two_ranks_as_on_one(small_data_root, tmp_path):
 
 
 def test_official_amp_trains_on_two_ranks(small_data_root, tmp_path):
-    """``model.precision=official_amp`` on two class-parallel ranks: DeepSpeed reduces the scaled fp32 gradients
-    and every rank takes or skips the same step. (One rank and two need not skip the same steps: the loss each
+    """``model.precision=official_amp`` on two class-parallel ranks: the scaled fp32 gradients are averaged (by
+    the structured exchange: the meta network's factors were recorded under fp16 autocast) and every rank takes
+    or skips the same step. (One rank and two need not skip the same steps: the loss each
     backward scales differs, so their trajectories are not compared.)"""
     rc, log = _run(2, _args(small_data_root, tmp_path, "amp", "model.precision=official_amp"))
     assert rc == 0, log

@@ -34,6 +34,26 @@ def test_a_factored_layer_has_the_linear_layers_input_gradient_and_its_weight_gr
     assert not factors.take("cpu").any()  # taken: forgotten
 
 
+def test_under_fp16_autocast_the_factored_layer_runs_as_the_linear_layer():
+    """``model.precision=official_amp``: the forward's product is fp16, and so is the input gradient's."""
+    torch.manual_seed(0)
+    weight = torch.randn(12, 5)
+    x = torch.randn(3, 5, requires_grad=True)
+    factors = GradientFactors(keys=3, out_features=12, in_features=5)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = factored_linear(x, weight, factors, torch.arange(3))
+    out.float().square().sum().backward()
+    grad_x = x.grad.clone()
+    x.grad = None
+    w = weight.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        ref = torch.nn.functional.linear(x, w)
+    ref.float().square().sum().backward()
+    assert out.dtype == ref.dtype == torch.float16 and torch.equal(out, ref)
+    torch.testing.assert_close(grad_x, x.grad, rtol=0, atol=0)
+    torch.testing.assert_close(factors.weight_grad(factors.take("cpu")), w.grad, rtol=1e-3, atol=1e-3)
+
+
 class _Method(nn.Module):
     def __init__(self, in_dim):
         super().__init__()
