@@ -189,15 +189,8 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local: torch.Tensor, sizes: List[int], contributes: bool) -> torch.Tensor:
-        me, most, width = rank(), max(sizes), local.shape[1]
         ctx.sizes, ctx.contributes, ctx.shape, ctx.dtype = sizes, contributes, local.shape, local.dtype
-        device = _collective_device()
-        padded = local.new_zeros(most, width, device=device)
-        if contributes:
-            padded[:sizes[me]] = local.detach()
-        blocks = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(blocks, padded)
-        return torch.cat([b[:n] for b, n in zip(blocks, sizes)]).to(local.device)
+        return all_gather_padded(local if contributes else local[:0], sizes)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

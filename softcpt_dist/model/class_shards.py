@@ -29,6 +29,7 @@ import torch
 
 from softcpt_dist import distributed as D
 from softcpt_dist.config import TextConfig
+from softcpt_dist.model.loss import column_positions
 from softcpt_dist.model.share_loss import ShareBatch
 
 
@@ -161,9 +162,7 @@ class ClassShards:
         features = gathered.index_select(0, plan.inverse.to(device))  # selection order
         if class_index is None:
             return features
-        position = torch.full((method.num_classes,), -1, dtype=torch.long, device=device)
-        position[selection] = torch.arange(len(selection), device=device)
-        return features.index_select(0, position[class_index.to(device)])
+        return features.index_select(0, column_positions(selection, method.num_classes)[class_index.to(device)])
 
     def share(self, method, class_index: Optional[torch.Tensor], batch_size: int) -> "Share":
         """This rank's share of the classes every rank's micro-batch needs, encoded, for class-parallel

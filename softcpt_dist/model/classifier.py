@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from softcpt_dist.config import KernelsConfig, TextConfig
 from softcpt_dist.model.class_shards import SavedBytes, class_shards
-from softcpt_dist.model.loss import (TaskScores, TaskTargets, cosine_cross_entropy, cosine_logits,
-                                     multitask_cross_entropy, within_task_argmax, within_task_predict)
+from softcpt_dist.model.loss import (TaskScores, TaskTargets, column_positions, cosine_cross_entropy,
+                                     cosine_logits, multitask_cross_entropy, within_task_argmax, within_task_predict)
 from softcpt_dist.model.share_loss import class_parallel_loss
 from softcpt_dist.step_phases import NULL_TIMER
 
@@ -34,6 +34,14 @@ def encode_images(backbone: nn.Module, inputs: torch.Tensor, tokens: bool = Fals
         return inputs.to(backbone.device)
     with torch.no_grad():
         return backbone.image_encoder(inputs)
+
+
+def scores_shares(text: TextConfig, method, official_fp16: bool) -> bool:
+    """Whether sharded training forwards score on class shares (``text.scoring=shares``), except where a method
+    needs every class's logits (ProGrad's guide loss, PLOT's per-position scores) and in
+    ``model.precision=official_fp16`` (whose fp16 loss is the official code's rounding)."""
+    return (text.scoring == "shares" and not getattr(method, "uses_local_features", False)
+            and not getattr(method, "projects_gradient", False) and not official_fp16)
 
 
 class PromptClassifier(nn.Module):
@@ -59,7 +67,7 @@ class PromptClassifier(nn.Module):
         self.projects_gradient = bool(getattr(method, "projects_gradient", False))
         text = text or TextConfig()
         self.shards = None if self.image_conditional else class_shards(text)
-        self.scoring = text.scoring
+        self.shares_scoring = scores_shares(text, method, getattr(backbone, "official_fp16", False))
         # Autograd-saved bytes of the latest measured class-feature forward (its backward's memory): measured
         # only while measure_activations is set (a saved-tensor hook; the training loop sets it for the last
         # step of each epoch, whose record reports it).
@@ -103,12 +111,9 @@ class PromptClassifier(nn.Module):
 
     def scores_on_shares(self, class_features: Optional[torch.Tensor], targets: Optional[TaskTargets]) -> bool:
         """Whether a forward scores the global batch on this rank's class share (``share_loss.py``) instead of
-        gathering the class features: training forwards with text sharding on, except where a method needs
-        every class's logits (ProGrad's guide loss, PLOT's per-position scores) and in
-        ``model.precision=official_fp16`` (whose fp16 loss is the official code's rounding)."""
-        return (self.shards is not None and self.scoring == "shares" and class_features is None and targets is not None
-                and targets.targets is not None and not self.local_features and not self.projects_gradient
-                and self.logits_dtype == torch.float32)
+        gathering the class features: training forwards with text sharding on, where ``scores_shares``."""
+        return (self.shards is not None and self.shares_scoring and class_features is None and targets is not None
+                and targets.targets is not None)
 
     def forward(self, images: Optional[torch.Tensor] = None, *, image_features: Optional[torch.Tensor] = None,
                 class_features: Optional[torch.Tensor] = None,
@@ -168,9 +173,7 @@ class PromptClassifier(nn.Module):
                                                   None if terms is None else terms * share.class_weight)
             shards.stats_bytes += shards.world_size * (4 * len(batch.tasks) + 1) * 4
             if class_index is not None:  # this rank's columns
-                position = torch.full((method.num_classes,), -1, dtype=torch.long, device=predicted.device)
-                position[class_index] = torch.arange(len(class_index), device=predicted.device)
-                predicted = position[predicted]
+                predicted = column_positions(class_index, method.num_classes)[predicted]
         return TaskScores(loss, predicted)
 
     def _per_image_scores(self, image_features: torch.Tensor, class_features: torch.Tensor, scale: torch.Tensor,

@@ -43,6 +43,14 @@ def cosine_logits(image_features: torch.Tensor, class_features: torch.Tensor,
     return (logit_scale.float().exp() * rowwise(lambda rows: rows @ txt.t(), img)).to(dtype)
 
 
+def column_positions(class_index: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[num_classes]``: each global class's column in ``class_index`` (the renumbered columns of a
+    selection), -1 for classes not selected."""
+    position = torch.full((num_classes,), -1, dtype=torch.long, device=class_index.device)
+    position[class_index] = torch.arange(len(class_index), device=class_index.device)
+    return position
+
+
 def within_task_mask(tasks: torch.Tensor, class_task: torch.Tensor) -> torch.Tensor:
     """``[B, C]``: True where column c belongs to sample b's task (the only columns it is scored on)."""
     return class_task.unsqueeze(0) == tasks.unsqueeze(1)

@@ -70,11 +70,10 @@ def share_stats(logits: torch.Tensor, class_ids: torch.Tensor, class_task: torch
     own = class_task.unsqueeze(0) == tasks.unsqueeze(1)
     masked = logits.masked_fill(~own, NEG_INF)
     with torch.no_grad():
-        top, column = masked.max(dim=1) if masked.shape[1] else (masked.new_full((len(masked),), NEG_INF),
-                                                               torch.zeros(len(masked), dtype=torch.long))
+        top, column = masked.max(dim=1)  # a share has at least one column (a stand-in's, where empty)
         has = torch.isfinite(top)
         shift = torch.where(has, top, torch.zeros_like(top))
-        best = torch.where(has, class_ids[column] if len(class_ids) else column, torch.zeros_like(column))
+        best = torch.where(has, class_ids[column], torch.zeros_like(column))
     sum_exp = torch.exp(masked - shift.unsqueeze(1)).sum(dim=1)
     target = (logits * (class_ids.unsqueeze(0) == targets.unsqueeze(1))).sum(dim=1)
     return ShareStats(top, sum_exp, target, best)

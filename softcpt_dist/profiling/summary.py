@@ -8,8 +8,10 @@ from typing import Dict, List, Optional, Sequence
 
 from softcpt_dist.config import Config
 from softcpt_dist.model import method_label
+from softcpt_dist.model.classifier import scores_shares
 from softcpt_dist.profiling.flops import peak_tflops
 from softcpt_dist.scaling import Link, predict_scaling
+from softcpt_dist.training.engine import exchanges_by_structure
 
 PHASES = ("image", "text_forward", "loss", "backward", "optimizer", "communication")  # timed
 SPLIT = (*PHASES, "other")  # the split as reported: the timed phases and the rest of the step
@@ -111,10 +113,9 @@ def cost_model(cfg: Config, method, main: Dict[str, List[float]], steps: List[Di
     token_s = text_s / max(positions, 1)
     element = {"fp32": 4, "bf16": 2, "fp16": 2, "official_fp16": 2, "official_amp": 2}[cfg.model.precision]
     worlds = sorted(set(COST_MODEL_WORLDS) | {world})
-    scoring = cfg.text.scoring if not (method.projects_gradient or method.uses_local_features
-                                      or cfg.model.precision == "official_fp16") else "gathered"
-    structured = cfg.engine.gradient_exchange == "structured" and cfg.engine.zero_stage == 0 \
-        and not method.projects_gradient and cfg.model.precision != "official_fp16"
+    official_fp16 = cfg.model.precision == "official_fp16"
+    scoring = "shares" if scores_shares(cfg.text, method, official_fp16) else "gathered"
+    structured = exchanges_by_structure(cfg.engine, method, official_fp16)
     estimates = predict_scaling(method, worlds, token_s, link, feature_bytes=element, fixed_s=fixed_s,
                                 scoring=scoring, global_batch=cfg.optim.batch_size, structured=structured)
     return {"calibrated_at_world_size": world, "token_s": token_s, "fixed_s": fixed_s,

@@ -176,6 +176,14 @@ def deepspeed_config(ecfg: EngineConfig, world_size: int, micro_batch: int, lear
     return _merge(base, dict(ecfg.deepspeed or {}))
 
 
+def exchanges_by_structure(ecfg: EngineConfig, method, fp16_gradients: bool) -> bool:
+    """Whether several ranks exchange the learnable gradients by their structure (``gradient_exchange.py``)
+    rather than by DeepSpeed's reduction: ``engine.gradient_exchange=structured`` under ZeRO-0, except for a
+    gradient-projecting method (ProGrad) and fp16 gradients (``model.precision=official_fp16``)."""
+    return (ecfg.gradient_exchange == "structured" and ecfg.zero_stage == 0 and not fp16_gradients
+            and not method.projects_gradient)
+
+
 class TrainEngine:
     """forward / backward / step for the learnable prompts, plus their state for checkpoints."""
 
@@ -214,16 +222,15 @@ class TrainEngine:
         # DeepSpeed's all-reduce of every tensor.
         self.structured = None
         self.deepspeed_reduced_bytes = 0
-        if (ecfg.gradient_exchange == "structured" and ecfg.zero_stage == 0 and D.world_size() > 1
-                and not self.reduces_fp16 and not model.method.projects_gradient):
+        if D.world_size() > 1 and exchanges_by_structure(ecfg, model.method, self.reduces_fp16):
             self.structured = StructuredGradients(model)
             self.engine.enable_backward_allreduce = False
 
     def gradient_counters(self) -> Dict[str, int]:
-        """Running totals of this rank's learnable-gradient exchange: bytes of gradient factors received
-        (all-gathered) and of gradients all-reduced (per rank: the reduced tensors' fp32 size)."""
+        """Running totals of this rank's learnable-gradient exchange, as the fp32 size of what is all-reduced:
+        the meta network's factor tables and the other gradients."""
         if self.structured is not None:
-            return {"factor_bytes": self.structured.factor_bytes, "allreduce_bytes": self.structured.allreduce_bytes}
+            return self.structured.counters()
         return {"factor_bytes": 0, "allreduce_bytes": self.deepspeed_reduced_bytes}
 
     @staticmethod

@@ -22,7 +22,7 @@ import torch
 from softcpt_dist import distributed as D
 from softcpt_dist.config import Config
 from softcpt_dist.data.tasks import TaskGroup
-from softcpt_dist.model.loss import TaskTargets
+from softcpt_dist.model.loss import TaskTargets, column_positions
 from softcpt_dist.step_phases import NULL_TIMER
 from softcpt_dist.progress import progress
 from softcpt_dist.training.class_sampling import ClassSampler
@@ -133,8 +133,7 @@ class TrainLoop:
         elif self.grouped:  # only the batch's tasks' classes are encoded
             class_index = batch_classes(self.group, tasks)
         if class_index is not None:  # columns renumbered
-            position = torch.full((self.group.num_classes,), -1, dtype=torch.long, device=self.device)
-            position[class_index] = torch.arange(len(class_index), device=self.device)
+            position = column_positions(class_index, self.group.num_classes)
             targets, batch_task = position[targets], self.class_task[class_index]
         loss, pred = self.engine(inputs, class_index=class_index,
                                  targets=TaskTargets(tasks, batch_task, targets, self.task_weights))
