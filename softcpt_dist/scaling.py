@@ -22,7 +22,8 @@ all-reduce moves 2 (W - 1) / W of the tensor):
 - ``factors=(keys, out, in)`` (``engine.gradient_exchange=structured``): the meta network's ``out x in``
   weight gradient as its factor table, one row of ``out + in + 1`` numbers per task (per class for the
   class-aware variants), where that is smaller than the matrix, all-reduced with the rest in the same
-  one all-reduce: ``2 (W - 1) / W 4 (keys (out + in + 1) + rest)``.
+  one all-reduce: ``2 (W - 1) / W 4 (keys (out + in + 1) + rest)``; ``rest`` leaves out the rows of
+  per-class and per-task tensors that one rank's share alone reads (``predict_scaling``: ``kept_rows``).
 
 ``positions_r`` comes from the real planner on the real prompts (a share pays its tasks' shared
 prefixes and task prompts once each, so shares stop shrinking once tasks are split into a few
@@ -45,6 +46,7 @@ import torch
 
 from softcpt_dist.model.class_shards import ShardPlan, plan_shards
 from softcpt_dist.training.engine import full_numel
+from softcpt_dist.training.gradient_exchange import owned_rows
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,17 @@ def plan_all_classes(method, world_size: int) -> ShardPlan:
     return plan_shards(method.class_task.cpu(), lambda pos: method.text_positions(all_classes[pos]), world_size)
 
 
+def kept_rows(method, plan: ShardPlan) -> int:
+    """Learnable elements in rows read by one rank's share of ``plan`` (``Method.class_rows``): the structured
+    exchange keeps them on their owner (``training/gradient_exchange.py``)."""
+    learnable = method.learnable_parameters()
+    kept = 0
+    for name, class_row in method.class_rows().items():
+        rows = owned_rows(learnable[name], class_row, plan.shares, 0)
+        kept += len(rows.owned) * learnable[name][0].numel()
+    return kept
+
+
 def predict_scaling(method, world_sizes: Sequence[int], token_s: float, link, *, feature_bytes: int = 2,
                     kernel_floor_s: float = 0.0, fixed_s: float = 0.0, scoring: str = "gathered",
                     global_batch: int = 32, structured: bool = False,
@@ -136,7 +149,8 @@ def predict_scaling(method, world_sizes: Sequence[int], token_s: float, link, *,
     out = []
     for world in world_sizes:
         plan = plans[world] if plans and world in plans else plan_all_classes(method, world)
-        est = step_estimate(plan.costs, max(plan.sizes), method.backbone.embed_dim, learnable, token_s,
+        sent = learnable - kept_rows(method, plan) if structured else learnable
+        est = step_estimate(plan.costs, max(plan.sizes), method.backbone.embed_dim, sent, token_s,
                             link(world) if callable(link) else link,
                             feature_bytes=feature_bytes, kernel_floor_s=kernel_floor_s, fixed_s=fixed_s,
                             scoring=scoring, batch=max(1, -(-global_batch // world)), factors=factors)

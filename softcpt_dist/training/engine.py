@@ -188,7 +188,10 @@ class TrainEngine:
     """forward / backward / step for the learnable prompts, plus their state for checkpoints."""
 
     def __init__(self, model, optim: OptimConfig, ecfg: EngineConfig, world: WorldInfo, micro_batch: int,
-                 amp: bool = False):
+                 amp: bool = False, fixed_classes: bool = False):
+        """``fixed_classes``: every step encodes every class (no task-grouped batches, no class sampling), so
+        the ranks' class shares are the same all run and rows read by one rank stay there
+        (``gradient_exchange.py``)."""
         self.model, self.optim_cfg, self.ecfg = model, optim, ecfg
         self.k = steps_per_update(optim, model.method)
         # model.precision=official_amp: fp16 autocast and loss scaling; the official amp path steps the
@@ -203,8 +206,21 @@ class TrainEngine:
         deepspeed = import_deepspeed()
         self.optimizer = build_optimizer(model.learnable_parameters().values(), optim)
         self.schedule = EpochLRSchedule(self.optimizer, optim)
+        self.reduces_fp16 = any(p.dtype == torch.float16 for p in model.learnable_parameters().values())
+        # ZeRO-0 on several ranks: the gradients exchanged by their structure (gradient_exchange.py), not by
+        # DeepSpeed's all-reduce of every tensor.
+        self.structured = None
+        if D.world_size() > 1 and exchanges_by_structure(ecfg, model.method, self.reduces_fp16):
+            shares = model.shards.plan(model.method, torch.arange(model.method.num_classes)).shares \
+                if fixed_classes and model.shards is not None else None
+            self.structured = StructuredGradients(model, shares)
+        # Rows kept on their owners need the global norm, which DeepSpeed's clipping (each rank's own norm,
+        # averaged over ranks) cannot form: the engine clips them itself.
+        self.clips_itself = self.structured is not None and bool(self.structured.owned) and ecfg.grad_clip > 0
         # The process group's world size, as the loader's.
         self.ds_config = deepspeed_config(ecfg, D.world_size(), micro_batch, self.num_learnable())
+        if self.clips_itself:
+            self.ds_config["gradient_clipping"] = 0.0
         with launcher_env(world), no_shm_op_for_one_rank(deepspeed, D.world_size()):
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config,
                                                         dist_init_required=False)
@@ -215,16 +231,9 @@ class TrainEngine:
         # fp16 learnable tensors (model.precision=official_fp16, ZeRO-0): their gradients are averaged over
         # ranks here, as DeepSpeed's own reduction would (sum, then 1/world), which on CPUs without oneDNN
         # fp16 refuses fp16 gradients.
-        self.reduces_fp16 = any(p.dtype == torch.float16 for p in model.learnable_parameters().values())
-        if self.reduces_fp16:
+        if self.reduces_fp16 or self.structured is not None:
             self.engine.enable_backward_allreduce = False
-        # ZeRO-0 on several ranks: the gradients exchanged by their structure (gradient_exchange.py), not by
-        # DeepSpeed's all-reduce of every tensor.
-        self.structured = None
         self.deepspeed_reduced_bytes = 0
-        if D.world_size() > 1 and exchanges_by_structure(ecfg, model.method, self.reduces_fp16):
-            self.structured = StructuredGradients(model)
-            self.engine.enable_backward_allreduce = False
 
     def gradient_counters(self) -> Dict[str, int]:
         """Running totals of this rank's learnable-gradient exchange, as the fp32 size of what is all-reduced:
@@ -272,6 +281,7 @@ class TrainEngine:
         if self.loss_scale is not None and self.engine.is_gradient_accumulation_boundary():
             finite = self.loss_scale.unscale(self.model.learnable_parameters().values())
             if finite:
+                self._clip()
                 self.engine.step()
             else:  # GradScaler's rule: no step on non-finite gradients, a smaller scale
                 with skipped_step(self.engine.optimizer):
@@ -284,7 +294,20 @@ class TrainEngine:
         if self.optimizer_steps > 1:
             for _ in range(self.optimizer_steps - 1):  # same reduced gradient, as the official code does
                 self.engine.optimizer.step()
+        if self.engine.is_gradient_accumulation_boundary():
+            self._clip()
         self.engine.step()
+
+    def _clip(self) -> None:
+        """Where DeepSpeed's clipping would run (at a boundary, before its step): the engine's own, when it clips."""
+        if self.clips_itself:
+            self.structured.clip(self.ecfg.grad_clip)
+
+    def synchronize(self) -> None:
+        """Every rank's learnable tensors and optimizer state the same again (rows kept on their owners sent
+        to the others); all ranks call it before anything reads them whole."""
+        if self.structured is not None:
+            self.structured.synchronize(self.optimizer)
 
     def apply_optimizer_settings(self) -> None:
         """Set this run's momentum and weight decay on the optimizer (a restored one keeps the saved ones)."""
@@ -319,6 +342,7 @@ class TrainEngine:
 
     def learnable_state_dict(self) -> Dict[str, torch.Tensor]:
         """Full (gathered) learnable tensors on CPU, identical on every rank."""
+        self.synchronize()
         params = self.model.learnable_parameters()
         if not self.zero3:
             return {n: p.detach().cpu().clone() for n, p in params.items()}
@@ -328,6 +352,7 @@ class TrainEngine:
 
     def save(self, folder: Path, tag: str) -> None:
         """DeepSpeed checkpoint (learnable module state, optimizer) into ``folder/tag``; all ranks call it."""
+        self.synchronize()
         extra = {} if self.loss_scale is None else {"loss_scale": self.loss_scale.state_dict()}
         self.engine.save_checkpoint(str(folder), tag=tag, save_latest=False, client_state=extra,
                                     exclude_frozen_parameters=True)

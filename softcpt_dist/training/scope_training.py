@@ -79,6 +79,7 @@ def run_prepared(prepared: "PreparedTraining", job: ScopeJob, cfg: Config) -> Tu
                 mem["learnable_param_bytes"] / 2**20)
     tengine.train()
     history = prepared.loop.run(prepared.state)
+    tengine.synchronize()
     _report_memory(tengine, tag, job.scope, job.run, engine.zero_stage)
     tengine.train(False)
     return history, tengine
@@ -115,7 +116,8 @@ def prepare_training(job: ScopeJob, cfg: Config, signals: StopSignals, world: Op
                                         num_workers=data.num_workers, features=job.features, rank=D.rank(),
                                         world_size=D.world_size())
     tengine = TrainEngine(job.model, optim, engine, world or world_info_from_env(), micro,
-                          amp=cfg.model.precision == "official_amp")
+                          amp=cfg.model.precision == "official_amp",
+                          fixed_classes=sampler.tasks_per_batch == 0 and cfg.method.class_sample_rate == 0)
     steps_per_epoch = _whole_steps(sampler, engine.grad_accum_steps, "" if job.scope == "joint" else f"{job.scope}: ")
     loop = TrainLoop(tengine, loader, job, cfg, signals, steps_per_epoch, timer)
     return PreparedTraining(tengine, loader, sampler, loop, LoopState(), micro)

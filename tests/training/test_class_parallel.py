@@ -39,6 +39,11 @@ PER_TASK = {"coopca-pertask": ["method.name=coop", "method.coop_mode=CA"], "kgco
 SPECIAL = {"nata-accumulated": (["optim.batch_size=12", "engine.grad_accum_steps=4"],
                                 ["optim.batch_size=12", "engine.grad_accum_steps=2", "engine.zero_stage=2"], 2, REL),
            "nata-official": (["optim.official_stepping=true"], ["optim.official_stepping=true"], 1, 1e-4),
+           # Class contexts kept on their owner rank under gradient clipping that binds at every step (a large
+           # step size, a small norm): the norm must be the global one on both ranks.
+           "csta-clipped": (["method.variant=CSTA", "optim.lr=0.5", "engine.grad_clip=0.01",
+                             "engine.grad_accum_steps=2"],
+                            ["method.variant=CSTA", "optim.lr=0.5", "engine.grad_clip=0.01"], 2, REL),
            # The exchange before class-parallel scoring and structured gradients: class features gathered,
            # every gradient all-reduced by DeepSpeed.
            "nata-gathered": (["engine.grad_accum_steps=2"],

@@ -142,3 +142,134 @@ def test_keys_costing_more_than_the_matrix_leave_it_to_the_all_reduce():
     exchange = StructuredGradients(model)
     assert exchange.factored == [] and model.method.meta_net.factors is None
     assert len(exchange.rest) == 2
+
+
+# Rows owned by one rank: 7 classes whose encodings read rows [0, 0, 1, 1, 2, 3, 3] of a [5, 16] tensor; rank 0
+# encodes classes 0-2, rank 1 classes 3-6. Rows 0 and 2, 3 are owned (by rank 0, and 1), row 1 is read by
+# both ranks, row 4 by neither.
+CLASS_ROW = torch.tensor([0, 0, 1, 1, 2, 3, 3])
+SHARES = [torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5, 6])]
+
+
+class _RowsMethod(_Method):
+    def __init__(self, in_dim):
+        super().__init__(in_dim)
+        self.rows = nn.Parameter(torch.randn(5, 16))
+
+    def class_rows(self):
+        return {"rows": CLASS_ROW}
+
+
+class _RowsModel(_Model):
+    def __init__(self, in_dim=32):
+        nn.Module.__init__(self)
+        self.method = _RowsMethod(in_dim)
+
+
+def _rows_loss(model, rank, task_features, step):
+    torch.manual_seed(300 + 10 * step + rank)
+    rows = model.method.rows[CLASS_ROW[SHARES[rank]]]  # this rank's classes' rows
+    return _loss(model, rank, task_features) * 1e-3 + (rows * torch.randn_like(rows)).sum() * (rank + 1)
+
+
+def _train_rows(model, rank, task_features, steps, max_norm, exchange=None):
+    """SGD with momentum and weight decay; ``exchange``: the structured exchange (else the caller averages)."""
+    opt = torch.optim.SGD(model.learnable_parameters().values(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        _rows_loss(model, rank, task_features, step).backward()
+        if exchange is None:
+            return opt
+        exchange.exchange()
+        if max_norm:
+            exchange.clip(max_norm)
+        opt.step()
+    return opt
+
+
+def _rows_worker(rank, world, port, queue, steps, max_norm):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from softcpt_dist.training.gradient_exchange import StructuredGradients
+    torch.manual_seed(0)
+    model, task_features = _RowsModel(), torch.randn(KEYS, 32)
+    exchange = StructuredGradients(model, SHARES)
+    opt = _train_rows(model, rank, task_features, steps, max_norm, exchange)
+    stale = model.method.rows.detach().clone()
+    exchange.synchronize(opt)
+    params = {n: p.detach().clone() for n, p in model.learnable_parameters().items()}
+    momentum = opt.state[model.method.rows]["momentum_buffer"].clone()
+    queue.put((rank, params, momentum, stale, exchange.counters()))
+    dist.destroy_process_group()
+
+
+def _reference_rows(steps, max_norm):
+    """The same training with the ranks' gradients averaged whole (DeepSpeed's reduction) and clipped as
+    ``torch.nn.utils.clip_grad_norm_`` (DeepSpeed's coefficient)."""
+    torch.manual_seed(0)
+    model, task_features = _RowsModel(), torch.randn(KEYS, 32)
+    opt = torch.optim.SGD(model.learnable_parameters().values(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    for step in range(steps):
+        grads = []
+        for rank in range(2):
+            opt.zero_grad(set_to_none=True)
+            _rows_loss(model, rank, task_features, step).backward()
+            grads.append({n: p.grad.clone() for n, p in model.learnable_parameters().items()})
+        for n, p in model.learnable_parameters().items():
+            p.grad = (grads[0][n] + grads[1][n]) / 2
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(model.learnable_parameters().values(), max_norm)
+        opt.step()
+    return model, opt
+
+
+def _run_rows(steps, max_norm):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rows_worker, args=(r, 2, port, queue, steps, max_norm)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {r: rest for r, *rest in (queue.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
+def test_rows_read_by_one_rank_are_not_sent_and_come_back_from_their_owner():
+    """Three SGD steps (momentum, weight decay) with a clipping norm the gradients exceed: the owned rows
+    never enter the all-reduce; after ``synchronize`` every rank's tensors and momentum equal the reference
+    that averages every gradient whole, and before it the other rank's owned rows were stale."""
+    steps, max_norm = 3, 0.5
+    model, opt = _reference_rows(steps, max_norm)
+    expected = {n: p.detach() for n, p in model.learnable_parameters().items()}
+    momentum = opt.state[model.method.rows]["momentum_buffer"]
+    results = _run_rows(steps, max_norm)
+    for rank, (params, got_momentum, stale, counters) in results.items():
+        for name, value in expected.items():
+            torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_momentum, momentum, rtol=1e-5, atol=1e-6)
+        others = [2, 3] if rank == 0 else [0]  # rows owned by the other rank: stale here before synchronize
+        assert not torch.allclose(stale[others], expected["rows"][others], atol=1e-3)
+        # per step: the factors, the context, and of the rows only the shared row 1 (not 0, 2, 3; 4 unread)
+        assert counters["allreduce_bytes"] == steps * (4 * 16 + 16) * 4
+
+
+def test_without_clipping_the_owned_rows_train_as_the_reference():
+    model, _ = _reference_rows(2, 0.0)
+    results = _run_rows(2, 0.0)
+    for params, *_ in results.values():
+        torch.testing.assert_close(params["rows"], model.method.rows.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_reference_gradients_exceed_the_clipping_norm():
+    """So that the clipped test above clips at every step (its coefficient comes from the global norm)."""
+    torch.manual_seed(0)
+    model, task_features = _RowsModel(), torch.randn(KEYS, 32)
+    for rank in range(2):
+        _rows_loss(model, rank, task_features, 0).backward()
+    norm = torch.cat([p.grad.reshape(-1) / 2 for p in model.learnable_parameters().values()]).norm()
+    assert norm > 4 * 0.5

@@ -122,3 +122,10 @@ class Method(nn.Module):
 
     def learnable_parameters(self) -> Dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def class_rows(self) -> Dict[str, torch.Tensor]:
+        """Learnable tensors whose rows are read only by the encoding of certain classes: name (as in
+        ``learnable_parameters``) -> the row each class's encoding reads ``[C]``. A row whose classes are all
+        in one rank's class share gets its whole gradient on that rank (``training/gradient_exchange.py``);
+        none by default."""
+        return {}

@@ -6,7 +6,7 @@ MT: a single context shared by every class of every task, trained jointly.
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar, Dict, Optional
 
 import torch
 
@@ -50,6 +50,9 @@ class CoOp(Method):
     @classmethod
     def per_task(cls, cfg: MethodConfig) -> bool:
         return cfg.coop_mode in ("CA", "CS")  # CoOp trains one dataset at a time
+
+    def class_rows(self) -> Dict[str, torch.Tensor]:
+        return {"ctx": self.ctx_owner} if self.ctx.requires_grad else {}
 
     def forward(self, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         owner = self.ctx_owner if class_index is None else self.ctx_owner[class_index]

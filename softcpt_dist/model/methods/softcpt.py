@@ -8,7 +8,7 @@ context is shared by all tasks (TA) or task-specific (TS).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -107,6 +107,15 @@ class SoftCPT(Method):
     def _task_owner(self, tasks: torch.Tensor) -> torch.Tensor:
         """Task-context row of each task prompt: its own (TS) or the shared one (TA)."""
         return tasks if self.task_specific else torch.zeros_like(tasks)
+
+    def class_rows(self) -> Dict[str, torch.Tensor]:
+        rows = {}
+        if self.uses_tasks:
+            rows["task_ctx"] = self._task_owner(self.class_task)
+        if self.class_aware and self.class_ctx.requires_grad:
+            all_classes = torch.arange(self.num_classes, device=self.class_task.device)
+            rows["class_ctx"] = all_classes if self.class_specific else torch.zeros_like(all_classes)
+        return rows
 
     def _selection(self, class_index: Optional[torch.Tensor]) -> _Selection:
         index = torch.arange(self.num_classes, device=self.class_task.device) if class_index is None else class_index
