@@ -222,6 +222,28 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(single_run, small_da
                                                                                rel=TOL["rtol"], abs=TOL["atol"])
 
 
+def test_rows_kept_on_their_owner_survive_a_kill_of_two_ranks(small_data_root, tmp_path):
+    """SoftCPT CSTA on 2 ranks (ZeRO-0): the class contexts' rows stay on the rank whose share reads them,
+    so each checkpoint must first bring every rank's rows together. Killed after its second checkpoint and
+    resumed, the run ends as the uninterrupted one."""
+    extra = ["method.variant=CSTA", "optim.epochs=6", "train.checkpoint_every=3", "train.keep_checkpoints=5"]
+    rc, log = _run(2, _args(small_data_root, tmp_path, "whole", *extra))
+    assert rc == 0, log
+    args = _args(small_data_root, tmp_path, "killed", *extra)
+    proc = _launch(2, args)
+    _wait_for(tmp_path / "killed" / "checkpoints" / "joint" / "step000000006", proc)
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    for pid in ranks:  # torchrun starts each rank in its own session: kill them, then the launcher
+        os.kill(int(pid), signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (tmp_path / "killed" / "prompt_checkpoint.pt").exists()
+    rc, log = _run(2, args + ["train.resume=latest"])
+    assert rc == 0, log
+    assert "resumed from" in log
+    _assert_same_training(tmp_path / "killed", tmp_path / "whole")
+
+
 def _epochs(run):
     """The last record of each epoch (a resumed run logs an interrupted epoch's record once, after resuming)."""
     records = {}
