@@ -132,6 +132,14 @@ def main(argv=None) -> int:
         print(table(f"{name}, current exchange, assumed {assumptions}", current) + "\n")
         at8 = WORLDS.index(8)
         print(bytes_by_kind(name, former[at8], current[at8]) + "\n")
+    # A class-specific variant: its class contexts (a row per class) are read by one rank each and stay there.
+    csta = build_method(backbone, groups["General-10"], MethodConfig(variant="CSTA"), PromptConfig())
+    plan8 = {w: plan_all_classes(csta, w) for w in (1, 8)}
+    former, current = (predict_scaling(csta, (1, 8), gpu_token, NVLINK, kernel_floor_s=floor, fixed_s=1e-3,
+                                       global_batch=GLOBAL_BATCH, plans=plan8, **exchange)[1]
+                       for exchange in (FORMER, CURRENT))
+    learnable = sum(q.numel() for q in csta.learnable_parameters().values())
+    print(bytes_by_kind(f"General-10, SoftCPT CSTA ({learnable:,} learnable elements)", former, current) + "\n")
     return 0
 
 

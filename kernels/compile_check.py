@@ -148,23 +148,34 @@ def loss_launches(dtype_name: str, dim: int, shape: str, target: int) -> List[La
     meta = dict(BLOCK_B=launch.samples, BLOCK_C=launch.classes, BLOCK_E=launch.chunk, PRECISION=dot_precision(dtype))
     tiles = _tiles_text(launch.options(), b=launch.samples, c=launch.classes, e=launch.chunk)
     sample = _name(cosine_ce._sample_tile)
-    sample_args = [img, txt, i64, i64, i64, i64, f32, scale, f32, f32, i64, f32, img, SAMPLES, dim, dim, dim]
-    class_args = [img, txt, i64, i64, i64, c64, c64, i64, f32, scale, f32, f32, txt, c32, SAMPLES, CLASSES, dim, dim,
-                  dim]
+    sample_args = [img, txt, i64, i64, i64, i64, f32, scale, f32, f32, i64, f32, f32, f32, img, SAMPLES, dim, dim,
+                   dim]
+    class_args = [img, txt, i64, i64, i64, c64, c64, i64, f32, scale, f32, f32, f32, txt, c32, SAMPLES, CLASSES, dim,
+                  dim, dim]
     wide = dtype != torch.float32 and launch.samples >= 64
     out = []
     for weight in (False, True):
         suffix = ", task weights" if weight else ""
         out += [
             Launch(sample, "forward" + suffix, dtype_name, shape, tiles, sample_args,
-                   dict(meta, HAS_TARGET=True, HAS_WEIGHT=weight, BACKWARD=False), launch.options(), wide),
+                   dict(meta, HAS_TARGET=True, HAS_WEIGHT=weight, BACKWARD=False, STATS=False), launch.options(), wide),
             Launch(sample, "backward images" + suffix, dtype_name, shape, tiles, sample_args,
-                   dict(meta, HAS_TARGET=True, HAS_WEIGHT=weight, BACKWARD=True), launch.options(), wide),
+                   dict(meta, HAS_TARGET=True, HAS_WEIGHT=weight, BACKWARD=True, STATS=False), launch.options(), wide),
             Launch(_name(cosine_ce._class_tile), "backward classes" + suffix, dtype_name, shape, tiles, class_args,
-                   dict(meta, HAS_WEIGHT=weight), launch.options(), wide),
+                   dict(meta, HAS_WEIGHT=weight, STATS=False), launch.options(), wide),
         ]
     out.append(Launch(sample, "predict", dtype_name, shape, tiles, sample_args,
-                      dict(meta, HAS_TARGET=False, HAS_WEIGHT=False, BACKWARD=False), launch.options(), wide))
+                      dict(meta, HAS_TARGET=False, HAS_WEIGHT=False, BACKWARD=False, STATS=False), launch.options(),
+                      wide))
+    # class-parallel scoring's share statistics (``fused_share_stats``)
+    out += [
+        Launch(sample, "share forward", dtype_name, shape, tiles, sample_args,
+               dict(meta, HAS_TARGET=True, HAS_WEIGHT=False, BACKWARD=False, STATS=True), launch.options(), wide),
+        Launch(sample, "share backward images", dtype_name, shape, tiles, sample_args,
+               dict(meta, HAS_TARGET=True, HAS_WEIGHT=False, BACKWARD=True, STATS=True), launch.options(), wide),
+        Launch(_name(cosine_ce._class_tile), "share backward classes", dtype_name, shape, tiles, class_args,
+               dict(meta, HAS_WEIGHT=False, STATS=True), launch.options(), wide),
+    ]
     return out
 
 

@@ -13,9 +13,16 @@ log-sum-exp, the target's logit and the within-task argmax:
   features require it; cached features do not); per class tile and chunk: the class-feature gradient
   and each class's share of the ``logit_scale`` gradient. Each output has one writer: deterministic.
 
+The same two kernels (``STATS``) give class-parallel scoring's statistics of one class share
+(``fused_share_stats``): per sample, over the share's columns of its task, the top logit, the sum of
+exponentials relative to it, the target's logit and the best column -- the online max, sum, target and
+argmax above, written instead of being turned into a loss. Their backward is the loss's with
+``dlogit = g_sum * exp(logit - top) + g_target * onehot(target)`` in place of the softmax's.
+
 The kernels take plain tensors; the model's dispatchers (``softcpt_dist.model.loss.cosine_cross_entropy``
-and ``within_task_predict``) decide when to call them, and its PyTorch path (``cosine_logits``,
-``multitask_cross_entropy``, ``within_task_argmax``) is the reference.
+and ``within_task_predict``, ``softcpt_dist.model.share_loss.share_statistics``) decide when to call them,
+and its PyTorch path (``cosine_logits``, ``multitask_cross_entropy``, ``within_task_argmax``;
+``share_logits`` + ``share_stats``) is the reference.
 """
 
 from __future__ import annotations
@@ -29,12 +36,14 @@ from softcpt_dist.kernels.launch import LossLaunch, device_target, loss_launch
 
 
 @kernel
-def _sample_tile(IMG, TXT, ORDER, COL_START, COL_END, TARGET, WEIGHT, SCALE, LOSS, LSE, PRED, GRAD_LOSS, GRAD_IMG,
-                 n_samples, dim, stride_img, stride_txt, HAS_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                 BACKWARD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
-                 PRECISION: tl.constexpr):
+def _sample_tile(IMG, TXT, ORDER, COL_START, COL_END, TARGET, WEIGHT, SCALE, LOSS, LSE, PRED, SUM_EXP, GRAD_LOSS,
+                 GRAD_PICKED, GRAD_IMG, n_samples, dim, stride_img, stride_txt, HAS_TARGET: tl.constexpr,
+                 HAS_WEIGHT: tl.constexpr, BACKWARD: tl.constexpr, STATS: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
     """A tile of samples (task-sorted): forward loss, log-sum-exp and prediction, or (``BACKWARD``) one
-    embedding chunk of the image-feature gradient."""
+    embedding chunk of the image-feature gradient. ``STATS`` (share statistics): the forward writes the
+    top logit to ``LSE``, the sum of exponentials relative to it to ``SUM_EXP`` and the target's logit to
+    ``LOSS``; the backward takes their gradients in ``GRAD_LOSS`` (the sum's) and ``GRAD_PICKED``."""
     i = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = i < n_samples
     sample = tl.load(ORDER + i, mask=row_ok, other=0)
@@ -57,6 +66,8 @@ def _sample_tile(IMG, TXT, ORDER, COL_START, COL_END, TARGET, WEIGHT, SCALE, LOS
     if BACKWARD:
         lse = tl.load(LSE + sample, mask=row_ok, other=0.0)
         g = tl.load(GRAD_LOSS + sample, mask=row_ok, other=0.0) * weight
+        if STATS:
+            g_picked = tl.load(GRAD_PICKED + sample, mask=row_ok, other=0.0)
         chunk = tl.program_id(1).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
         acc = tl.zeros([BLOCK_B, BLOCK_E], tl.float32)
         h = tl.zeros([BLOCK_B], tl.float32)
@@ -84,10 +95,14 @@ def _sample_tile(IMG, TXT, ORDER, COL_START, COL_END, TARGET, WEIGHT, SCALE, LOS
         logit = scale * dot * r_img[:, None] * r_txt[None, :]
         valid = row_ok[:, None] & (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
         if BACKWARD:
-            p = tl.exp(logit - lse[:, None])
-            if HAS_TARGET:
-                p = p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
-            dlogit = tl.where(valid, p * g[:, None], 0.0)
+            if STATS:  # d sum_exp / d logit = exp(logit - top), d target / d logit = onehot
+                p = tl.exp(logit - lse[:, None]) * g[:, None]
+                dlogit = tl.where(valid, p + tl.where(cols[None, :] == target[:, None], g_picked[:, None], 0.0), 0.0)
+            else:
+                p = tl.exp(logit - lse[:, None])
+                if HAS_TARGET:
+                    p = p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+                dlogit = tl.where(valid, p * g[:, None], 0.0)
             h += tl.sum(dlogit * logit, 1)
             w = tl.load(TXT + cols[:, None] * stride_txt + chunk[None, :],
                         mask=(cols < hi)[:, None] & (chunk < dim)[None, :], other=0.0).to(tl.float32)
@@ -112,7 +127,11 @@ def _sample_tile(IMG, TXT, ORDER, COL_START, COL_END, TARGET, WEIGHT, SCALE, LOS
                  mask=row_ok[:, None] & (chunk < dim)[None, :])
     else:
         tl.store(PRED + sample, best_col, mask=row_ok)
-        if HAS_TARGET:
+        if STATS:  # a sample without a column of its task here: top -inf, sum 0, target 0
+            tl.store(LSE + sample, tl.where(end > start, m_i, float("-inf")), mask=row_ok)
+            tl.store(SUM_EXP + sample, l_i, mask=row_ok)
+            tl.store(LOSS + sample, picked, mask=row_ok)
+        elif HAS_TARGET:
             lse_out = m_i + tl.log(tl.where(row_ok, l_i, 1.0))
             tl.store(LSE + sample, lse_out, mask=row_ok)
             tl.store(LOSS + sample, weight * (lse_out - picked), mask=row_ok)
@@ -120,11 +139,12 @@ def _sample_tile(IMG, TXT, ORDER, COL_START, COL_END, TARGET, WEIGHT, SCALE, LOS
 
 @kernel
 def _class_tile(IMG, TXT, ORDER, COL_START, COL_END, SAMPLE_START, SAMPLE_END, TARGET, WEIGHT, SCALE, LSE,
-                GRAD_LOSS, GRAD_TXT, H, n_samples, n_classes, dim, stride_img, stride_txt,
-                HAS_WEIGHT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
-                PRECISION: tl.constexpr):
+                GRAD_LOSS, GRAD_PICKED, GRAD_TXT, H, n_samples, n_classes, dim, stride_img, stride_txt,
+                HAS_WEIGHT: tl.constexpr, STATS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
     """One embedding chunk of the class-feature gradient of a tile of classes, from their tasks' samples;
-    chunk 0 also writes each class's sum of dlogit * logit (its share of the logit_scale gradient)."""
+    chunk 0 also writes each class's sum of dlogit * logit (its share of the logit_scale gradient).
+    ``STATS``: of the share statistics (``LSE``: each sample's top logit; ``_sample_tile``'s gradients)."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < n_classes
     chunk = tl.program_id(1).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -165,8 +185,13 @@ def _class_tile(IMG, TXT, ORDER, COL_START, COL_END, SAMPLE_START, SAMPLE_END, T
         r_img = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
         logit = scale * dot * r_img[:, None] * r_txt[None, :]
         valid = row_ok[:, None] & col_ok[None, :] & (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
-        p = tl.exp(logit - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
-        dlogit = tl.where(valid, p * g[:, None], 0.0)  # [BLOCK_B, BLOCK_C]
+        if STATS:
+            g_picked = tl.load(GRAD_PICKED + sample, mask=row_ok, other=0.0)
+            p = tl.exp(logit - lse[:, None]) * g[:, None]
+            dlogit = tl.where(valid, p + tl.where(cols[None, :] == target[:, None], g_picked[:, None], 0.0), 0.0)
+        else:
+            p = tl.exp(logit - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+            dlogit = tl.where(valid, p * g[:, None], 0.0)  # [BLOCK_B, BLOCK_C]
         h += tl.sum(dlogit * logit, 0)
         x = tl.load(IMG + sample[:, None] * stride_img + chunk[None, :], mask=row_ok[:, None] & (chunk < dim)[None, :],
                     other=0.0).to(tl.float32)
@@ -201,52 +226,93 @@ def _meta(launch: LossLaunch, dtype: torch.dtype) -> dict:
                 **launch.options())
 
 
+def _save(ctx, launch: LossLaunch, img, txt, logit_scale, targets, weight, lse, tiles) -> None:
+    """What ``_backward`` reads: the inputs, each sample's shift (log-sum-exp; the statistics' top) and tiles."""
+    ctx.save_for_backward(img, txt, logit_scale, targets, lse, *tiles, *([] if weight is None else [weight]))
+    ctx.has_weight, ctx.launch = weight is not None, launch
+
+
+def _backward(ctx, grad_loss: torch.Tensor, grad_picked: Optional[torch.Tensor] = None):
+    """The image-feature, class-feature and ``logit_scale`` gradients, of the loss (``grad_loss``: per
+    sample) or, with ``grad_picked``, of the share statistics (``grad_loss``: of the sums of exponentials,
+    ``grad_picked``: of the target logits)."""
+    img, txt, logit_scale, targets, lse, order, col_start, col_end, sample_start, sample_end, *weight = \
+        ctx.saved_tensors
+    grad_loss = grad_loss.contiguous().float()
+    stats = grad_picked is not None
+    grad_picked = grad_picked.contiguous().float() if stats else grad_loss
+    weight = weight[0] if weight else lse
+    n, dim = img.shape
+    launch = ctx.launch
+    chunks = -(-dim // launch.chunk)
+    common = dict(HAS_WEIGHT=ctx.has_weight, STATS=stats, **_meta(launch, img.dtype))
+    need_img, need_txt, need_scale = ctx.needs_input_grad[:3]
+    grad_img = grad_txt = grad_scale = None
+    if need_img:
+        grad_img = torch.empty_like(img)
+        _sample_tile[(-(-n // launch.samples), chunks)](
+            img, txt, order, col_start, col_end, targets, weight, logit_scale, lse, lse, lse, lse, grad_loss,
+            grad_picked, grad_img, n, dim, img.stride(0), txt.stride(0), HAS_TARGET=True, BACKWARD=True, **common)
+    if need_txt or need_scale:
+        grad_txt = torch.empty_like(txt)
+        h = torch.empty(txt.shape[0], dtype=torch.float32, device=txt.device)
+        _class_tile[(-(-txt.shape[0] // launch.classes), chunks)](
+            img, txt, order, col_start, col_end, sample_start, sample_end, targets, weight, logit_scale, lse,
+            grad_loss, grad_picked, grad_txt, h, n, txt.shape[0], dim, img.stride(0), txt.stride(0), **common)
+        grad_scale = h.sum().to(logit_scale.dtype).reshape(logit_scale.shape) if need_scale else None
+        grad_txt = grad_txt if need_txt else None
+    return grad_img, grad_txt, grad_scale
+
+
 class _CosineCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img, txt, logit_scale, tasks, targets, class_task, weight, launch):
         img, txt = img.contiguous(), txt.contiguous()
         n, dim = img.shape
         meta = _meta(launch, img.dtype)
-        order, col_start, col_end, sample_start, sample_end = _tiles(tasks, class_task)
+        tiles = _tiles(tasks, class_task)
+        order, col_start, col_end = tiles[:3]
         loss = torch.empty(n, dtype=torch.float32, device=img.device)
         lse = torch.empty_like(loss)
         pred = torch.empty(n, dtype=torch.long, device=img.device)
-        has_weight = weight is not None
-        weight_arg = weight if has_weight else loss
+        weight_arg = weight if weight is not None else loss
         _sample_tile[(-(-n // launch.samples), 1)](
-            img, txt, order, col_start, col_end, targets, weight_arg, logit_scale, loss, lse, pred, loss, img,
-            n, dim, img.stride(0), txt.stride(0), HAS_TARGET=True, HAS_WEIGHT=has_weight, BACKWARD=False, **meta)
-        ctx.save_for_backward(img, txt, logit_scale, targets, weight_arg, lse, order, col_start, col_end,
-                              sample_start, sample_end)
-        ctx.has_weight, ctx.launch = has_weight, launch
+            img, txt, order, col_start, col_end, targets, weight_arg, logit_scale, loss, lse, pred, loss, loss, loss,
+            img, n, dim, img.stride(0), txt.stride(0), HAS_TARGET=True, HAS_WEIGHT=weight is not None,
+            BACKWARD=False, STATS=False, **meta)
+        _save(ctx, launch, img, txt, logit_scale, targets, weight, lse, tiles)
         ctx.mark_non_differentiable(pred)
         return loss, pred
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_pred):
-        img, txt, logit_scale, targets, weight, lse, order, col_start, col_end, sample_start, sample_end = \
-            ctx.saved_tensors
-        grad_loss = grad_loss.contiguous().float()
+        return (*_backward(ctx, grad_loss), None, None, None, None, None)
+
+
+class _ShareStats(torch.autograd.Function):
+    """Per sample, over its task's columns: top logit, sum of exponentials relative to it, target logit
+    (``targets``: columns, -1 where absent) and best column. Differentiable: the sum and the target logit."""
+
+    @staticmethod
+    def forward(ctx, img, txt, logit_scale, tasks, targets, class_task, launch):
+        img, txt = img.contiguous(), txt.contiguous()
         n, dim = img.shape
-        launch = ctx.launch
-        chunks = -(-dim // launch.chunk)
-        common = dict(HAS_WEIGHT=ctx.has_weight, **_meta(launch, img.dtype))
-        need_img, need_txt, need_scale = ctx.needs_input_grad[:3]
-        grad_img = grad_txt = grad_scale = None
-        if need_img:
-            grad_img = torch.empty_like(img)
-            _sample_tile[(-(-n // launch.samples), chunks)](
-                img, txt, order, col_start, col_end, targets, weight, logit_scale, lse, lse, lse, grad_loss,
-                grad_img, n, dim, img.stride(0), txt.stride(0), HAS_TARGET=True, BACKWARD=True, **common)
-        if need_txt or need_scale:
-            grad_txt = torch.empty_like(txt)
-            h = torch.empty(txt.shape[0], dtype=torch.float32, device=txt.device)
-            _class_tile[(-(-txt.shape[0] // launch.classes), chunks)](
-                img, txt, order, col_start, col_end, sample_start, sample_end, targets, weight, logit_scale, lse,
-                grad_loss, grad_txt, h, n, txt.shape[0], dim, img.stride(0), txt.stride(0), **common)
-            grad_scale = h.sum().to(logit_scale.dtype).reshape(logit_scale.shape) if need_scale else None
-            grad_txt = grad_txt if need_txt else None
-        return grad_img, grad_txt, grad_scale, None, None, None, None, None
+        tiles = _tiles(tasks, class_task)
+        order, col_start, col_end = tiles[:3]
+        top = torch.empty(n, dtype=torch.float32, device=img.device)
+        sum_exp, picked = torch.empty_like(top), torch.empty_like(top)
+        best = torch.empty(n, dtype=torch.long, device=img.device)
+        _sample_tile[(-(-n // launch.samples), 1)](
+            img, txt, order, col_start, col_end, targets, top, logit_scale, picked, top, best, sum_exp, top, top,
+            img, n, dim, img.stride(0), txt.stride(0), HAS_TARGET=True, HAS_WEIGHT=False, BACKWARD=False,
+            STATS=True, **_meta(launch, img.dtype))
+        _save(ctx, launch, img, txt, logit_scale, targets, None, top, tiles)
+        ctx.mark_non_differentiable(top, best)
+        return top, sum_exp, picked, best
+
+    @staticmethod
+    def backward(ctx, _grad_top, grad_sum, grad_picked, _grad_best):
+        return (*_backward(ctx, grad_sum, grad_picked), None, None, None, None)
 
 
 def _common_dtype(image_features: torch.Tensor, class_features: torch.Tensor):
@@ -298,6 +364,24 @@ def fused_within_task_predict(image_features: torch.Tensor, class_features: torc
     pred = torch.empty(n, dtype=torch.long, device=image_features.device)
     _sample_tile[(-(-n // launch.samples), 1)](
         image_features, class_features, order, col_start, col_end, pred, pred, logit_scale.reshape(()), pred,
-        pred, pred, pred, pred, n, dim, image_features.stride(0), class_features.stride(0), HAS_TARGET=False,
-        HAS_WEIGHT=False, BACKWARD=False, **_meta(launch, image_features.dtype))
+        pred, pred, pred, pred, pred, pred, n, dim, image_features.stride(0), class_features.stride(0),
+        HAS_TARGET=False, HAS_WEIGHT=False, BACKWARD=False, STATS=False, **_meta(launch, image_features.dtype))
     return pred
+
+
+def fused_share_stats(image_features: torch.Tensor, share_features: torch.Tensor, logit_scale: torch.Tensor,
+                      class_ids: torch.Tensor, share_task: torch.Tensor, tasks: torch.Tensor,
+                      local_targets: torch.Tensor, launch: Optional[LossLaunch] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(top, sum_exp, target, best)`` of one class share, where ``fused_applies`` (with ``share_task``, the
+    task of each of the share's columns, as ``class_task``): per sample of ``tasks [B]``, over the share's
+    columns of its task, the largest ``exp(logit_scale) * cos`` logit (-inf without such a column; no
+    gradient), the sum of exponentials relative to it (differentiable, the top taken as a constant), the
+    logit of the sample's target column ``local_targets [B]`` (0 where it is -1: the share lacks the
+    target), and the first best column as a global class id ``class_ids[column]`` (0 without a column)."""
+    image_features, share_features = _common_dtype(image_features, share_features)
+    top, sum_exp, target, best = _ShareStats.apply(
+        image_features, share_features, logit_scale.reshape(()), tasks.contiguous(), local_targets.contiguous(),
+        share_task.contiguous(), _launch(image_features, launch))
+    best = torch.where(torch.isfinite(top), class_ids[best], torch.zeros_like(best))
+    return top, sum_exp, target, best

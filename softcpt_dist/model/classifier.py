@@ -170,7 +170,7 @@ class PromptClassifier(nn.Module):
             terms = method.class_loss_terms(share.features, share.class_ids)
             loss, predicted = class_parallel_loss(share.features, share.class_ids, method.class_task, batch,
                                                   self.backbone.logit_scale, share.contributes,
-                                                  None if terms is None else terms * share.class_weight)
+                                                  None if terms is None else terms * share.class_weight, self.kernels)
             shards.stats_bytes += shards.world_size * (4 * len(batch.tasks) + 1) * 4
             if class_index is not None:  # this rank's columns
                 predicted = column_positions(class_index, method.num_classes)[predicted]

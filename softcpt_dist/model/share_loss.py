@@ -16,6 +16,9 @@ micro-batches are equal); a method's per-class loss term (``Method.class_loss_te
 class's weight in that average. Every rank computes it alike; its gradient reaches a share's features on
 the share's owner only, so each rank's gradient is its share's part of the whole. DeepSpeed averages the
 ranks' gradients (their sum over W), so the statistics' backward multiplies by W.
+
+The statistics come from the dispatcher ``share_statistics``: the fused kernel (``kernels/cosine_ce.py``,
+no batch x share logits in memory) where Triton runs, else ``share_logits`` + ``share_stats``, the reference.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from softcpt_dist import distributed as D
+from softcpt_dist.kernels.cosine_ce import fused_applies, fused_share_stats
 from softcpt_dist.model.batch_invariance import MIN_ROWS, rowwise
-from softcpt_dist.model.loss import cosine_logits
+from softcpt_dist.model.loss import column_positions, cosine_logits
 
 NEG_INF = float("-inf")
 
@@ -79,6 +83,24 @@ def share_stats(logits: torch.Tensor, class_ids: torch.Tensor, class_task: torch
     return ShareStats(top, sum_exp, target, best)
 
 
+def share_statistics(image_features: torch.Tensor, share_features: torch.Tensor, logit_scale: torch.Tensor,
+                     class_ids: torch.Tensor, class_task: torch.Tensor, tasks: torch.Tensor, targets: torch.Tensor,
+                     enabled: str = "auto") -> ShareStats:
+    """Dispatcher: the statistics of the share ``share_features`` (the global classes ``class_ids``, ascending;
+    ``class_task [C]``: every class's task) for samples of ``tasks`` and global ``targets``, each target inside
+    its sample's task. Fused (``fused_share_stats``) where ``kernels.enabled`` and the tensors allow and the
+    share's columns are ordered by task (ascending ids of task-ordered classes are); else ``share_stats`` of
+    ``share_logits``. The fused path needs no padding to ``MIN_ROWS``: each logit is computed alike
+    whatever the share's size."""
+    share_task = class_task[class_ids]
+    if len(tasks) and fused_applies(enabled, image_features, share_features, logit_scale, tasks, share_task):
+        local_targets = column_positions(class_ids, len(class_task))[targets]
+        return ShareStats(*fused_share_stats(image_features, share_features, logit_scale, class_ids, share_task,
+                                             tasks, local_targets))
+    logits = share_logits(image_features, share_features, logit_scale)
+    return share_stats(logits, class_ids, share_task, tasks, targets)
+
+
 def combine(top: torch.Tensor, sum_exp: torch.Tensor, target: torch.Tensor, best: torch.Tensor
             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Every share's statistics ``[W, B]`` -> each sample's cross-entropy over its task ``[B]`` and its
@@ -94,17 +116,19 @@ def combine(top: torch.Tensor, sum_exp: torch.Tensor, target: torch.Tensor, best
 
 def class_parallel_loss(share_features: torch.Tensor, class_ids: torch.Tensor, class_task: torch.Tensor,
                         batch: ShareBatch, logit_scale: torch.Tensor, contributes: bool = True,
-                        class_terms: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                        class_terms: Optional[torch.Tensor] = None, enabled: str = "auto"
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(loss, predictions)``: the global batch's loss (the same on every rank) and each of this rank's
     samples' predicted global class, from this rank's share (``share_features [C_s, E]`` of the global
     classes ``class_ids``; ``class_task [C]``: every class's task). ``contributes=False``: the share is a
     stand-in (ZeRO-3 runs every rank's forward and backward) that contributes nothing and gets a zero
-    gradient. ``class_terms``: the share's classes' weighted loss terms, summed into the loss."""
+    gradient. ``class_terms``: the share's classes' weighted loss terms, summed into the loss. ``enabled``:
+    ``kernels.enabled``, whether the statistics may run fused (``share_statistics``)."""
     if len(class_task) >= 2**24:
         raise ValueError(f"{len(class_task)} classes: class-parallel scoring carries class ids in fp32 (below 2**24)")
-    logits = share_logits(batch.image_features, share_features, logit_scale)
-    stats = share_stats(logits, class_ids, class_task[class_ids], batch.tasks, batch.targets)
-    term = class_terms.sum() if class_terms is not None else logits.new_zeros(())
+    stats = share_statistics(batch.image_features, share_features, logit_scale, class_ids, class_task, batch.tasks,
+                             batch.targets, enabled)
+    term = class_terms.sum() if class_terms is not None else stats.sum_exp.new_zeros(())
     if not contributes:  # the stand-in: joins the graph with exact zeros
         stats = ShareStats(torch.full_like(stats.top, NEG_INF), stats.sum_exp * 0, stats.target * 0,
                            torch.zeros_like(stats.best))
