@@ -9,6 +9,8 @@ group of 100 tasks x 100 classes, with ViT-L-14.
    the current one (class-parallel scoring, the meta network's gradient by factors): with this machine's
    measured per-token cost for General-10, and for both groups with an H200 one derived from FLOPs
    (stated assumptions: no GPU measured it). Then the bytes per step by kind at 8 ranks.
+3. The 64-rank efficiencies side by side: the former exchange with rings only (every all-reduce a ring,
+   as the model counted before tree all-reduces), the former exchange and the current one.
 
     python benchmarks/scaling_model.py                      # ~2 min on 2 CPU cores
     python benchmarks/scaling_model.py --token-us 0.9       # your own measured per-token cost (us)
@@ -20,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,7 +39,8 @@ WORLDS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 GLOBAL_BATCH = 32  # images a step; each rank gets ceil(32 / W), at least 1
 FORMER = {"scoring": "gathered", "structured": False}
 CURRENT = {"scoring": "shares", "structured": True}
-NVLINK, INFINIBAND = Link(300.0, 5.0), Link(50.0, 10.0)  # per-GPU all-gather bandwidth (GB/s), hop latency (us)
+# per-GPU bandwidth (GB/s), hop latency (us), 8 GPUs a node (NCCL's tree all-reduce across nodes)
+NVLINK, INFINIBAND = Link(300.0, 5.0, 8), Link(50.0, 10.0, 8)
 
 
 def measure_token_cost(backbone, repeats: int = 2) -> float:
@@ -68,9 +72,12 @@ def table(title: str, rows) -> str:
     return "\n".join(lines)
 
 
-def gpu_rows(method, token_s: float, floor_s: float, exchange: dict, plans: dict):
-    return predict_scaling(method, WORLDS, token_s, lambda w: NVLINK if w <= 8 else INFINIBAND, kernel_floor_s=floor_s,
-                           fixed_s=1e-3, global_batch=GLOBAL_BATCH, plans=plans, **exchange)
+def gpu_rows(method, token_s: float, floor_s: float, exchange: dict, plans: dict, rings_only: bool = False):
+    def link(world: int) -> Link:
+        chosen = NVLINK if world <= 8 else INFINIBAND
+        return replace(chosen, ranks_per_node=0) if rings_only else chosen
+    return predict_scaling(method, WORLDS, token_s, link, kernel_floor_s=floor_s, fixed_s=1e-3,
+                           global_batch=GLOBAL_BATCH, plans=plans, **exchange)
 
 
 def bytes_by_kind(name: str, former, current) -> str:
@@ -113,7 +120,7 @@ def main(argv=None) -> int:
     plans = {name: {w: plan_all_classes(method, w) for w in WORLDS} for name, method in methods.items()}
     general = methods["General-10"]
     for label, exchange in (("former", FORMER), ("current", CURRENT)):
-        cpu = predict_scaling(general, WORLDS[:4], measured, Link(10.0, 20.0), feature_bytes=4,
+        cpu = predict_scaling(general, WORLDS[:4], measured, Link(10.0, 20.0, 0), feature_bytes=4,
                               global_batch=GLOBAL_BATCH, plans=plans["General-10"], **exchange)
         print(table(f"General-10, {label} exchange, measured here: {measured * 1e6:.0f} us per token position (fp32, "
                     f"{args.threads} CPU threads); links of 10 GB/s, 20 us", cpu) + "\n")
@@ -124,14 +131,23 @@ def main(argv=None) -> int:
     assumptions = (f"H200 (bf16): {gpu_token * 1e6:.2f} us per position (FLOPs at 40% of 989 TFLOPS), "
                    f"{floor * 1e3:.1f} ms kernel floor, 1 ms rest of step; NVLink {NVLINK.bandwidth_gb_s:.0f} GB/s "
                    f"{NVLINK.latency_us:.0f} us up to 8 ranks, InfiniBand {INFINIBAND.bandwidth_gb_s:.0f} GB/s "
-                   f"{INFINIBAND.latency_us:.0f} us beyond")
+                   f"{INFINIBAND.latency_us:.0f} us beyond, 8 GPUs a node")
+    at64 = []
     for name, method in methods.items():
+        rings = gpu_rows(method, gpu_token, floor, FORMER, plans[name], rings_only=True)
         former = gpu_rows(method, gpu_token, floor, FORMER, plans[name])
         current = gpu_rows(method, gpu_token, floor, CURRENT, plans[name])
+        print(table(f"{name}, former exchange, rings only, assumed {assumptions}", rings) + "\n")
         print(table(f"{name}, former exchange, assumed {assumptions}", former) + "\n")
         print(table(f"{name}, current exchange, assumed {assumptions}", current) + "\n")
         at8 = WORLDS.index(8)
         print(bytes_by_kind(name, former[at8], current[at8]) + "\n")
+        i = WORLDS.index(64)
+        at64.append(f"| {name} | " + " | ".join(f"{r[i].step_s * 1e3:.2f} ms ({100 * r[i].efficiency:.1f}%)"
+                                                for r in (rings, former, current))
+                    + f" | {current[i].efficiency / rings[i].efficiency:.2f}x |")
+    print("**64 ranks: step and efficiency**\n\n| group | former, rings only | former | current | current / rings only |\n"
+          "|---|---:|---:|---:|---:|\n" + "\n".join(at64) + "\n")
     # A class-specific variant: its class contexts (a row per class) are read by one rank each and stay there.
     csta = build_method(backbone, groups["General-10"], MethodConfig(variant="CSTA"), PromptConfig())
     plan8 = {w: plan_all_classes(csta, w) for w in (1, 8)}

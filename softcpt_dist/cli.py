@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, help="profile folder (default <train.output_dir>/profile-<...>-<time>)")
     pr.add_argument("--link-gb-s", type=float, help="cost model: per-rank interconnect bandwidth, GB/s")
     pr.add_argument("--link-latency-us", type=float, help="cost model: per-hop latency, us")
+    pr.add_argument("--link-ranks-per-node", type=int, default=8,
+                    help="cost model, with --link-gb-s: ranks a node (tree all-reduces across nodes; 0: rings only)")
     pr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.arch=ViT-L-14")
     _scaling_parser(sub)
     da = sub.add_parser("data", help="dataset utilities")
@@ -238,7 +240,7 @@ def _profile(args) -> int:
     if args.link_gb_s is not None or args.link_latency_us is not None:
         if args.link_gb_s is None or args.link_latency_us is None:
             raise ConfigError("profile: give both --link-gb-s and --link-latency-us (or neither)")
-        link = Link(args.link_gb_s, args.link_latency_us)
+        link = Link(args.link_gb_s, args.link_latency_us, args.link_ranks_per_node)
     cfg = load_config(args.config, args.overrides)
     record = run_profile(cfg, ProfileSettings(args.warmup, args.steps, args.peak_tflops, args.trace, args.out, link))
     from softcpt_dist.distributed import rank

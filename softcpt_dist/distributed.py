@@ -230,32 +230,46 @@ def gather_rows(local: torch.Tensor, sizes: Sequence[int], contributes: bool = T
 
 def all_gather_padded(local: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """``[sum(sizes), ...]``: every rank's rows ``local [sizes[rank], ...]`` in rank order, on every rank;
-    no gradient (for inputs, such as a step's frozen image features)."""
+    no gradient (for inputs, such as a step's frozen image features). Exchanged by ``gather_by_sum``."""
     sizes = [int(n) for n in sizes]
     if world_size() == 1:
         return local
-    device = _collective_device()
-    padded = local.new_zeros(max(sizes), *local.shape[1:], device=device)
+    padded = local.new_zeros(max(sizes), *local.shape[1:])
     padded[:local.shape[0]] = local.detach()
-    blocks = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(blocks, padded)
-    return torch.cat([b[:n] for b, n in zip(blocks, sizes)]).to(local.device)
+    blocks = gather_by_sum(padded)
+    return torch.cat([b[:n] for b, n in zip(blocks, sizes)])
+
+
+def gather_by_sum(local: torch.Tensor) -> torch.Tensor:
+    """``[W, *local.shape]``: every rank's ``local`` in rank order, by one all-reduce of a zero-filled
+    buffer in which each rank fills its own slot. Equal to an all-gather bit for bit (``x + 0 == x``), but
+    an all-reduce, which NCCL may run as a tree: its latency grows as the log of the node count
+    (``2 ((ranks per node - 1) + log2 nodes)`` hops), where a ring all-gather's grows as ``W - 1``. For the
+    small per-step tensors of class-parallel scoring that latency is the whole cost; the buffer is W
+    times the local tensor, so large tensors (class features) keep the ring all-gather."""
+    if world_size() == 1:
+        return local.detach().unsqueeze(0).clone()
+    buffer = torch.zeros(world_size(), *local.shape, dtype=local.dtype, device=_collective_device())
+    buffer[rank()] = local.detach()
+    dist.all_reduce(buffer)
+    return buffer.to(local.device)
+
+
+def all_reduce_traffic(nbytes: int, world: int) -> int:
+    """Bytes a rank sends (and receives) in an all-reduce of ``nbytes`` over ``world`` ranks: a ring's
+    ``2 (W - 1) / W`` times the tensor (a tree's is about twice the tensor, the same to within W / (W - 1))."""
+    return 2 * (world - 1) * nbytes // world
 
 
 class _GatherOwnSlot(torch.autograd.Function):
-    """All-gather of equal-shape tensors, ``[W, *shape]``; backward hands each rank the gradient of its
-    own slot times ``scale``. Right when every rank computes the same function of the gathered tensor:
+    """All-gather of equal-shape tensors, ``[W, *shape]`` (``gather_by_sum``); backward hands each rank
+    the gradient of its own slot times ``scale``. Right when every rank computes the same function of the gathered tensor:
     the gradient of slot ``r`` is then the same on every rank, and rank ``r``'s own is the one to use."""
 
     @staticmethod
     def forward(ctx, local: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.scale = scale
-        if world_size() == 1:
-            return local.detach().unsqueeze(0).clone()
-        device = _collective_device()
-        blocks = [torch.empty_like(local, device=device) for _ in range(world_size())]
-        dist.all_gather(blocks, local.detach().to(device))
-        return torch.stack(blocks).to(local.device)
+        return gather_by_sum(local)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -5,20 +5,24 @@ class prompts (forward, and backward for the input gradients only: CLIP is froze
 exchange what scoring and the learnable gradients need. For the slowest rank::
 
     text_s   = max(max_r positions_r * token_s, kernel_floor_s)
-    score_s  = 2 (W - 1) latency + score_bytes / bandwidth
-    grad_s   = collectives x (W - 1) latency + grad_bytes / bandwidth
+    score_s  = latency of the scoring collectives + score_bytes / bandwidth
+    grad_s   = latency of one all-reduce + grad_bytes / bandwidth
     step_s   = text_s + score_s + grad_s + fixed_s
 
-with, per rank and step (ring collectives: an all-gather receives the W - 1 other blocks, an
-all-reduce moves 2 (W - 1) / W of the tensor):
+Latency is hops x the link's per-hop latency, as NCCL's own tuning model counts them
+(``src/graph/tuning.cc``): a ring all-gather or reduce-scatter takes ``W - 1`` hops, a ring all-reduce
+``2 (W - 1)``, a tree all-reduce ``2 ((ranks per node - 1) + log2 nodes)`` (a chain inside a node, a
+binary tree across nodes); an all-reduce takes the fewer (within one node both are the same). Bytes per
+rank and step:
 
 - ``scoring="gathered"`` (``text.scoring=gathered``): the class features all-gathered and their fp32
-  gradients reduced back: ``(W - 1) rows E (feature bytes + 4)``, ``rows`` the largest share's classes;
-- ``scoring="shares"`` (class-parallel scoring, ``model/share_loss.py``): every rank's micro-batch of
-  ``batch`` image features with task and target, ``(W - 1) batch (E + 2) 4``, and 4 softmax numbers per
-  sample of the global batch, ``(W - 1) (4 W batch + 1) 4``;
-- ``factors=None``: DeepSpeed all-reduces every learnable fp32 gradient, ``2 (W - 1) / W 4 learnable``
-  (2 (W - 1) latencies);
+  gradients reduce-scattered back (ring, ``2 (W - 1)`` hops): ``(W - 1) rows E (feature bytes + 4)``,
+  ``rows`` the largest share's classes;
+- ``scoring="shares"`` (class-parallel scoring, ``model/share_loss.py``): two all-reduces of zero-filled
+  buffers (``distributed.gather_by_sum``): every rank's micro-batch of ``batch`` image features with task
+  and target, ``W batch (E + 2) 4`` bytes, then 4 softmax numbers per sample of the global batch,
+  ``W (4 W batch + 1) 4``; each moves ``2 (W - 1) / W`` times its buffer;
+- ``factors=None``: DeepSpeed all-reduces every learnable fp32 gradient, ``2 (W - 1) / W 4 learnable``;
 - ``factors=(keys, out, in)`` (``engine.gradient_exchange=structured``): the meta network's ``out x in``
   weight gradient as its factor table, one row of ``out + in + 1`` numbers per task (per class for the
   class-aware variants), where that is smaller than the matrix, all-reduced with the rest in the same
@@ -32,18 +36,20 @@ the launches of its ~20 kernels per layer); ``fixed_s`` the rest of a step (loss
 all-reduce that finds the step's classes).
 
 Left out: the scoring arithmetic itself (global batch x share x E multiply-adds, far below the text
-side's), overlap of communication with computation (none is assumed), tree or hierarchical
-collectives (NCCL's latency grows as log W there, not W), and the stragglers and jitter of a real
-cluster; the ring's latency term makes the model pessimistic at hundreds of ranks.
+side's), overlap of communication with computation (none is assumed), NCCL's fixed per-call base
+latency and its faster protocols inside a node (every hop costs the link's one latency), and the
+stragglers and jitter of a real cluster.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from softcpt_dist.distributed import all_reduce_traffic
 from softcpt_dist.model.class_shards import ShardPlan, plan_shards
 from softcpt_dist.training.engine import full_numel
 from softcpt_dist.training.gradient_exchange import owned_rows
@@ -51,10 +57,24 @@ from softcpt_dist.training.gradient_exchange import owned_rows
 
 @dataclass(frozen=True)
 class Link:
-    """An interconnect as the collectives see it: per-rank bandwidth (GB/s) and per-hop latency (us)."""
+    """An interconnect as the collectives see it: per-rank bandwidth (GB/s), per-hop latency (us), and
+    the ranks of a node (a tree all-reduce chains them, ``all_reduce_hops``; 0: rings only, as gloo runs)."""
 
     bandwidth_gb_s: float
     latency_us: float
+    ranks_per_node: int = 8
+
+
+def all_reduce_hops(world: int, ranks_per_node: int) -> int:
+    """Hops of an all-reduce over ``world`` ranks: the ring's ``2 (W - 1)`` or the tree's
+    ``2 ((ranks per node - 1) + log2 nodes)``, whichever is fewer (NCCL picks by the same count)."""
+    if world <= 1:
+        return 0
+    if ranks_per_node <= 0:
+        return 2 * (world - 1)
+    per_node = min(world, ranks_per_node)
+    nodes = -(-world // per_node)
+    return min(2 * (world - 1), 2 * ((per_node - 1) + math.ceil(math.log2(nodes))))
 
 
 @dataclass
@@ -86,24 +106,25 @@ def step_estimate(shares: Sequence[int], rows: int, feature_dim: int, learnable:
     if world == 1:
         return StepEstimate(1, max(shares), text_s, 0, 0.0, 0.0, text_s + fixed_s)
     hop, bandwidth = link.latency_us * 1e-6, link.bandwidth_gb_s * 1e9
+    reduce_hops = all_reduce_hops(world, link.ranks_per_node)
     image = stats = 0
-    if scoring == "shares":
-        image = (world - 1) * batch * (feature_dim + 2) * 4
-        stats = (world - 1) * (4 * world * batch + 1) * 4
+    if scoring == "shares":  # two all-reduces of zero-filled buffers
+        image = all_reduce_traffic(world * batch * (feature_dim + 2) * 4, world)
+        stats = all_reduce_traffic(world * (4 * world * batch + 1) * 4, world)
         received = image + stats
-    elif scoring == "gathered":
-        received = (world - 1) * rows * feature_dim * (feature_bytes + 4)  # ring: all blocks but one's own
+        gather_s = 2 * reduce_hops * hop + received / bandwidth
+    elif scoring == "gathered":  # a ring all-gather, a ring reduce-scatter back
+        received = (world - 1) * rows * feature_dim * (feature_bytes + 4)
+        gather_s = 2 * (world - 1) * hop + received / bandwidth
     else:
         raise ValueError(f"scoring={scoring!r}: shares or gathered")
-    gather_s = 2 * (world - 1) * hop + received / bandwidth
-    ring = 2 * (world - 1) / world * 4
     factor, reduced = 0, learnable
     if factors is not None:
         keys, out, inp = factors
         if keys * (out + inp + 1) < out * inp:
-            factor, reduced = int(ring * keys * (out + inp + 1)), learnable - out * inp
-    allreduce = int(ring * reduced)
-    reduce_s = 2 * (world - 1) * hop + (factor + allreduce) / bandwidth
+            factor, reduced = all_reduce_traffic(4 * keys * (out + inp + 1), world), learnable - out * inp
+    allreduce = all_reduce_traffic(4 * reduced, world)
+    reduce_s = reduce_hops * hop + (factor + allreduce) / bandwidth
     return StepEstimate(world, max(shares), text_s, received, gather_s, reduce_s,
                         text_s + gather_s + reduce_s + fixed_s, image_bytes=image, stats_bytes=stats,
                         factor_bytes=factor, allreduce_bytes=allreduce)

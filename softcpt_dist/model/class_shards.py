@@ -119,8 +119,8 @@ class ClassShards:
         self._plans: OrderedDict = OrderedDict()
         self.gathered_bytes = 0  # received by this rank's forward all-gathers so far
         self.reduced_bytes = 0  # fp32 gradient bytes reduced by their backwards so far
-        self.image_bytes = 0  # image-feature rows received by class-parallel scoring's all-gathers so far
-        self.stats_bytes = 0  # softmax statistics received by class-parallel scoring so far
+        self.image_bytes = 0  # image-feature rows moved by class-parallel scoring's gathers (all-reduce traffic)
+        self.stats_bytes = 0  # softmax statistics moved by class-parallel scoring (all-reduce traffic)
 
     def plan(self, method, selection: torch.Tensor) -> ShardPlan:
         key = selection.cpu().numpy().tobytes()
@@ -187,10 +187,10 @@ class ClassShards:
     def gather_batch(self, image_features: torch.Tensor, tasks: torch.Tensor, targets: torch.Tensor,
                      sizes: List[int], task_weights: Optional[torch.Tensor] = None) -> ShareBatch:
         """Every rank's micro-batch (image features, tasks, targets as global class ids), in rank order: one
-        all-gather of fp32 rows (ids below 2**24 are exact)."""
+        gather of fp32 rows (``D.all_gather_padded``; ids below 2**24 are exact)."""
         rows = torch.cat([image_features.float(), tasks.unsqueeze(1).float(), targets.unsqueeze(1).float()], dim=1)
         gathered = D.all_gather_padded(rows, sizes)
-        self.image_bytes += self.world_size * max(sizes) * rows.shape[1] * 4
+        self.image_bytes += D.all_reduce_traffic(self.world_size * max(sizes) * rows.shape[1] * 4, self.world_size)
         tasks_g = gathered[:, -2].long()
         weights = torch.cat([torch.full((b,), 1.0 / (self.world_size * b)) for b in sizes if b]).to(rows.device)
         if task_weights is not None:

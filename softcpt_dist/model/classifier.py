@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from softcpt_dist import distributed as D
 from softcpt_dist.config import KernelsConfig, TextConfig
 from softcpt_dist.model.class_shards import SavedBytes, class_shards
 from softcpt_dist.model.loss import (TaskScores, TaskTargets, column_positions, cosine_cross_entropy,
@@ -171,7 +172,8 @@ class PromptClassifier(nn.Module):
             loss, predicted = class_parallel_loss(share.features, share.class_ids, method.class_task, batch,
                                                   self.backbone.logit_scale, share.contributes,
                                                   None if terms is None else terms * share.class_weight, self.kernels)
-            shards.stats_bytes += shards.world_size * (4 * len(batch.tasks) + 1) * 4
+            shards.stats_bytes += D.all_reduce_traffic(shards.world_size * (4 * len(batch.tasks) + 1) * 4,
+                                                       shards.world_size)
             if class_index is not None:  # this rank's columns
                 predicted = column_positions(class_index, method.num_classes)[predicted]
         return TaskScores(loss, predicted)

@@ -6,9 +6,11 @@ step are few and the classes many, so here the ranks gather the image features i
 embedding) and each scores every sample against its share. A sample's softmax over its own task's classes
 then needs from each share only three numbers -- the largest logit among the task's columns there, the sum
 of exponentials relative to it, and the target's logit where the share holds it -- plus the share's best
-column for the prediction (as vocabulary-parallel cross-entropy does for language models): one all-gather
+column for the prediction (as vocabulary-parallel cross-entropy does for language models): one gather
 of a few numbers per sample. The gradient of a share's features is then complete on the rank that encoded
-them: nothing is reduced back.
+them: nothing is reduced back. Both gathers (images, statistics) are all-reduces of zero-filled buffers
+(``distributed.gather_by_sum``): on many nodes NCCL runs these small tensors as trees, whose latency
+grows as the log of the node count, not as the ring's W - 1 hops.
 
 The loss is the one the gathered path trains with: each sample's cross-entropy over its task's classes,
 times its task weight, over its rank's micro-batch size, averaged over ranks (the global batch mean when the
@@ -134,7 +136,7 @@ def class_parallel_loss(share_features: torch.Tensor, class_ids: torch.Tensor, c
                            torch.zeros_like(stats.best))
         term = term * 0
     n = len(stats.top)
-    # One all-gather of fp32 numbers; class ids below 2**24 are exact in fp32.
+    # One gather of fp32 numbers (an all-reduce, ``D.gather_by_sum``); class ids below 2**24 are exact in fp32.
     packed = torch.cat([stats.top.float(), stats.sum_exp.float(), stats.target.float(), stats.best.float(),
                         term.reshape(1).float()])
     gathered = D.gather_own_gradient(packed, scale=float(D.world_size()))

@@ -16,7 +16,8 @@ from softcpt_dist.training.engine import exchanges_by_structure
 PHASES = ("image", "text_forward", "loss", "backward", "optimizer", "communication")  # timed
 SPLIT = (*PHASES, "other")  # the split as reported: the timed phases and the rest of the step
 COST_MODEL_WORLDS = (1, 2, 4, 8, 16, 32, 64)
-LINKS = {"cuda": Link(300.0, 5.0), "cpu": Link(10.0, 20.0)}  # NVLink-class; gloo over loopback (as measured here)
+LINKS = {"cuda": Link(300.0, 5.0, ranks_per_node=8),  # NVLink-class, 8 GPUs a node, NCCL's tree across nodes
+         "cpu": Link(10.0, 20.0, ranks_per_node=0)}  # gloo over loopback (as measured here): rings
 
 
 def default_link(device_type: str) -> Link:
@@ -119,7 +120,8 @@ def cost_model(cfg: Config, method, main: Dict[str, List[float]], steps: List[Di
     estimates = predict_scaling(method, worlds, token_s, link, feature_bytes=element, fixed_s=fixed_s,
                                 scoring=scoring, global_batch=cfg.optim.batch_size, structured=structured)
     return {"calibrated_at_world_size": world, "token_s": token_s, "fixed_s": fixed_s,
-            "link": {"bandwidth_gb_s": link.bandwidth_gb_s, "latency_us": link.latency_us},
+            "link": {"bandwidth_gb_s": link.bandwidth_gb_s, "latency_us": link.latency_us,
+                     "ranks_per_node": link.ranks_per_node},
             "scoring": scoring, "gradient_exchange": "structured" if structured else "deepspeed",
             "predictions": [{"world_size": e.world_size, "step_s": e.step_s, "text_s": e.text_s,
                              "gather_s": e.gather_s, "reduce_s": e.reduce_s, "positions": e.positions,

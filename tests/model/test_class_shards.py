@@ -118,8 +118,10 @@ def test_the_cost_model_prices_class_parallel_scoring_and_gradient_factors():
     link = Link(bandwidth_gb_s=1.0, latency_us=10.0)
     common = dict(rows=6, feature_dim=8, learnable=1000 + 64 * 32, token_s=1e-3, link=link)
     two = step_estimate([500, 480], **common, scoring="shares", batch=3, factors=(5, 64, 32))
-    assert two.image_bytes == 3 * (8 + 2) * 4 and two.stats_bytes == (4 * 2 * 3 + 1) * 4
+    # all-reduces of zero-filled [W, ...] buffers: 2 (W - 1) / W = 1 times the buffer at 2 ranks
+    assert two.image_bytes == 2 * 3 * (8 + 2) * 4 and two.stats_bytes == 2 * (4 * 2 * 3 + 1) * 4
     assert two.gather_bytes == two.image_bytes + two.stats_bytes
+    assert two.gather_s == pytest.approx(2 * 2e-5 + two.gather_bytes / 1e9)
     # 2 ranks: a ring all-reduce moves 2 (W - 1) / W = 1 times the tensor; factors and the rest in one
     assert two.factor_bytes == 5 * (64 + 32 + 1) * 4 and two.allreduce_bytes == 4 * 1000
     assert two.reduce_s == pytest.approx(2e-5 + (two.factor_bytes + two.allreduce_bytes) / 1e9)
@@ -128,6 +130,23 @@ def test_the_cost_model_prices_class_parallel_scoring_and_gradient_factors():
     assert many.factor_bytes == 0 and many.allreduce_bytes == 4 * (1000 + 64 * 32)
     with pytest.raises(ValueError, match="scoring"):
         step_estimate([1, 1], **common, scoring="other")
+
+
+def test_the_cost_model_counts_hops_as_nccl_does():
+    """Ring all-gather W - 1 hops, all-reduce the fewer of the ring's 2 (W - 1) and the tree's
+    2 ((ranks per node - 1) + log2 nodes): the same inside a node, far fewer across many nodes."""
+    from softcpt_dist.scaling import Link, all_reduce_hops, step_estimate
+    assert [all_reduce_hops(w, 8) for w in (1, 2, 4, 8)] == [0, 2, 6, 14]
+    assert all_reduce_hops(16, 8) == 2 * (7 + 1) and all_reduce_hops(64, 8) == 2 * (7 + 3)
+    assert all_reduce_hops(512, 8) == 2 * (7 + 6) and all_reduce_hops(12, 8) == 2 * (7 + 1)
+    assert all_reduce_hops(64, 1) == 2 * 6 and all_reduce_hops(5, 1) == 2 * 3  # one rank a node: a tree of 5
+    link = Link(bandwidth_gb_s=1e9, latency_us=10.0)  # latency only
+    common = dict(rows=1, feature_dim=8, learnable=10, token_s=0.0, link=link)
+    shares = step_estimate([1] * 64, **common, scoring="shares", batch=1)
+    gathered = step_estimate([1] * 64, **common, scoring="gathered")
+    assert shares.gather_s == pytest.approx(2 * 20 * 1e-5, rel=1e-3)  # two tree all-reduces
+    assert gathered.gather_s == pytest.approx(2 * 63 * 1e-5, rel=1e-3)  # ring all-gather + reduce-scatter
+    assert shares.reduce_s == pytest.approx(20 * 1e-5, rel=1e-3)
 
 
 def test_predicted_shares_shrink_until_tasks_split_into_few_classes(tiny_backbone):
