@@ -22,7 +22,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -228,16 +228,34 @@ def gather_rows(local: torch.Tensor, sizes: Sequence[int], contributes: bool = T
     return _GatherRows.apply(local, sizes, contributes)
 
 
+class Pending:
+    """A collective in flight (``async_op``): ``wait()`` returns its result. Lets a step start an exchange
+    before work that does not need it (class-parallel scoring gathers the images while the text encodes)."""
+
+    def __init__(self, work, result: Callable[[], Any]):
+        self._work, self._result = work, result
+
+    def wait(self) -> Any:
+        if self._work is not None:
+            self._work.wait()
+        return self._result()
+
+
 def all_gather_padded(local: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """``[sum(sizes), ...]``: every rank's rows ``local [sizes[rank], ...]`` in rank order, on every rank;
     no gradient (for inputs, such as a step's frozen image features). Exchanged by ``gather_by_sum``."""
+    return start_gather_padded(local, sizes).wait()
+
+
+def start_gather_padded(local: torch.Tensor, sizes: Sequence[int]) -> Pending:
+    """``all_gather_padded``, started: the rows come from the returned ``Pending``'s ``wait()``."""
     sizes = [int(n) for n in sizes]
     if world_size() == 1:
-        return local
+        return Pending(None, lambda: local)
     padded = local.new_zeros(max(sizes), *local.shape[1:])
     padded[:local.shape[0]] = local.detach()
-    blocks = gather_by_sum(padded)
-    return torch.cat([b[:n] for b, n in zip(blocks, sizes)])
+    pending = start_gather_by_sum(padded)
+    return Pending(None, lambda: torch.cat([b[:n] for b, n in zip(pending.wait(), sizes)]))
 
 
 def gather_by_sum(local: torch.Tensor) -> torch.Tensor:
@@ -247,12 +265,16 @@ def gather_by_sum(local: torch.Tensor) -> torch.Tensor:
     (``2 ((ranks per node - 1) + log2 nodes)`` hops), where a ring all-gather's grows as ``W - 1``. For the
     small per-step tensors of class-parallel scoring that latency is the whole cost; the buffer is W
     times the local tensor, so large tensors (class features) keep the ring all-gather."""
+    return start_gather_by_sum(local).wait()
+
+
+def start_gather_by_sum(local: torch.Tensor) -> Pending:
+    """``gather_by_sum``, started (``async_op``): the result comes from the returned ``Pending``'s ``wait()``."""
     if world_size() == 1:
-        return local.detach().unsqueeze(0).clone()
+        return Pending(None, lambda: local.detach().unsqueeze(0).clone())
     buffer = torch.zeros(world_size(), *local.shape, dtype=local.dtype, device=_collective_device())
     buffer[rank()] = local.detach()
-    dist.all_reduce(buffer)
-    return buffer.to(local.device)
+    return Pending(dist.all_reduce(buffer, async_op=True), lambda: buffer.to(local.device))
 
 
 def all_reduce_traffic(nbytes: int, world: int) -> int:

@@ -5,7 +5,7 @@ class prompts (forward, and backward for the input gradients only: CLIP is froze
 exchange what scoring and the learnable gradients need. For the slowest rank::
 
     text_s   = max(max_r positions_r * token_s, kernel_floor_s)
-    score_s  = latency of the scoring collectives + score_bytes / bandwidth
+    score_s  = latency of the scoring collectives + score_bytes / bandwidth (less what overlaps the text)
     grad_s   = latency of one all-reduce + grad_bytes / bandwidth
     step_s   = text_s + score_s + grad_s + fixed_s
 
@@ -21,7 +21,9 @@ rank and step:
 - ``scoring="shares"`` (class-parallel scoring, ``model/share_loss.py``): two all-reduces of zero-filled
   buffers (``distributed.gather_by_sum``): every rank's micro-batch of ``batch`` image features with task
   and target, ``W batch (E + 2) 4`` bytes, then 4 softmax numbers per sample of the global batch,
-  ``W (4 W batch + 1) 4``; each moves ``2 (W - 1) / W`` times its buffer;
+  ``W (4 W batch + 1) 4``; each moves ``2 (W - 1) / W`` times its buffer. The images' all-reduce runs
+  while the share's forward encodes (half of ``text_s``: the input-gradient backward has the same
+  matmuls), so only what exceeds that half counts;
 - ``factors=None``: DeepSpeed all-reduces every learnable fp32 gradient, ``2 (W - 1) / W 4 learnable``;
 - ``factors=(keys, out, in)`` (``engine.gradient_exchange=structured``): the meta network's ``out x in``
   weight gradient as its factor table, one row of ``out + in + 1`` numbers per task (per class for the
@@ -108,11 +110,12 @@ def step_estimate(shares: Sequence[int], rows: int, feature_dim: int, learnable:
     hop, bandwidth = link.latency_us * 1e-6, link.bandwidth_gb_s * 1e9
     reduce_hops = all_reduce_hops(world, link.ranks_per_node)
     image = stats = 0
-    if scoring == "shares":  # two all-reduces of zero-filled buffers
+    if scoring == "shares":  # two all-reduces of zero-filled buffers; the images' runs during the share's forward
         image = all_reduce_traffic(world * batch * (feature_dim + 2) * 4, world)
         stats = all_reduce_traffic(world * (4 * world * batch + 1) * 4, world)
         received = image + stats
-        gather_s = 2 * reduce_hops * hop + received / bandwidth
+        image_s = reduce_hops * hop + image / bandwidth
+        gather_s = max(0.0, image_s - text_s / 2) + reduce_hops * hop + stats / bandwidth
     elif scoring == "gathered":  # a ring all-gather, a ring reduce-scatter back
         received = (world - 1) * rows * feature_dim * (feature_bytes + 4)
         gather_s = 2 * (world - 1) * hop + received / bandwidth

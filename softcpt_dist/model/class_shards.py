@@ -164,11 +164,11 @@ class ClassShards:
             return features
         return features.index_select(0, column_positions(selection, method.num_classes)[class_index.to(device)])
 
-    def share(self, method, class_index: Optional[torch.Tensor], batch_size: int) -> "Share":
-        """This rank's share of the classes every rank's micro-batch needs, encoded, for class-parallel
-        scoring (``share_loss.py``); all ranks call it together. One all-reduce finds the union of the
-        ranks' ``class_index`` (default: all classes), each class's weight in the ranks' average of a
-        per-class loss term, and every rank's micro-batch size."""
+    def select(self, method, class_index: Optional[torch.Tensor], batch_size: int) -> "StepClasses":
+        """The classes every rank's micro-batch needs, for class-parallel scoring (``share_loss.py``); all ranks
+        call it together. One all-reduce finds the union of the ranks' ``class_index`` (default: all
+        classes), each class's weight in the ranks' average of a per-class loss term, and every rank's
+        micro-batch size."""
         device = method.class_task.device
         n, w = method.num_classes, self.world_size
         local = torch.zeros(n + w, dtype=torch.float64, device=device)
@@ -179,25 +179,49 @@ class ClassShards:
         local[n + self.rank] = batch_size
         summed = D.all_reduce(local)
         class_weight, sizes = summed[:n] / w, [int(b) for b in summed[n:].tolist()]
-        selection = torch.nonzero(class_weight).flatten()
-        _, mine, features, contributes = self._encode_share(method, selection)
-        ids = selection[mine] if contributes else selection[:1]  # the stand-in's class: it contributes nothing
-        return Share(features, ids, contributes, class_weight[ids].float(), sizes)
+        return StepClasses(torch.nonzero(class_weight).flatten(), class_weight, sizes)
+
+    def share(self, method, step: "StepClasses") -> "Share":
+        """This rank's share of ``step``'s classes, encoded; all ranks call it together."""
+        _, mine, features, contributes = self._encode_share(method, step.selection)
+        ids = step.selection[mine] if contributes else step.selection[:1]  # the stand-in's class: contributes nothing
+        return Share(features, ids, contributes, step.class_weight[ids].float(), step.sizes)
 
     def gather_batch(self, image_features: torch.Tensor, tasks: torch.Tensor, targets: torch.Tensor,
                      sizes: List[int], task_weights: Optional[torch.Tensor] = None) -> ShareBatch:
         """Every rank's micro-batch (image features, tasks, targets as global class ids), in rank order: one
         gather of fp32 rows (``D.all_gather_padded``; ids below 2**24 are exact)."""
+        return self.start_batch(image_features, tasks, targets, sizes, task_weights).wait()
+
+    def start_batch(self, image_features: torch.Tensor, tasks: torch.Tensor, targets: torch.Tensor,
+                    sizes: List[int], task_weights: Optional[torch.Tensor] = None) -> D.Pending:
+        """``gather_batch``, started: its ``ShareBatch`` comes from the returned ``Pending``'s ``wait()``, so
+        that the gather runs while the share encodes (nothing of it depends on the text side)."""
         rows = torch.cat([image_features.float(), tasks.unsqueeze(1).float(), targets.unsqueeze(1).float()], dim=1)
-        gathered = D.all_gather_padded(rows, sizes)
+        pending = D.start_gather_padded(rows, sizes)
         self.image_bytes += D.all_reduce_traffic(self.world_size * max(sizes) * rows.shape[1] * 4, self.world_size)
-        tasks_g = gathered[:, -2].long()
-        weights = torch.cat([torch.full((b,), 1.0 / (self.world_size * b)) for b in sizes if b]).to(rows.device)
-        if task_weights is not None:
-            weights = weights * task_weights.to(rows.device)[tasks_g].float()
         start = sum(sizes[:self.rank])
-        return ShareBatch(gathered[:, :-2].to(image_features.dtype), tasks_g, gathered[:, -1].long(), weights,
-                          slice(start, start + sizes[self.rank]))
+
+        def batch() -> ShareBatch:
+            gathered = pending.wait()
+            tasks_g = gathered[:, -2].long()
+            weights = torch.cat([torch.full((b,), 1.0 / (self.world_size * b)) for b in sizes if b]).to(rows.device)
+            if task_weights is not None:
+                weights = weights * task_weights.to(rows.device)[tasks_g].float()
+            return ShareBatch(gathered[:, :-2].to(image_features.dtype), tasks_g, gathered[:, -1].long(), weights,
+                              slice(start, start + sizes[self.rank]))
+        return D.Pending(None, batch)
+
+
+@dataclass
+class StepClasses:
+    """The classes of a class-parallel step (``ClassShards.select``): ``selection`` (global ids, ascending),
+    every class's weight in the ranks' average of a per-class loss term ``class_weight [C]``, and every
+    rank's micro-batch size."""
+
+    selection: torch.Tensor
+    class_weight: torch.Tensor
+    sizes: List[int]
 
 
 @dataclass

@@ -162,12 +162,15 @@ class PromptClassifier(nn.Module):
         """The loss of the global batch and this rank's predictions, scored on this rank's class share: the
         image features are gathered, the class features never (``share_loss.py``)."""
         shards, method = self.shards, self.method
+        global_targets = targets.targets if class_index is None else class_index[targets.targets]
         with self.timer("text_forward"):
-            share = self._measured(lambda: shards.share(method, class_index, len(image_features)))
+            step = shards.select(method, class_index, len(image_features))
+            # the images travel while the share encodes: nothing of the gather depends on the text side
+            pending = shards.start_batch(image_features, targets.tasks, global_targets, step.sizes,
+                                         targets.task_weights)
+            share = self._measured(lambda: shards.share(method, step))
         with self.timer("loss"):
-            global_targets = targets.targets if class_index is None else class_index[targets.targets]
-            batch = shards.gather_batch(image_features, targets.tasks, global_targets, share.sizes,
-                                        targets.task_weights)
+            batch = pending.wait()
             terms = method.class_loss_terms(share.features, share.class_ids)
             loss, predicted = class_parallel_loss(share.features, share.class_ids, method.class_task, batch,
                                                   self.backbone.logit_scale, share.contributes,
