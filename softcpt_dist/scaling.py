@@ -25,10 +25,11 @@ rank and step:
   while the share's forward encodes (half of ``text_s``: the input-gradient backward has the same
   matmuls), so only what exceeds that half counts;
 - ``factors=None``: DeepSpeed all-reduces every learnable fp32 gradient, ``2 (W - 1) / W 4 learnable``;
-- ``factors=(keys, out, in)`` (``engine.gradient_exchange=structured``): the meta network's ``out x in``
-  weight gradient as its factor table, one row of ``out + in + 1`` numbers per task (per class for the
-  class-aware variants), where that is smaller than the matrix, all-reduced with the rest in the same
-  one all-reduce: ``2 (W - 1) / W 4 (keys (out + in + 1) + rest)``; ``rest`` leaves out the rows of
+- ``factors=(table, matrix)`` (``engine.gradient_exchange=structured``): the meta network's ``out x in``
+  weight gradient as its factor table (``MetaNet.factor_elements``: one row of ``out + in + 1`` numbers
+  per task; for the class-aware variants' ``[class | task]`` rows a row per task plus the class part's
+  matrix), where that is smaller than the matrix, all-reduced with the rest in the same one all-reduce:
+  ``2 (W - 1) / W 4 (table + rest)``; ``rest`` leaves out the rows of
   per-class and per-task tensors that one rank's share alone reads (``predict_scaling``: ``kept_rows``).
 
 ``positions_r`` comes from the real planner on the real prompts (a share pays its tasks' shared
@@ -99,10 +100,11 @@ class StepEstimate:
 def step_estimate(shares: Sequence[int], rows: int, feature_dim: int, learnable: int, token_s: float, link: Link, *,
                   feature_bytes: int = 2, kernel_floor_s: float = 0.0, fixed_s: float = 0.0,
                   scoring: str = "gathered", batch: int = 0,
-                  factors: Optional[Tuple[int, int, int]] = None) -> StepEstimate:
+                  factors: Optional[Tuple[Optional[int], int]] = None) -> StepEstimate:
     """The step of one plan: ``shares`` token positions per rank, ``rows`` classes in the largest share,
     ``learnable`` elements of learnable tensors; ``batch`` images per rank (``scoring="shares"``);
-    ``factors``: ``(keys, out, in)`` of the meta network's exchange by factors (None: DeepSpeed's)."""
+    ``factors``: ``(numbers of its factor table, of its matrix)`` for the meta network's exchange by factors
+    (``MetaNet.factor_elements``; None: DeepSpeed's)."""
     world = len(shares)
     text_s = max(max(shares) * token_s, kernel_floor_s)
     if world == 1:
@@ -123,9 +125,9 @@ def step_estimate(shares: Sequence[int], rows: int, feature_dim: int, learnable:
         raise ValueError(f"scoring={scoring!r}: shares or gathered")
     factor, reduced = 0, learnable
     if factors is not None:
-        keys, out, inp = factors
-        if keys * (out + inp + 1) < out * inp:
-            factor, reduced = all_reduce_traffic(4 * keys * (out + inp + 1), world), learnable - out * inp
+        table, matrix = factors
+        if table is not None and table < matrix:
+            factor, reduced = all_reduce_traffic(4 * table, world), learnable - matrix
     allreduce = all_reduce_traffic(4 * reduced, world)
     reduce_s = reduce_hops * hop + (factor + allreduce) / bandwidth
     return StepEstimate(world, max(shares), text_s, received, gather_s, reduce_s,
@@ -169,7 +171,7 @@ def predict_scaling(method, world_sizes: Sequence[int], token_s: float, link, *,
     of classes takes a while)."""
     learnable = sum(full_numel(p) for p in method.learnable_parameters().values())
     meta = meta_net(method) if structured else None
-    factors = (meta.key_count, *meta.net.weight.shape) if meta is not None else None
+    factors = (meta.factor_elements(), meta.net.weight.numel()) if meta is not None else None
     out = []
     for world in world_sizes:
         plan = plans[world] if plans and world in plans else plan_all_classes(method, world)

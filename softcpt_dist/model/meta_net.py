@@ -64,9 +64,13 @@ class MetaNet(nn.Module):
     """
 
     def __init__(self, in_dim: int, n_ctx: int, ctx_dim: int, kind: str = "lin", hidden: int = 512,
-                 init_std: float = 0.02, key_count: Optional[int] = None):
+                 init_std: float = 0.02, key_count: Optional[int] = None, dense_in: int = 0,
+                 key_group: Optional[torch.Tensor] = None):
         super().__init__()
         self.key_count = key_count  # how many distinct rows (tasks or classes) forward's keys name
+        # Gradient factors by the input's parts (``gradient_factors.py``): the leading ``dense_in`` columns per
+        # row (a class feature), the rest shared by the keys of one group (``key_group [key_count]``: a task).
+        self.dense_in, self.key_group = dense_in, key_group
         self.n_ctx, self.ctx_dim, self.kind = n_ctx, ctx_dim, kind
         out_dim = n_ctx * ctx_dim
         if kind == "lin":
@@ -83,12 +87,38 @@ class MetaNet(nn.Module):
         # gradient is then recorded as its factors, by key, not formed (``gradient_factors.py``).
         self.factors: Optional[GradientFactors] = None
 
-    def record_factors(self) -> GradientFactors:
-        """From now on, backward records the weight's gradient factors by key instead of forming it."""
+    def _factor_layouts(self):
         if self.kind != "lin" or self.key_count is None:
-            raise ValueError("gradient factors need a linear meta network whose rows have keys (key_count)")
+            return []
+        layouts = [{}]  # a table row per key
+        if self.dense_in and self.key_group is not None:
+            layouts.append({"dense_in": self.dense_in, "key_group": self.key_group})  # split by the input's parts
+        return layouts
+
+    def _layout_elements(self, layout) -> int:
         out_f, in_f = self.net.weight.shape
-        self.factors = GradientFactors(self.key_count, out_f, in_f)
+        group = layout.get("key_group")
+        keys = self.key_count if group is None else int(group.max()) + 1
+        return GradientFactors.elements(keys, out_f, in_f, layout.get("dense_in", 0))
+
+    def factor_elements(self) -> Optional[int]:
+        """Numbers the cheapest layout of gradient factors exchanges, or None where forming and summing the
+        weight's matrix is cheaper (or the network has no keyed linear weight)."""
+        layouts = self._factor_layouts()
+        if not layouts:
+            return None
+        cheapest = min(self._layout_elements(layout) for layout in layouts)
+        return cheapest if cheapest < self.net.weight.numel() else None
+
+    def record_factors(self) -> GradientFactors:
+        """From now on, backward records the weight's gradient factors by key instead of forming it (the
+        cheapest layout, ``factor_elements``)."""
+        layouts = self._factor_layouts()
+        if not layouts:
+            raise ValueError("gradient factors need a linear meta network whose rows have keys (key_count)")
+        layout = min(layouts, key=self._layout_elements)
+        out_f, in_f = self.net.weight.shape
+        self.factors = GradientFactors(self.key_count, out_f, in_f, **layout)
         return self.factors
 
     def forward(self, features: torch.Tensor, keys: Optional[torch.Tensor] = None) -> torch.Tensor:

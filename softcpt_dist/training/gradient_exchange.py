@@ -6,8 +6,9 @@ reduction does). DeepSpeed all-reduces every learnable tensor whole; here the me
 bias-free linear layer, the paper's: 4.2 M elements for ViT-B, 9.4 M for ViT-L) goes as its factors
 (``model/gradient_factors.py``): per task (per class for the class-aware variants), the output gradient
 summed over the rank's rows and the row's input. Summed over ranks that is keys × (out + in + 1) numbers,
-from which every rank forms the matrix. Where the keys would cost more than the matrix (class-aware
-variants over many classes) the matrix itself is reduced. Everything (factors or matrix, task and class
+from which every rank forms the matrix. The class-aware variants' rows ``[class feature | task feature]``
+split by part: the task part by task, the class part as its matrix (``GradientFactors``). Where every
+layout would cost more than the matrix, the matrix itself is reduced. Everything (factors or matrix, task and class
 contexts) goes in **one** flat all-reduce per optimizer step.
 
 Rows read by one rank only are not sent at all. A learnable tensor whose rows belong to classes or tasks
@@ -70,10 +71,8 @@ class StructuredGradients:
     def __init__(self, model, shares: Optional[Sequence[torch.Tensor]] = None):
         self.factored = []  # (meta network, its GradientFactors)
         for meta in model.method.modules():
-            if isinstance(meta, MetaNet) and meta.kind == "lin" and meta.key_count is not None:
-                out_f, in_f = meta.net.weight.shape
-                if meta.key_count * (out_f + in_f + 1) < out_f * in_f:
-                    self.factored.append((meta, meta.record_factors()))
+            if isinstance(meta, MetaNet) and meta.factor_elements() is not None:
+                self.factored.append((meta, meta.record_factors()))
         factored = {id(meta.net.weight) for meta, _ in self.factored}
         learnable = model.learnable_parameters()
         self.owned: List[OwnedRows] = []
@@ -99,7 +98,7 @@ class StructuredGradients:
         self.allreduce_bytes += sum(g.numel() for g in grads + shared) * 4
         offset = 0
         for (meta, factors), table in zip(self.factored, tables):
-            summed = flat[offset:offset + table.numel()].view_as(table)
+            summed = flat[offset:offset + table.numel()]
             offset += table.numel()
             # the inputs and counts were averaged alike, so each key's input stays their mean
             meta.net.weight.grad = factors.weight_grad(summed).to(meta.net.weight.dtype)

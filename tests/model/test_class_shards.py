@@ -117,7 +117,7 @@ def test_the_cost_model_prices_class_parallel_scoring_and_gradient_factors():
     from softcpt_dist.scaling import Link, step_estimate
     link = Link(bandwidth_gb_s=1.0, latency_us=10.0)
     common = dict(rows=6, feature_dim=8, learnable=1000 + 64 * 32, token_s=1e-3, link=link)
-    two = step_estimate([500, 480], **common, scoring="shares", batch=3, factors=(5, 64, 32))
+    two = step_estimate([500, 480], **common, scoring="shares", batch=3, factors=(5 * (64 + 32 + 1), 64 * 32))
     # all-reduces of zero-filled [W, ...] buffers: 2 (W - 1) / W = 1 times the buffer at 2 ranks
     assert two.image_bytes == 2 * 3 * (8 + 2) * 4 and two.stats_bytes == 2 * (4 * 2 * 3 + 1) * 4
     assert two.gather_bytes == two.image_bytes + two.stats_bytes
@@ -127,7 +127,7 @@ def test_the_cost_model_prices_class_parallel_scoring_and_gradient_factors():
     assert two.factor_bytes == 5 * (64 + 32 + 1) * 4 and two.allreduce_bytes == 4 * 1000
     assert two.reduce_s == pytest.approx(2e-5 + (two.factor_bytes + two.allreduce_bytes) / 1e9)
     # keys costing more than the matrix: the matrix is all-reduced with the rest
-    many = step_estimate([500, 480], **common, scoring="shares", batch=3, factors=(40, 64, 32))
+    many = step_estimate([500, 480], **common, scoring="shares", batch=3, factors=(40 * (64 + 32 + 1), 64 * 32))
     assert many.factor_bytes == 0 and many.allreduce_bytes == 4 * (1000 + 64 * 32)
     with pytest.raises(ValueError, match="scoring"):
         step_estimate([1, 1], **common, scoring="other")
@@ -150,6 +150,28 @@ def test_the_cost_model_counts_hops_as_nccl_does():
     assert hidden.gather_s == pytest.approx(20 * 1e-5 + (20 * 1e-5 - 0.05e-3), rel=1e-3)  # the images' partly hidden
     assert gathered.gather_s == pytest.approx(2 * 63 * 1e-5, rel=1e-3)  # ring all-gather + reduce-scatter
     assert shares.reduce_s == pytest.approx(20 * 1e-5, rel=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["NATA", "CSTA", "CATA"])
+def test_meta_networks_exchange_their_cheapest_factor_layout(tiny_backbone, variant):
+    """NA: a row per task. CA/CS ([class | task] rows keyed by class): a row per task plus the class part's
+    matrix, cheaper than a row per class and than the matrix; the cost model counts the same numbers."""
+    from softcpt_dist.model.gradient_factors import GradientFactors
+    from softcpt_dist.scaling import Link, predict_scaling
+    method = build_method(tiny_backbone, plant6(), MethodConfig(variant=variant), PromptConfig())
+    meta = method.meta_net
+    out_f, in_f = meta.net.weight.shape
+    tasks = len(plant6().tasks)
+    if variant == "NATA":
+        expected = GradientFactors.elements(tasks, out_f, in_f)
+    else:
+        expected = GradientFactors.elements(tasks, out_f, in_f, dense_in=in_f // 2)
+        assert expected < min(GradientFactors.elements(method.num_classes, out_f, in_f), out_f * in_f)
+    assert meta.factor_elements() == expected
+    assert meta.record_factors().numel() == expected
+    meta.factors = None
+    two = predict_scaling(method, [1, 2], 1e-3, Link(100.0, 5.0), scoring="shares", structured=True)[1]
+    assert two.factor_bytes == 4 * expected  # 2 ranks: the ring moves the table once
 
 
 def test_predicted_shares_shrink_until_tasks_split_into_few_classes(tiny_backbone):

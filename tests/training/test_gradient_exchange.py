@@ -29,9 +29,32 @@ def test_a_factored_layer_has_the_linear_layers_input_gradient_and_its_weight_gr
     torch.nn.functional.linear(torch.cat([x, torch.zeros(2, 5)]), weight)[:3].sin().sum().backward()
     torch.testing.assert_close(grad_x, x.grad, rtol=0, atol=0)
     table = factors.take("cpu")
-    assert table.shape == (4, 12 + 5 + 1) and table[:, -1].tolist() == [1, 0, 1, 1]  # key 1: no row
+    assert table.shape == (4 * (12 + 5 + 1),) and table.view(4, -1)[:, -1].tolist() == [1, 0, 1, 1]  # key 1: no row
     torch.testing.assert_close(factors.weight_grad(table), weight.grad, rtol=0, atol=ATOL)
     assert not factors.take("cpu").any()  # taken: forgotten
+
+
+def test_class_aware_rows_split_into_a_task_table_and_the_class_parts_matrix():
+    """Rows ``[class feature | task feature]`` keyed by class: the task part factors by task, the class part
+    is a matrix; two micro-batches (a class recorded twice) and two ranks' sums averaged give the average
+    of the ranks' plain gradients."""
+    torch.manual_seed(0)
+    class_task = torch.tensor([0, 0, 0, 1, 1, 2])  # 6 classes of 3 tasks
+    task_feature, class_feature = torch.randn(3, 4), torch.randn(6, 3)
+    weight = torch.randn(10, 7)
+    sums, reference = [], torch.zeros_like(weight)
+    for micro_batches in ([torch.tensor([0, 1, 3]), torch.tensor([1, 5])], [torch.tensor([2, 4, 0])]):  # 2 ranks
+        factors = GradientFactors(keys=6, out_features=10, in_features=7, dense_in=3, key_group=class_task)
+        w = weight.clone().requires_grad_(True)
+        for keys in micro_batches:
+            rows = torch.cat([class_feature[keys], task_feature[class_task[keys]]], dim=1).requires_grad_(True)
+            factored_linear(rows, weight, factors, keys).cos().sum().backward()
+            torch.nn.functional.linear(rows, w).cos().sum().backward()
+        flat = factors.take("cpu")
+        assert flat.numel() == GradientFactors.elements(3, 10, 7, 3) == 3 * (10 + 4 + 1) + 10 * 3
+        sums.append(flat)
+        reference += w.grad / 2
+    torch.testing.assert_close(factors.weight_grad((sums[0] + sums[1]) / 2), reference, rtol=0, atol=ATOL)
 
 
 def test_under_fp16_autocast_the_factored_layer_runs_as_the_linear_layer():

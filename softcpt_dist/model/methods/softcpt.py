@@ -61,8 +61,10 @@ class SoftCPT(Method):
                                              prompt.n_class_ctx, prompt.init_std, "prompt.class_ctx_init")
             self.class_ctx.requires_grad_(not method.freeze_class_context)  # frozen: neither trained nor saved
         concat = self.class_aware and method.meta_input == "concat"
+        # concat rows are [class feature | task feature]: their gradient factors split by part (gradient_factors.py)
         self.meta_net = MetaNet(feat * (2 if concat else 1), prompt.n_ctx, dim, method.meta_net, method.meta_hidden,
-                                prompt.init_std, key_count=n_classes if self.class_aware else n_tasks)
+                                prompt.init_std, key_count=n_classes if self.class_aware else n_tasks,
+                                dense_in=feat if concat else 0, key_group=group.class_task() if concat else None)
         self.class_prompts = ContextPromptBank(group.classnames, prompt.n_ctx, backbone,
                                                prompt.class_token_position)
 
