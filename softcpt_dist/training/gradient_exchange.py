@@ -83,6 +83,7 @@ class StructuredGradients:
                     self.owned.append(rows)
         by_rows = {id(rows.param) for rows in self.owned}
         self.rest = [p for p in learnable.values() if id(p) not in factored | by_rows]
+        self._weight_grads: Dict[int, torch.Tensor] = {}  # id(factored weight) -> its gradient's buffer
         self.diverged = False  # whether some rank's copy of an owned row differs from its owner's
         self.factor_bytes = 0  # fp32 factor-table bytes all-reduced so far (per rank, the tables' size)
         self.allreduce_bytes = 0  # fp32 gradient bytes all-reduced so far (per rank, the tensors' size)
@@ -101,7 +102,14 @@ class StructuredGradients:
             summed = flat[offset:offset + table.numel()]
             offset += table.numel()
             # the inputs and counts were averaged alike, so each key's input stays their mean
-            meta.net.weight.grad = factors.weight_grad(summed).to(meta.net.weight.dtype)
+            weight = meta.net.weight
+            if weight.dtype == torch.float32:  # into a buffer kept across steps (the optimizer may drop .grad)
+                buffer = self._weight_grads.get(id(weight))
+                if buffer is None:
+                    buffer = self._weight_grads[id(weight)] = torch.empty_like(weight)
+                weight.grad = factors.weight_grad(summed, out=buffer)
+            else:
+                weight.grad = factors.weight_grad(summed).to(weight.dtype)
         for p in self.rest:
             part = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
             offset += p.numel()
