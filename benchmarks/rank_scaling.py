@@ -16,6 +16,7 @@ step (class features and their gradients, image features, softmax statistics, gr
 
     python benchmarks/rank_scaling.py                                   # Plant-6 shape, ViT-B-16, CPU
     python benchmarks/rank_scaling.py --former                          # former vs current exchange
+    python benchmarks/rank_scaling.py --repeats 3 --epochs 6            # interleaved runs, medians (noisy hosts)
     python benchmarks/rank_scaling.py --shard-off --zero-stage 3
     python benchmarks/rank_scaling.py --no-text-bound --epochs 6        # the built-in demo data, tiny CLIP
     python benchmarks/rank_scaling.py --ranks 1 2 4 8 -- model.arch=ViT-L-14 model.device=cuda \\
@@ -90,6 +91,8 @@ def main(argv=None) -> int:
                    "features gathered, every gradient all-reduced by DeepSpeed)")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                    help="pin rank i to CPU core i (CPU runs; --no-pin on GPU nodes)")
+    p.add_argument("--repeats", type=int, default=1, help="run every configuration this many times, interleaved "
+                   "(1, 2, 1, 2, ...), and report the median: drift and noisy neighbours hit all configurations alike")
     p.add_argument("--work", type=Path, default=None, help="a folder to work in (kept: its feature cache is reused)")
     p.add_argument("extra", nargs="*", help="config overrides passed to every run")
     args = p.parse_args(argv)
@@ -104,15 +107,19 @@ def main(argv=None) -> int:
             base = [f"data.root={work / 'data'}"]
         runs = [(n, "auto") for n in args.ranks] + [(n, "off") for n in args.ranks if args.shard_off and n > 1] \
             + [(n, "former") for n in args.ranks if args.former and n > 1]
-        results = {}
-        for n, shard in runs:  # "former": text.shard=auto with the former exchange
-            extra = FORMER if shard == "former" else [f"text.shard={shard}"]
-            results[(n, shard)] = run(n, work, f"ranks{n}-{shard}", args, [*base, *extra, *args.extra])
+        repeats = {}
+        for _ in range(args.repeats):
+            for n, shard in runs:  # "former": text.shard=auto with the former exchange
+                extra = FORMER if shard == "former" else [f"text.shard={shard}"]
+                repeats.setdefault((n, shard), []).append(run(n, work, f"ranks{n}-{shard}", args,
+                                                              [*base, *extra, *args.extra]))
+        results = {key: {**rs[-1], "steps_per_s": statistics.median(r["steps_per_s"] for r in rs),
+                         "each": [r["steps_per_s"] for r in rs]} for key, rs in repeats.items()}
     what = "text-bound Plant-6 shape, ViT-B-16 random init, cached image features" if args.text_bound else "demo"
     pinned = ", pinned" if args.pin else ""
     print(f"# rank scaling ({what}): ZeRO {args.zero_stage}, global batch {args.batch_size}, torch "
           f"{torch.__version__}, {os.cpu_count()} CPU cores, 1 thread per rank{pinned}, overrides {args.extra or 'none'}; "
-          f"median of epochs 2..{args.epochs}")
+          f"median of epochs 2..{args.epochs}" + (f", median of {args.repeats} interleaved runs" if args.repeats > 1 else ""))
     base_rate = results[(args.ranks[0], "auto")]["steps_per_s"]
     print(f"{'ranks':>5} {'text.shard':>10} {'steps/s':>8} {'vs ' + str(args.ranks[0]):>6} {'positions/rank':>15} "
           f"{'exchanged KiB':>13} {'activations MiB/rank':>21} {'peak MiB/rank':>15} {'wall s':>7}")
@@ -121,6 +128,13 @@ def main(argv=None) -> int:
               f"{'/'.join(f'{x:.0f}' for x in r['positions']):>15} {r['exchanged_kib']:>13.1f} "
               f"{'/'.join(f'{x:.1f}' for x in r['activation_mib']):>21} "
               f"{'/'.join(f'{x:.0f}' for x in r['peak_mib']):>15} {r['wall']:>7.1f}")
+    if args.repeats > 1:  # each repeat's ratio to the first world size's run of the same repeat
+        first = repeats[(args.ranks[0], "auto")]
+        for key, rs in repeats.items():
+            each = ", ".join(f"{x:.3f}" for x in results[key]["each"])
+            ratios = ", ".join(f"{r['steps_per_s'] / f['steps_per_s']:.2f}x" for r, f in zip(rs, first))
+            print(f"# {key[0]} ranks, {key[1]}: steps/s per run {each}; vs {args.ranks[0]} rank(s) in the same "
+                  f"repeat {ratios}")
     return 0
 
 
