@@ -125,9 +125,9 @@ def _refined(order: List[int], bounds: List[int], cost, passes: int = 8) -> List
     for _ in range(passes):
         moved = False
         for r in range(1, len(bounds) - 1):
-            left, right = share_cost(bounds[r - 1], bounds[r]), share_cost(bounds[r], bounds[r + 1])
             if bounds[r - 1] == bounds[r] or bounds[r] == bounds[r + 1]:
                 continue  # an empty share stays empty (fewer classes than ranks)
+            left, right = share_cost(bounds[r - 1], bounds[r]), share_cost(bounds[r], bounds[r + 1])
             step = -1 if left > right else 1  # give the costlier side's edge class to the other
             while bounds[r - 1] < bounds[r] + step < bounds[r + 1]:
                 new_left = share_cost(bounds[r - 1], bounds[r] + step)

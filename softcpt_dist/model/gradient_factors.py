@@ -45,13 +45,17 @@ class GradientFactors:
         """Numbers exchanged for a layer of this shape with ``keys`` table rows."""
         return keys * (out_features + in_features - dense_in + 1) + out_features * dense_in
 
+    @property
+    def width(self) -> int:
+        """A table row: summed dy | summed x (the columns not in ``dense_in``) | count."""
+        return self.out_features + self.in_features - self.dense_in + 1
+
     def numel(self) -> int:
         return self.elements(self.keys, self.out_features, self.in_features, self.dense_in)
 
     def record(self, grad_output: torch.Tensor, inputs: torch.Tensor, keys: torch.Tensor) -> None:
         if self.table is None:
-            self.table = grad_output.new_zeros(self.keys, self.out_features + self.in_features - self.dense_in + 1,
-                                               dtype=torch.float32)
+            self.table = grad_output.new_zeros(self.keys, self.width, dtype=torch.float32)
             self.dense = grad_output.new_zeros(self.out_features, self.dense_in, dtype=torch.float32)
         dy, x = grad_output.detach().float(), inputs.detach().float()
         if self.dense_in:
@@ -73,7 +77,7 @@ class GradientFactors:
         """``Σ_rows dyᵀ x`` from a (summed) ``take``: each key's input is its recorded inputs' mean. Written
         into ``out [out, in]`` where given: a buffer kept across steps spares the allocator a fresh matrix
         (on CPUs, megabytes of page faults) every step."""
-        width = self.out_features + self.in_features - self.dense_in + 1
+        width = self.width
         table = flat[:self.keys * width].view(self.keys, width)
         dy, x, count = table[:, :self.out_features], table[:, self.out_features:-1], table[:, -1:]
         used = count.squeeze(1) > 0

@@ -96,10 +96,7 @@ class MetaNet(nn.Module):
         return layouts
 
     def _layout_elements(self, layout) -> int:
-        out_f, in_f = self.net.weight.shape
-        group = layout.get("key_group")
-        keys = self.key_count if group is None else int(group.max()) + 1
-        return GradientFactors.elements(keys, out_f, in_f, layout.get("dense_in", 0))
+        return GradientFactors(self.key_count, *self.net.weight.shape, **layout).numel()  # allocates nothing
 
     def factor_elements(self) -> Optional[int]:
         """Numbers the cheapest layout of gradient factors exchanges, or None where forming and summing the
