@@ -68,8 +68,8 @@ class TextConfig:
     shard: str = one_of("auto", "off")
     # With shard on, how a training step scores: shares: every rank scores the global batch against its own
     # classes (image features and per-sample softmax statistics are exchanged, class features never) |
-    # gathered: the class features are all-gathered and their gradients reduced back (ProGrad, PLOT and
-    # model.precision=official_fp16 always score so)
+    # gathered: the class features are all-gathered and their gradients reduced back (PLOT, whose scores read
+    # per-position image features, always scores so)
     scoring: str = one_of("shares", "gathered")
     # true: attention over whole blocks of 16 keys and >= 4 queries, so that a class's feature is bitwise
     # the same whichever classes it is encoded with (ranks' shares, task-grouped batches) | false: no such
@@ -203,7 +203,7 @@ class EngineConfig:
     backend: str = one_of("auto", "nccl", "gloo")  # auto: nccl on cuda, gloo on cpu
     # How ranks exchange the learnable gradients under ZeRO-0: structured: the meta network's weight by its
     # factors (rows of its input and output gradients), the rest in one all-reduce | deepspeed: DeepSpeed
-    # all-reduces every tensor. ZeRO-1/2/3 always use DeepSpeed's; so do ProGrad and official_fp16.
+    # all-reduces every tensor. ZeRO-1/2/3 always use DeepSpeed's; so does ProGrad.
     gradient_exchange: str = one_of("structured", "deepspeed")
     timeout_s: float = positive(300.0)  # bound on every collective: a dead rank makes the others exit
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed config keys, merged last

@@ -17,7 +17,7 @@ from softcpt_dist.config import KernelsConfig, TextConfig
 from softcpt_dist.model.class_shards import SavedBytes, class_shards
 from softcpt_dist.model.loss import (TaskScores, TaskTargets, column_positions, cosine_cross_entropy,
                                      cosine_logits, multitask_cross_entropy, within_task_argmax, within_task_predict)
-from softcpt_dist.model.share_loss import class_parallel_loss
+from softcpt_dist.model.share_loss import class_parallel_scores, share_logits
 from softcpt_dist.step_phases import NULL_TIMER
 
 
@@ -37,12 +37,10 @@ def encode_images(backbone: nn.Module, inputs: torch.Tensor, tokens: bool = Fals
         return backbone.image_encoder(inputs)
 
 
-def scores_shares(text: TextConfig, method, official_fp16: bool) -> bool:
-    """Whether sharded training forwards score on class shares (``text.scoring=shares``), except where a method
-    needs every class's logits (ProGrad's guide loss, PLOT's per-position scores) and in
-    ``model.precision=official_fp16`` (whose fp16 loss is the official code's rounding)."""
-    return (text.scoring == "shares" and not getattr(method, "uses_local_features", False)
-            and not getattr(method, "projects_gradient", False) and not official_fp16)
+def scores_shares(text: TextConfig, method) -> bool:
+    """Whether sharded training forwards score on class shares (``text.scoring=shares``), except for a method
+    scoring per-position image features (PLOT: gathering them would cost more than the class features)."""
+    return text.scoring == "shares" and not getattr(method, "uses_local_features", False)
 
 
 class PromptClassifier(nn.Module):
@@ -68,7 +66,7 @@ class PromptClassifier(nn.Module):
         self.projects_gradient = bool(getattr(method, "projects_gradient", False))
         text = text or TextConfig()
         self.shards = None if self.image_conditional else class_shards(text)
-        self.shares_scoring = scores_shares(text, method, getattr(backbone, "official_fp16", False))
+        self.shares_scoring = scores_shares(text, method)
         # Autograd-saved bytes of the latest measured class-feature forward (its backward's memory): measured
         # only while measure_activations is set (a saved-tensor hook; the training loop sets it for the last
         # step of each epoch, whose record reports it).
@@ -172,11 +170,23 @@ class PromptClassifier(nn.Module):
         with self.timer("loss"):
             batch = pending.wait()
             terms = method.class_loss_terms(share.features, share.class_ids)
-            loss, predicted = class_parallel_loss(share.features, share.class_ids, method.class_task, batch,
-                                                  self.backbone.logit_scale, share.contributes,
-                                                  None if terms is None else terms * share.class_weight, self.kernels)
-            shards.stats_bytes += D.all_reduce_traffic(shards.world_size * (4 * len(batch.tasks) + 1) * 4,
+            logits = extra = None
+            if self.projects_gradient or self.logits_dtype != torch.float32:  # fp16: the official code's logits
+                logits = share_logits(batch.image_features, share.features, self.backbone.logit_scale,
+                                      self.logits_dtype)
+            if self.projects_gradient:  # the guide loss's statistics travel with the loss's
+                extra = method.share_guide_statistics(batch.image_features, logits, share.class_ids, batch.tasks,
+                                                      share.contributes)
+            scores = class_parallel_scores(share.features, share.class_ids, method.class_task, batch,
+                                           self.backbone.logit_scale, share.contributes,
+                                           None if terms is None else terms * share.class_weight, self.kernels,
+                                           logits, extra)
+            if self.projects_gradient:
+                self.guide_loss = method.guide_from_shares(scores.extra, batch.weights)
+            per_sample = 4 + (0 if extra is None else len(extra))
+            shards.stats_bytes += D.all_reduce_traffic(shards.world_size * (per_sample * len(batch.tasks) + 1) * 4,
                                                        shards.world_size)
+            loss, predicted = scores.loss.to(self.logits_dtype), scores.predicted  # fp16: the official loss's rounding
             if class_index is not None:  # this rank's columns
                 predicted = column_positions(class_index, method.num_classes)[predicted]
         return TaskScores(loss, predicted)

@@ -120,15 +120,20 @@ class MetaNet(nn.Module):
 
     def forward(self, features: torch.Tensor, keys: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``keys [B]``: which task or class each row is (below ``key_count``); needed while recording factors."""
+        recording = self.factors is not None and torch.is_grad_enabled()
+        if recording and (keys is None or len(keys) != features.shape[0]):
+            raise ValueError("a meta network recording gradient factors needs one key per row")
         if features.dtype == torch.float16 and self.kind == "lin":  # model.precision=official_fp16
             # the official PromptGen: x @ proj.type(x.dtype), the fp32 weight applied in fp16
-            weight = self.net.weight.to(torch.float16)
-            out = rowwise(lambda rows: F.linear(rows, weight), features)
-        elif self.factors is not None and torch.is_grad_enabled():
-            if keys is None or len(keys) != features.shape[0]:
-                raise ValueError("a meta network recording gradient factors needs one key per row")
+            weight, x = self.net.weight.to(torch.float16), features
+        elif recording:
             weight = self.net.weight
-            out = rowwise(lambda x: factored_linear(x, weight, self.factors, keys), features.to(weight.dtype))
+            x = features.to(weight.dtype)
         else:
             out = rowwise(self.net, features.to(next(self.parameters()).dtype))
+            return out.view(features.shape[0], self.n_ctx, self.ctx_dim)
+        if recording:  # the weight's gradient as factors (fp32, from fp16 rows in official_fp16)
+            out = rowwise(lambda rows: factored_linear(rows, weight, self.factors, keys), x)
+        else:
+            out = rowwise(lambda rows: F.linear(rows, weight), x)
         return out.view(features.shape[0], self.n_ctx, self.ctx_dim)

@@ -31,7 +31,7 @@ import torch
 
 from softcpt_dist import distributed as D
 from softcpt_dist.kernels.cosine_ce import fused_applies, fused_share_stats
-from softcpt_dist.model.batch_invariance import MIN_ROWS, rowwise
+from softcpt_dist.model.batch_invariance import MIN_ROWS
 from softcpt_dist.model.loss import column_positions, cosine_logits
 
 NEG_INF = float("-inf")
@@ -60,13 +60,15 @@ class ShareStats(NamedTuple):
     best: torch.Tensor
 
 
-def share_logits(image_features: torch.Tensor, features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """``[B, C_s]`` cosine logits against a share; the share is padded to ``MIN_ROWS`` classes so that each
-    logit is computed by the same BLAS kernel whatever the share's size (``batch_invariance``)."""
+def share_logits(image_features: torch.Tensor, features: torch.Tensor, logit_scale: torch.Tensor,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[B, C_s]`` cosine logits against a share, in ``dtype`` (``cosine_logits``); the share is padded to
+    ``MIN_ROWS`` classes (rows of ones: a zero row has no direction, NaN in fp16) so that each logit is computed
+    by the same BLAS kernel whatever the share's size (``batch_invariance``)."""
     classes = features.shape[0]
     if classes < MIN_ROWS:
-        features = torch.cat([features, features.new_zeros(MIN_ROWS - classes, features.shape[1])])
-    return rowwise(lambda rows: cosine_logits(rows, features, logit_scale), image_features)[:, :classes]
+        features = torch.cat([features, features.new_ones(MIN_ROWS - classes, features.shape[1])])
+    return cosine_logits(image_features, features, logit_scale, dtype)[:, :classes]  # its image rows padded too
 
 
 def share_stats(logits: torch.Tensor, class_ids: torch.Tensor, class_task: torch.Tensor,
@@ -103,17 +105,31 @@ def share_statistics(image_features: torch.Tensor, share_features: torch.Tensor,
     return share_stats(logits, class_ids, share_task, tasks, targets)
 
 
+def rescale(top: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``exp(top - high)`` per share ``[W, B]``, 0 where a share has no column of the sample's task (``top``
+    -inf): what moves each share's sums, taken relative to its own largest logit, to the overall one."""
+    return torch.exp(torch.where(torch.isfinite(top), top - high, torch.full_like(top, NEG_INF)))
+
+
 def combine(top: torch.Tensor, sum_exp: torch.Tensor, target: torch.Tensor, best: torch.Tensor
             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Every share's statistics ``[W, B]`` -> each sample's cross-entropy over its task ``[B]`` and its
     predicted global class (the largest logit over shares; the lowest class id on a tie)."""
     high = top.max(dim=0).values
-    scale = torch.exp(torch.where(torch.isfinite(top), top - high, torch.full_like(top, NEG_INF)))
-    loss = torch.log((sum_exp * scale).sum(dim=0)) + high - target.sum(dim=0)
+    loss = torch.log((sum_exp * rescale(top, high)).sum(dim=0)) + high - target.sum(dim=0)
     with torch.no_grad():
         tied = torch.where(top == high, best, torch.full_like(best, torch.iinfo(best.dtype).max))
         predicted = tied.min(dim=0).values
     return loss, predicted
+
+
+class ShareScores(NamedTuple):
+    """``class_parallel_scores``: the global batch's loss, this rank's samples' predicted global classes, and
+    every rank's ``extra`` statistics ``[W, k, B]`` (None without them)."""
+
+    loss: torch.Tensor
+    predicted: torch.Tensor
+    extra: Optional[torch.Tensor]
 
 
 def class_parallel_loss(share_features: torch.Tensor, class_ids: torch.Tensor, class_task: torch.Tensor,
@@ -126,10 +142,28 @@ def class_parallel_loss(share_features: torch.Tensor, class_ids: torch.Tensor, c
     stand-in (ZeRO-3 runs every rank's forward and backward) that contributes nothing and gets a zero
     gradient. ``class_terms``: the share's classes' weighted loss terms, summed into the loss. ``enabled``:
     ``kernels.enabled``, whether the statistics may run fused (``share_statistics``)."""
+    scores = class_parallel_scores(share_features, class_ids, class_task, batch, logit_scale, contributes,
+                                   class_terms, enabled)
+    return scores.loss, scores.predicted
+
+
+def class_parallel_scores(share_features: torch.Tensor, class_ids: torch.Tensor, class_task: torch.Tensor,
+                          batch: ShareBatch, logit_scale: torch.Tensor, contributes: bool = True,
+                          class_terms: Optional[torch.Tensor] = None, enabled: str = "auto",
+                          logits: Optional[torch.Tensor] = None, extra: Optional[torch.Tensor] = None
+                          ) -> ShareScores:
+    """``class_parallel_loss``, plus what a method scoring more than the cross-entropy needs (ProGrad's guide
+    loss): ``logits``, the share's logits ``[B, C_s]`` when the caller has them (the statistics then come
+    from them, in fp32: fp16 logits of ``model.precision=official_fp16`` are rounded as the official code's,
+    their softmax statistics taken in fp32), and ``extra``, per-sample statistics of this share ``[k, B]`` carried in the same gather
+    (with the same gradient rule: each rank's backward reaches its own slot, times W)."""
     if len(class_task) >= 2**24:
         raise ValueError(f"{len(class_task)} classes: class-parallel scoring carries class ids in fp32 (below 2**24)")
-    stats = share_statistics(batch.image_features, share_features, logit_scale, class_ids, class_task, batch.tasks,
-                             batch.targets, enabled)
+    if logits is None:
+        stats = share_statistics(batch.image_features, share_features, logit_scale, class_ids, class_task,
+                                 batch.tasks, batch.targets, enabled)
+    else:
+        stats = share_stats(logits.float(), class_ids, class_task[class_ids], batch.tasks, batch.targets)
     term = class_terms.sum() if class_terms is not None else stats.sum_exp.new_zeros(())
     if not contributes:  # the stand-in: joins the graph with exact zeros
         stats = ShareStats(torch.full_like(stats.top, NEG_INF), stats.sum_exp * 0, stats.target * 0,
@@ -137,12 +171,15 @@ def class_parallel_loss(share_features: torch.Tensor, class_ids: torch.Tensor, c
         term = term * 0
     n = len(stats.top)
     # One gather of fp32 numbers (an all-reduce, ``D.gather_by_sum``); class ids below 2**24 are exact in fp32.
-    packed = torch.cat([stats.top.float(), stats.sum_exp.float(), stats.target.float(), stats.best.float(),
-                        term.reshape(1).float()])
+    parts = [stats.top.float(), stats.sum_exp.float(), stats.target.float(), stats.best.float()]
+    if extra is not None:
+        parts += list(extra.float().unbind(0))
+    packed = torch.cat([*parts, term.reshape(1).float()])
     gathered = D.gather_own_gradient(packed, scale=float(D.world_size()))
     top, sum_exp, target, best = (gathered[:, i * n:(i + 1) * n] for i in range(4))
-    terms = gathered[:, 4 * n]
+    terms = gathered[:, -1]
     best = best.long()
     per_sample, predicted = combine(top, sum_exp, target, best)
     loss = (per_sample * batch.weights).sum() + terms.sum()
-    return loss, predicted[batch.rows]
+    gathered_extra = None if extra is None else gathered[:, 4 * n:-1].reshape(len(gathered), len(extra), n)
+    return ShareScores(loss, predicted[batch.rows], gathered_extra)

@@ -114,9 +114,8 @@ def cost_model(cfg: Config, method, main: Dict[str, List[float]], steps: List[Di
     token_s = text_s / max(positions, 1)
     element = {"fp32": 4, "bf16": 2, "fp16": 2, "official_fp16": 2, "official_amp": 2}[cfg.model.precision]
     worlds = sorted(set(COST_MODEL_WORLDS) | {world})
-    official_fp16 = cfg.model.precision == "official_fp16"
-    scoring = "shares" if scores_shares(cfg.text, method, official_fp16) else "gathered"
-    structured = exchanges_by_structure(cfg.engine, method, official_fp16)
+    scoring = "shares" if scores_shares(cfg.text, method) else "gathered"
+    structured = exchanges_by_structure(cfg.engine, method)
     estimates = predict_scaling(method, worlds, token_s, link, feature_bytes=element, fixed_s=fixed_s,
                                 scoring=scoring, global_batch=cfg.optim.batch_size, structured=structured)
     return {"calibrated_at_world_size": world, "token_s": token_s, "fixed_s": fixed_s,

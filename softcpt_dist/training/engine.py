@@ -176,12 +176,12 @@ def deepspeed_config(ecfg: EngineConfig, world_size: int, micro_batch: int, lear
     return _merge(base, dict(ecfg.deepspeed or {}))
 
 
-def exchanges_by_structure(ecfg: EngineConfig, method, fp16_gradients: bool) -> bool:
+def exchanges_by_structure(ecfg: EngineConfig, method) -> bool:
     """Whether several ranks exchange the learnable gradients by their structure (``gradient_exchange.py``)
     rather than by DeepSpeed's reduction: ``engine.gradient_exchange=structured`` under ZeRO-0, except for a
-    gradient-projecting method (ProGrad) and fp16 gradients (``model.precision=official_fp16``)."""
-    return (ecfg.gradient_exchange == "structured" and ecfg.zero_stage == 0 and not fp16_gradients
-            and not method.projects_gradient)
+    gradient-projecting method (ProGrad). fp16 gradients (``model.precision=official_fp16``) are exchanged
+    in fp32 and stored back in fp16."""
+    return ecfg.gradient_exchange == "structured" and ecfg.zero_stage == 0 and not method.projects_gradient
 
 
 class TrainEngine:
@@ -210,7 +210,7 @@ class TrainEngine:
         # ZeRO-0 on several ranks: the gradients exchanged by their structure (gradient_exchange.py), not by
         # DeepSpeed's all-reduce of every tensor.
         self.structured = None
-        if D.world_size() > 1 and exchanges_by_structure(ecfg, model.method, self.reduces_fp16):
+        if D.world_size() > 1 and exchanges_by_structure(ecfg, model.method):
             shares = model.shards.plan(model.method, torch.arange(model.method.num_classes)).shares \
                 if fixed_classes and model.shards is not None else None
             self.structured = StructuredGradients(model, shares)
@@ -228,9 +228,9 @@ class TrainEngine:
         # carries: every file it reads goes through our weights-only reader instead.
         self.engine.checkpoint_engine.load = self._read_file
         self.zero3 = ecfg.zero_stage == 3
-        # fp16 learnable tensors (model.precision=official_fp16, ZeRO-0): their gradients are averaged over
-        # ranks here, as DeepSpeed's own reduction would (sum, then 1/world), which on CPUs without oneDNN
-        # fp16 refuses fp16 gradients.
+        # fp16 learnable tensors (model.precision=official_fp16, ZeRO-0) under engine.gradient_exchange=deepspeed:
+        # their gradients are averaged over ranks here, as DeepSpeed's own reduction would (sum, then 1/world),
+        # which on CPUs without oneDNN fp16 refuses fp16 gradients.
         if self.reduces_fp16 or self.structured is not None:
             self.engine.enable_backward_allreduce = False
         self.deepspeed_reduced_bytes = 0
@@ -268,7 +268,8 @@ class TrainEngine:
                 self.structured.exchange()
             else:  # DeepSpeed's reduction (or the fp16 one below): every learnable tensor, whole
                 self.deepspeed_reduced_bytes += 4 * self.num_learnable()
-        if self.reduces_fp16 and self.engine.is_gradient_accumulation_boundary() and D.world_size() > 1:
+        if (self.reduces_fp16 and self.structured is None and self.engine.is_gradient_accumulation_boundary()
+                and D.world_size() > 1):
             for p in self.model.learnable_parameters().values():
                 if p.grad is not None:
                     p.grad.copy_(D.all_reduce(p.grad)).mul_(1.0 / D.world_size())

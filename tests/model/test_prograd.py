@@ -15,7 +15,8 @@ from softcpt_dist.config import ConfigError, EngineConfig, MethodConfig, PromptC
 from softcpt_dist.data.tasks import TaskGroup, TaskSpec
 from softcpt_dist.model import build_method
 from softcpt_dist.model.classifier import PromptClassifier
-from softcpt_dist.model.loss import TaskTargets
+from softcpt_dist.model.loss import TaskTargets, cosine_logits
+from softcpt_dist.model.share_loss import share_logits
 from softcpt_dist.model.methods import ProGrad
 from softcpt_dist.model.text_encoder import TextEncoder
 from softcpt_dist.training.gradient_projection import GuideGradients
@@ -118,6 +119,38 @@ def test_accumulated_guide_is_the_full_batch_guide():
         classifier(image_features=image_features[part], targets=TaskTargets(tasks[part], GROUP.class_task(), labels[part]))
         halves.accumulate(classifier.guide_loss)
     assert _rel(halves.summed, whole.summed) <= 1e-5
+
+
+def test_guide_loss_from_class_shares_is_the_whole_guide_loss():
+    """Class-parallel scoring: ``L_kd`` put together from per-share statistics equals ``guide_loss`` on every
+    class's logits, value and context gradient (fp32 rounding: sums in another order),
+    with shares that split a task, a share without a sample's task, a stand-in share and per-task weights."""
+    _, _, backbone = tiny_clip()
+    group = TaskGroup([TASK, TaskSpec("pets", "pet breed", ("pug", "beagle", "husky"), template="a photo of a {}.")])
+    method = build_method(backbone, group, MethodConfig(name="prograd", prograd_temperature=T),
+                          PromptConfig(n_ctx=N_CTX))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        method.ctx.add_(0.1 * torch.randn_like(method.ctx))  # student and teacher apart
+    image_features = torch.randn(6, backbone.embed_dim)
+    tasks, labels = torch.tensor([0, 1, 1, 0, 1, 0]), torch.tensor([0, 3, 5, 2, 4, 1])
+    task_weights = torch.tensor([0.5, 2.0])
+    scale = backbone.logit_scale
+    features = method(None)
+    logits = cosine_logits(image_features, features, scale)
+    whole = method.guide_loss(image_features, logits, None, TaskTargets(tasks, group.class_task(), labels, task_weights))
+    (whole_grad,) = torch.autograd.grad(whole, method.ctx, retain_graph=True)
+    # task 0 split over the first two shares; the third holds only task 1's; the fourth is a stand-in
+    shares = [([0, 1], True), ([2, 3], True), ([4, 5], True), ([0], False)]
+    stats = [method.share_guide_statistics(image_features, share_logits(image_features, features[ids], scale),
+                                           torch.tensor(ids), tasks, contributes) for ids, contributes in shares]
+    assert torch.isinf(stats[3][0]).all() and not stats[3][1:3].any()  # the stand-in: no column of any task
+    weights = task_weights[tasks] / len(tasks)
+    parts = method.guide_from_shares(torch.stack(stats), weights)
+    (parts_grad,) = torch.autograd.grad(parts, method.ctx)
+    assert _rel(parts.detach(), whole.detach()) <= 2e-6
+    assert _rel(parts_grad, whole_grad) <= 3e-5  # measured 6e-6: share logits' padded matmuls (batch_invariance)
+    assert whole_grad.abs().max() > 0
 
 
 def test_contexts_start_from_each_tasks_template():

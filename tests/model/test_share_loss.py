@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from softcpt_dist.model.loss import cosine_logits, multitask_cross_entropy, within_task_argmax
-from softcpt_dist.model.share_loss import ShareBatch, class_parallel_loss, combine, share_stats
+from softcpt_dist.model.share_loss import (ShareBatch, class_parallel_loss, class_parallel_scores, combine,
+                                           share_logits, share_stats)
 
 # fp32 rounding: the statistics are summed in another order than log_softmax's (measured below 5e-7)
 ATOL = 2e-6
@@ -74,6 +75,31 @@ def test_one_rank_scores_as_the_gathered_path():
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=ATOL)
     torch.testing.assert_close(feats.grad, ref.grad, rtol=0, atol=ATOL)
     assert torch.equal(predicted, within_task_argmax(logits.detach(), tasks, CLASS_TASK))
+
+
+def test_fp16_logits_score_as_the_official_fp16_loss():
+    """``model.precision=official_fp16``: the shares' statistics are taken in fp32 from fp16 logits rounded as
+    the official code's; the loss and the features' gradient equal the fp16 cross-entropy within fp16
+    rounding (2^-10 relative)."""
+    scale = torch.tensor(3.0)
+    feats, images, tasks, targets, _, _ = _data()
+    feats = feats.half().requires_grad_(True)
+    weights = TASK_WEIGHTS[tasks] / len(tasks)
+    batch = ShareBatch(images.half(), tasks, targets, weights, slice(0, len(tasks)))
+    ids = torch.arange(len(feats))
+    logits = share_logits(images.half(), feats, scale, torch.float16)
+    assert logits.dtype == torch.float16
+    scores = class_parallel_scores(feats, ids, CLASS_TASK, batch, scale, logits=logits)
+    scores.loss.backward()
+    ref = feats.detach().clone().requires_grad_(True)
+    ref_logits = cosine_logits(images.half(), ref, scale, torch.float16)
+    assert torch.equal(ref_logits, logits.detach())  # the same fp16 rounding of every logit
+    ref_loss = multitask_cross_entropy(ref_logits, tasks, targets, CLASS_TASK, TASK_WEIGHTS)
+    ref_loss.backward()
+    assert feats.grad.dtype == torch.float16
+    torch.testing.assert_close(scores.loss, ref_loss.float(), rtol=2**-10, atol=0)
+    torch.testing.assert_close(feats.grad.float(), ref.grad.float(), rtol=2**-9, atol=2**-9 * float(ref.grad.abs().max()))
+    assert torch.equal(scores.predicted, within_task_argmax(ref_logits.detach(), tasks, CLASS_TASK))
 
 
 def test_statistics_of_a_share_without_a_samples_task_are_empty():

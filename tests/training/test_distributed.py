@@ -55,6 +55,17 @@ def _weights(run):
     return torch.load(run / "prompt_checkpoint.pt", weights_only=True)["states"]["joint"]
 
 
+def _epoch_records(run):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
+
+
+def _assert_scored_on_shares(run: Path):
+    """Class-parallel scoring ran: image features and softmax statistics exchanged, no class feature."""
+    records = _epoch_records(run)
+    assert records and all(r["softmax_stats_bytes_per_step"] > 0 and r["text_gather_bytes_per_step"] == 0
+                           for r in records), records
+
+
 def _assert_same_training(a: Path, b: Path):
     assert _losses(a) == pytest.approx(_losses(b), rel=TOL["rtol"], abs=TOL["atol"])
     wa, wb = _weights(a), _weights(b)
@@ -131,15 +142,18 @@ def test_class_sampling_draws_the_same_classes_on_two_ranks_as_on_one(small_data
                                                       ("plot", 1, ("engine.zero_stage=3",))],
                          ids=["kgcoop", "cocoop-zero3", "prograd-accumulated", "plot-zero3"])
 def test_per_task_baselines_train_the_same_on_two_ranks(small_data_root, tmp_path, method, epochs, two_ranks):
-    """KgCoOp's penalty is computed on every rank from the gathered class features (class-parallel text);
-    CoCoOp's ranks each encode their own images' prompts (here under ZeRO-3); ProGrad projects the gradient
-    reduced over ranks and accumulated over micro-batches; PLOT's ranks agree on Sinkhorn's stopping, and its
+    """KgCoOp's penalty is added share by share (class-parallel scoring); CoCoOp's ranks each encode their own images' prompts (here under ZeRO-3); ProGrad projects the gradient
+    reduced over ranks and accumulated over micro-batches, its guide loss merged from the shares' statistics; PLOT's ranks agree on Sinkhorn's stopping, and its
     per-position image features gather their partitioned weights (ZeRO-3): 2 ranks
     train exactly as one process."""
     args = (f"method.name={method}", "prompt.n_ctx=4", f"optim.epochs={epochs}")
     for nproc, name, extra in ((1, "one", ()), (2, "two", two_ranks)):
         rc, log = _run(nproc, _args(small_data_root, tmp_path, name, *args, *extra))
         assert rc == 0, log
+    if method in ("kgcoop", "prograd"):
+        _assert_scored_on_shares(tmp_path / "two")
+    elif method == "plot":  # per-position image features: the class features are gathered
+        assert all(r["text_gather_bytes_per_step"] > 0 for r in _epoch_records(tmp_path / "two"))
     wa, wb = (torch.load(tmp_path / r / "prompt_checkpoint.pt", weights_only=True)["states"] for r in ("two", "one"))
     assert sorted(wa) == sorted(wb) and len(wa) == 4  # one scope per task (each trains each task on its own)
     for scope in wa:
@@ -337,15 +351,25 @@ def test_slurm_warning_signal_saves_and_exits_75(small_data_root, tmp_path):
     assert "stop signal received" in out
 
 
-def test_official_fp16_trains_on_two_ranks_as_on_one(small_data_root, tmp_path):
-    """``model.precision=official_fp16``: the engine averages the fp16 context gradients over ranks itself
-    (DeepSpeed's reduction refuses fp16 on CPUs without oneDNN fp16). With class-parallel text encoding
-    (text.shard=auto), two ranks train as one within fp16 rounding: losses within 1e-2 relative, the contexts
-    within 1e-2 (2^-10 per rounding, over 2 epochs)."""
+@pytest.mark.parametrize("exchange", ["structured", "former"])
+def test_official_fp16_trains_on_two_ranks_as_on_one(small_data_root, tmp_path, exchange):
+    """``model.precision=official_fp16`` on two ranks trains as one within fp16 rounding (losses within 1e-2
+    relative, the contexts within 1e-2: 2^-10 per rounding, over 2 epochs). ``structured`` (the defaults):
+    class-parallel scoring on fp16 share logits, the fp16 context gradients averaged in fp32 and the meta
+    network's weight gradient formed from its factors. ``former`` (``text.scoring=gathered
+    engine.gradient_exchange=deepspeed``): class features gathered, the engine averaging the fp16 gradients
+    itself (DeepSpeed's reduction refuses fp16 on CPUs without oneDNN fp16)."""
+    extra = () if exchange == "structured" else ("text.scoring=gathered", "engine.gradient_exchange=deepspeed")
     for n in (1, 2):
-        rc, log = _run(n, _args(small_data_root, tmp_path, f"fp16-{n}", "model.precision=official_fp16"))
+        rc, log = _run(n, _args(small_data_root, tmp_path, f"fp16-{n}", "model.precision=official_fp16", *extra))
         assert rc == 0, log
     one, two = tmp_path / "fp16-1", tmp_path / "fp16-2"
+    if exchange == "structured":
+        _assert_scored_on_shares(two)
+        assert all(r["grad_factor_bytes_per_step"] > 0 for r in _epoch_records(two))
+    else:
+        assert all(r["text_gather_bytes_per_step"] > 0 and r["grad_factor_bytes_per_step"] == 0
+                   for r in _epoch_records(two))
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-2)
     wa, wb = _weights(two), _weights(one)
     assert wa["task_ctx"].dtype == torch.float16

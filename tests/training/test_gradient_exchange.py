@@ -77,6 +77,31 @@ def test_under_fp16_autocast_the_factored_layer_runs_as_the_linear_layer():
     torch.testing.assert_close(factors.weight_grad(factors.take("cpu")), w.grad, rtol=1e-3, atol=1e-3)
 
 
+def test_an_fp16_meta_network_records_its_factors_as_the_official_fp16_product():
+    """``model.precision=official_fp16``: the fp32 weight applied in fp16 to fp16 task features. Recording
+    factors, the output and the input gradient are bitwise the plain fp16 path's, and the weight gradient
+    formed from the (fp32) factors equals its fp16 product within fp16 rounding (2^-10 relative)."""
+    torch.manual_seed(0)
+    meta = MetaNet(32, 4, 16, "lin", key_count=3)
+    features = torch.randn(3, 32).half().requires_grad_(True)
+    meta.record_factors()
+    out = meta(features, torch.tensor([0, 1, 2]))
+    (out.float().sin().sum()).backward()
+    grad_x = features.grad.clone()
+    assert meta.net.weight.grad is None  # the weight's gradient is its factors
+    features.grad = None
+    meta.factors = None
+    ref = meta(features)
+    ref.float().sin().sum().backward()
+    assert out.dtype == ref.dtype == torch.float16 and torch.equal(out, ref)
+    assert torch.equal(grad_x, features.grad)
+    grad_w = meta.net.weight.grad
+    meta.record_factors()
+    meta(features, torch.tensor([0, 1, 2])).float().sin().sum().backward()
+    torch.testing.assert_close(meta.factors.weight_grad(meta.factors.take("cpu")), grad_w, rtol=2**-10,
+                               atol=2**-10 * float(grad_w.abs().max()))
+
+
 class _Method(nn.Module):
     def __init__(self, in_dim):
         super().__init__()

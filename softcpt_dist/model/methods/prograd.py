@@ -15,6 +15,13 @@ over the sample's own task's classes; the teacher reads the student's image feat
 it conflicts with ``∇L_kd``: if ``cos(g_ce, g_kd) < 0``, ``g = g_ce − λ (g_ce · ĝ_kd) ĝ_kd``
 (``method.prograd_lambda`` λ, ``method.prograd_temperature`` T; 1.0 and 1.0 in the official commands).
 
+With class-parallel scoring (``text.scoring=shares``) each rank holds a share of the classes, and ``L_kd``
+is put together from per-sample statistics of every share, as the cross-entropy is: with ``p`` the teacher's
+softmax and ``z`` the student's logits over the sample's task, ``L_kd = T² (logsumexp(z/T) − Σ_c p_c z_c/T)``
+(``Σ p = 1``), so each share sends the teacher's largest logit and sum of exponentials, the teacher-weighted
+sum of the student's ``z/T`` relative to that largest logit, and the student's largest ``z/T`` and sum of
+exponentials (``share_guide_statistics``, ``guide_from_shares``): five numbers per sample, in the loss's gather.
+
 The training engine applies the projection to the full gradients, reduced over ranks and accumulated over
 micro-batches (``TrainEngine``); ZeRO stages that partition the gradients, and DeepSpeed's bf16 optimizer (which
 copies them during backward), are refused.
@@ -34,6 +41,7 @@ from softcpt_dist.data.tasks import TaskGroup, TaskSpec
 from softcpt_dist.model.loss import TaskTargets, cosine_logits, within_task_mask
 from softcpt_dist.model.methods.coop import CoOp
 from softcpt_dist.model.methods.zeroshot import template_features
+from softcpt_dist.model.share_loss import NEG_INF, rescale, share_logits
 
 PROGRAD_INIT = "a photo of a"  # the generic template "a photo of a {}." before its class name
 
@@ -77,6 +85,21 @@ class ProGrad(CoOp):
             per_sample = per_sample * targets.task_weights.to(per_sample.device)[targets.tasks]
         return per_sample.sum() / logits.shape[0]
 
+    def share_guide_statistics(self, image_features: torch.Tensor, logits: torch.Tensor, class_ids: torch.Tensor,
+                               tasks: torch.Tensor, contributes: bool = True) -> torch.Tensor:
+        """``[5, B]``: ``L_kd``'s statistics of one share (``logits [B, C_s]``, the student's, of the global classes
+        ``class_ids``) for the global batch's samples of ``tasks``; a stand-in share (``contributes=False``)
+        has no column of any task."""
+        own = (self.class_task[class_ids].unsqueeze(0) == tasks.unsqueeze(1)) & contributes
+        with torch.no_grad():
+            teacher = share_logits(image_features, self.hand_features[class_ids], self.backbone.logit_scale)
+        return guide_statistics(logits.float(), teacher, own, self.temperature)
+
+    def guide_from_shares(self, gathered: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``L_kd`` of the global batch from every share's statistics ``[W, 5, B]``; ``weights [B]``: each
+        sample's weight in the loss (``ShareBatch.weights``)."""
+        return (combine_guide(gathered, self.temperature) * weights).sum()
+
     def project(self, grad: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
         """The official rule on one tensor: ``grad`` minus λ times its component along ``guide`` where the two
         point apart; unchanged otherwise."""
@@ -84,6 +107,34 @@ class ProGrad(CoOp):
         if torch.dot((grad / torch.linalg.norm(grad)).flatten(), guide_unit.flatten()) < 0:
             return grad - self.lam * torch.dot(grad.flatten(), guide_unit.flatten()) * guide_unit
         return grad
+
+
+def guide_statistics(student: torch.Tensor, teacher: torch.Tensor, own: torch.Tensor, temperature: float
+                     ) -> torch.Tensor:
+    """``[5, B]`` per sample over the columns ``own`` (``[B, C_s]``) of one share: the teacher's largest ``t/T``
+    (-inf without a column) and its sum of exponentials relative to it, the student's ``z/T`` summed with those
+    weights, and the student's largest ``z/T`` and sum of exponentials; only the weighted sum and the student's
+    sum carry gradient."""
+    s = (student / temperature).masked_fill(~own, NEG_INF)
+    with torch.no_grad():
+        t = (teacher / temperature).masked_fill(~own, NEG_INF)
+        t_top, s_top = t.max(dim=1).values, s.max(dim=1).values
+        weight = torch.exp(t - torch.where(torch.isfinite(t_top), t_top, torch.zeros_like(t_top)).unsqueeze(1))
+    weighted = (weight * s.masked_fill(~own, 0.0)).sum(dim=1)
+    s_shift = torch.where(torch.isfinite(s_top), s_top, torch.zeros_like(s_top))
+    s_sum = torch.exp(s - s_shift.unsqueeze(1)).sum(dim=1)
+    return torch.stack([t_top, weight.sum(dim=1), weighted, s_top, s_sum])
+
+
+def combine_guide(gathered: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Each sample's ``L_kd`` ``[B]`` from every share's ``guide_statistics`` ``[W, 5, B]``: ``T² (logsumexp(z/T) −
+    Σ_c p_c z_c/T)``, the teacher's expectation and the student's log-sum-exp each merged over shares."""
+    t_top, t_sum, weighted, s_top, s_sum = gathered.unbind(1)
+    t_scale = rescale(t_top, t_top.max(dim=0).values)
+    expected = (weighted * t_scale).sum(dim=0) / (t_sum * t_scale).sum(dim=0)
+    s_high = s_top.max(dim=0).values
+    log_sum = torch.log((s_sum * rescale(s_top, s_high)).sum(dim=0)) + s_high
+    return (log_sum - expected) * temperature * temperature
 
 
 def template_phrase(task: Optional[TaskSpec]) -> str:
