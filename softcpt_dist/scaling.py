@@ -99,10 +99,11 @@ class StepEstimate:
 
 def step_estimate(shares: Sequence[int], rows: int, feature_dim: int, learnable: int, token_s: float, link: Link, *,
                   feature_bytes: int = 2, kernel_floor_s: float = 0.0, fixed_s: float = 0.0,
-                  scoring: str = "gathered", batch: int = 0,
+                  scoring: str = "gathered", batch: int = 0, sample_stats: int = 4,
                   factors: Optional[Tuple[Optional[int], int]] = None) -> StepEstimate:
     """The step of one plan: ``shares`` token positions per rank, ``rows`` classes in the largest share,
-    ``learnable`` elements of learnable tensors; ``batch`` images per rank (``scoring="shares"``);
+    ``learnable`` elements of learnable tensors; ``batch`` images per rank and ``sample_stats`` numbers per
+    sample and share in the statistics' gather (``scoring="shares"``: 4, plus a method's own);
     ``factors``: ``(numbers of its factor table, of its matrix)`` for the meta network's exchange by factors
     (``MetaNet.factor_elements``; None: DeepSpeed's)."""
     world = len(shares)
@@ -114,7 +115,7 @@ def step_estimate(shares: Sequence[int], rows: int, feature_dim: int, learnable:
     image = stats = 0
     if scoring == "shares":  # two all-reduces of zero-filled buffers; the images' runs during the share's forward
         image = all_reduce_traffic(world * batch * (feature_dim + 2) * 4, world)
-        stats = all_reduce_traffic(world * (4 * world * batch + 1) * 4, world)
+        stats = all_reduce_traffic(world * (sample_stats * world * batch + 1) * 4, world)
         received = image + stats
         image_s = reduce_hops * hop + image / bandwidth
         gather_s = max(0.0, image_s - text_s / 2) + reduce_hops * hop + stats / bandwidth
@@ -179,7 +180,8 @@ def predict_scaling(method, world_sizes: Sequence[int], token_s: float, link, *,
         est = step_estimate(plan.costs, max(plan.sizes), method.backbone.embed_dim, sent, token_s,
                             link(world) if callable(link) else link,
                             feature_bytes=feature_bytes, kernel_floor_s=kernel_floor_s, fixed_s=fixed_s,
-                            scoring=scoring, batch=max(1, -(-global_batch // world)), factors=factors)
+                            scoring=scoring, batch=max(1, -(-global_batch // world)),
+                            sample_stats=4 + method.share_statistics, factors=factors)
         if out:
             est.speedup = out[0].step_s / est.step_s
             est.efficiency = est.speedup * world_sizes[0] / world

@@ -183,7 +183,7 @@ class PromptClassifier(nn.Module):
                                            logits, extra)
             if self.projects_gradient:
                 self.guide_loss = method.guide_from_shares(scores.extra, batch.weights)
-            per_sample = 4 + (0 if extra is None else len(extra))
+            per_sample = 4 + method.share_statistics
             shards.stats_bytes += D.all_reduce_traffic(shards.world_size * (per_sample * len(batch.tasks) + 1) * 4,
                                                        shards.world_size)
             loss, predicted = scores.loss.to(self.logits_dtype), scores.predicted  # fp16: the official loss's rounding

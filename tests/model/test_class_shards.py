@@ -152,6 +152,8 @@ def test_the_cost_model_prices_class_parallel_scoring_and_gradient_factors():
     # all-reduces of zero-filled [W, ...] buffers: 2 (W - 1) / W = 1 times the buffer at 2 ranks
     assert two.image_bytes == 2 * 3 * (8 + 2) * 4 and two.stats_bytes == 2 * (4 * 2 * 3 + 1) * 4
     assert two.gather_bytes == two.image_bytes + two.stats_bytes
+    guided = step_estimate([500, 480], **common, scoring="shares", batch=3, sample_stats=9)  # ProGrad's 4 + 5
+    assert guided.stats_bytes == 2 * (9 * 2 * 3 + 1) * 4
     # the images' all-reduce runs while the share's forward (0.25 s of the 0.5 s text side) encodes
     assert two.gather_s == pytest.approx(2e-5 + two.stats_bytes / 1e9)
     # 2 ranks: a ring all-reduce moves 2 (W - 1) / W = 1 times the tensor; factors and the rest in one

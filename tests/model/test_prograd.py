@@ -144,6 +144,7 @@ def test_guide_loss_from_class_shares_is_the_whole_guide_loss():
     shares = [([0, 1], True), ([2, 3], True), ([4, 5], True), ([0], False)]
     stats = [method.share_guide_statistics(image_features, share_logits(image_features, features[ids], scale),
                                            torch.tensor(ids), tasks, contributes) for ids, contributes in shares]
+    assert stats[0].shape == (ProGrad.share_statistics, len(tasks))
     assert torch.isinf(stats[3][0]).all() and not stats[3][1:3].any()  # the stand-in: no column of any task
     weights = task_weights[tasks] / len(tasks)
     parts = method.guide_from_shares(torch.stack(stats), weights)

@@ -40,6 +40,8 @@ class Method(nn.Module):
     image_conditional: ClassVar[bool] = False
     # Its update is its loss's gradient projected against a guide loss's (ProGrad): guide_loss() and project()
     projects_gradient: ClassVar[bool] = False
+    # Per-sample numbers its loss adds to class-parallel scoring's statistics gather (ProGrad's guide loss: 5)
+    share_statistics: ClassVar[int] = 0
     # It scores classes against the image's per-position features (PLOT): scores(image_tokens, ...) -> logits
     uses_local_features: ClassVar[bool] = False
 

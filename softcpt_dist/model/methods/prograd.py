@@ -50,6 +50,7 @@ class ProGrad(CoOp):
     name = "prograd"
     mode_in_label = False
     projects_gradient = True
+    share_statistics = 5  # guide_statistics' rows
 
     def __init__(self, backbone, group: TaskGroup, prompt: PromptConfig, method: MethodConfig):
         super().__init__(backbone, group, replace(prompt, ctx_init=None), method)
