@@ -172,7 +172,9 @@ class PromptClassifier(nn.Module):
             batch = pending.wait()
             terms = method.class_loss_terms(share.features, share.class_ids)
             logits = extra = None
-            if self.projects_gradient or self.logits_dtype != torch.float32:  # fp16: the official code's logits
+            if self.projects_gradient:  # fp32 logits, as on the gathered path
+                logits = share_logits(batch.image_features, share.features, self.backbone.logit_scale)
+            elif self.logits_dtype != torch.float32:  # fp16: the official code's logits
                 logits = share_logits(batch.image_features, share.features, self.backbone.logit_scale,
                                       self.logits_dtype)
             if self.projects_gradient:  # the guide loss's statistics travel with the loss's
@@ -184,7 +186,7 @@ class PromptClassifier(nn.Module):
                                            logits, extra)
             if self.projects_gradient:
                 self.guide_loss = method.guide_from_shares(scores.extra, batch.weights)
-            per_sample = 4 + method.share_statistics
+            per_sample = 4 + (0 if extra is None else len(extra))
             shards.stats_bytes += D.all_reduce_traffic(shards.world_size * (per_sample * len(batch.tasks) + 1) * 4,
                                                        shards.world_size)
             loss, predicted = scores.loss.to(self.logits_dtype), scores.predicted  # fp16: the official loss's rounding

@@ -156,7 +156,9 @@ def class_parallel_scores(share_features: torch.Tensor, class_ids: torch.Tensor,
     loss): ``logits``, the share's logits ``[B, C_s]`` when the caller has them (the statistics then come
     from them, in fp32: fp16 logits of ``model.precision=official_fp16`` are rounded as the official code's,
     their softmax statistics taken in fp32), and ``extra``, per-sample statistics of this share ``[k, B]`` carried in the same gather
-    (with the same gradient rule: each rank's backward reaches its own slot, times W)."""
+    (with the same gradient rule: each rank's backward reaches its own slot, times W). A stand-in share's
+    ``extra`` must already be neutral (whatever contributes nothing to the caller's merge): only the loss's
+    statistics are neutralised here."""
     if len(class_task) >= 2**24:
         raise ValueError(f"{len(class_task)} classes: class-parallel scoring carries class ids in fp32 (below 2**24)")
     if logits is None:

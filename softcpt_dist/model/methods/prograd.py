@@ -18,8 +18,8 @@ it conflicts with ``∇L_kd``: if ``cos(g_ce, g_kd) < 0``, ``g = g_ce − λ (g_
 With class-parallel scoring (``text.scoring=shares``) each rank holds a share of the classes, and ``L_kd``
 is put together from per-sample statistics of every share, as the cross-entropy is: with ``p`` the teacher's
 softmax and ``z`` the student's logits over the sample's task, ``L_kd = T² (logsumexp(z/T) − Σ_c p_c z_c/T)``
-(``Σ p = 1``), so each share sends the teacher's largest logit and sum of exponentials, the teacher-weighted
-sum of the student's ``z/T`` relative to that largest logit, and the student's largest ``z/T`` and sum of
+(``Σ p = 1``), so each share sends the teacher's largest logit and sum of exponentials relative to it, the
+student's ``z/T`` summed with those exponentials as weights, and the student's largest ``z/T`` and sum of
 exponentials (``share_guide_statistics``, ``guide_from_shares``): five numbers per sample, in the loss's gather.
 
 The training engine applies the projection to the full gradients, reduced over ranks and accumulated over
