@@ -12,13 +12,16 @@ image features, the ViT-B-16 CLIP at random init. ``--shard-off`` adds runs with
 (every rank encodes every class: the behaviour before class sharding) at each world size above 1;
 ``--former`` adds runs with the exchange before class-parallel scoring (``text.scoring=gathered``,
 ``engine.gradient_exchange=deepspeed``). "exchanged KiB" counts every kind of bytes a rank received per
-step (class features and their gradients, image features, softmax statistics, gradients).
+step (class features and their gradients, image features, softmax statistics, gradients), also printed by
+kind. A per-task method (CoOp CA, KgCoOp, ProGrad, PLOT: one scope per task) is measured over every scope's
+epochs but its first.
 
     python benchmarks/rank_scaling.py                                   # Plant-6 shape, ViT-B-16, CPU
     python benchmarks/rank_scaling.py --former                          # former vs current exchange
     python benchmarks/rank_scaling.py --repeats 3 --epochs 6            # interleaved runs, medians (noisy hosts)
     python benchmarks/rank_scaling.py --shard-off --zero-stage 3
     python benchmarks/rank_scaling.py --no-text-bound --epochs 6        # the built-in demo data, tiny CLIP
+    python benchmarks/rank_scaling.py --former -- method.name=prograd   # a per-task baseline
     python benchmarks/rank_scaling.py --ranks 1 2 4 8 -- model.arch=ViT-L-14 model.device=cuda \\
         model.precision=bf16                                            # on a GPU node
 """
@@ -67,16 +70,23 @@ def run(nproc: int, work: Path, name: str, args, extra) -> dict:
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     folder = work / "runs" / name
-    epochs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in epochs if r["kind"] == "epoch"][1:]
-    memory = json.loads((folder / "memory_joint.json").read_text())["ranks"]
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    # every scope's epochs but its first (warm-up); a per-task method trains one scope per task
+    scopes: dict = {}
+    for r in records:
+        if r["kind"] == "epoch":
+            scopes.setdefault(r.get("scope", "joint"), []).append(r)
+    epochs = [r for scope in scopes.values() for r in scope[1:]]
+    ranks = [json.loads(f.read_text())["ranks"] for f in sorted(folder.glob("memory_*.json"))]
     rates = [r["samples_per_s"] for r in epochs]
     last = epochs[-1]
     return {"steps_per_s": statistics.median(rates) / args.batch_size, "min": min(rates) / args.batch_size,
             "max": max(rates) / args.batch_size, "wall": wall, "positions": last["text_positions_per_step"],
-            "exchanged_kib": sum(last.get(k, 0) for k in BYTE_KEYS) / 2**10,
+            "exchanged_kib": statistics.mean(sum(r.get(k, 0) for k in BYTE_KEYS) for r in epochs) / 2**10,
+            "kib_by_kind": {k: statistics.mean(r.get(k, 0) for r in epochs) / 2**10 for k in BYTE_KEYS},
             "activation_mib": [b / 2**20 for b in last["text_activation_bytes"]],
-            "peak_mib": [m.get("peak_allocated_bytes", m.get("peak_rss_bytes", 0)) / 2**20 for m in memory]}
+            "peak_mib": [max(m.get("peak_allocated_bytes", m.get("peak_rss_bytes", 0)) for m in by_scope) / 2**20
+                         for by_scope in zip(*ranks)]}
 
 
 def main(argv=None) -> int:
@@ -128,6 +138,13 @@ def main(argv=None) -> int:
               f"{'/'.join(f'{x:.0f}' for x in r['positions']):>15} {r['exchanged_kib']:>13.1f} "
               f"{'/'.join(f'{x:.1f}' for x in r['activation_mib']):>21} "
               f"{'/'.join(f'{x:.0f}' for x in r['peak_mib']):>15} {r['wall']:>7.1f}")
+    names = {"text_gather_bytes_per_step": "class features", "text_grad_reduce_bytes_per_step": "their gradients",
+             "image_gather_bytes_per_step": "image features", "softmax_stats_bytes_per_step": "softmax statistics",
+             "grad_factor_bytes_per_step": "gradient factors", "grad_allreduce_bytes_per_step": "gradients all-reduced"}
+    for (n, shard), r in results.items():  # what a rank received per step, by kind (mean over the epochs above)
+        if n > 1:
+            kinds = ", ".join(f"{names[k]} {r['kib_by_kind'][k]:.1f}" for k in BYTE_KEYS)
+            print(f"# {n} ranks, {shard}: KiB per step: {kinds}")
     if args.repeats > 1:  # each repeat's ratio to the first world size's run of the same repeat
         first = repeats[(args.ranks[0], "auto")]
         for key, rs in repeats.items():
