@@ -47,10 +47,10 @@ def plant6_folders(root: Path, per_class: int = 2, size: int = 32) -> Path:
     return write_folders(plant6(), root, per_class, size)
 
 
-# Bytes received per step by kind (epoch records): class features and their gradients, image features, softmax
-# statistics, the meta network's factor table, other gradients all-reduced.
-BYTE_KEYS = ("text_gather_bytes_per_step", "text_grad_reduce_bytes_per_step", "image_gather_bytes_per_step",
-             "softmax_stats_bytes_per_step", "grad_factor_bytes_per_step", "grad_allreduce_bytes_per_step")
+# Bytes received per step by kind: the epoch records' key and how the printout names it.
+BYTE_KINDS = {"text_gather_bytes_per_step": "class features", "text_grad_reduce_bytes_per_step": "their gradients",
+              "image_gather_bytes_per_step": "image features", "softmax_stats_bytes_per_step": "softmax statistics",
+              "grad_factor_bytes_per_step": "gradient factors", "grad_allreduce_bytes_per_step": "gradients all-reduced"}
 FORMER = ["text.scoring=gathered", "engine.gradient_exchange=deepspeed"]  # the exchange before class-parallel scoring
 
 
@@ -82,8 +82,8 @@ def run(nproc: int, work: Path, name: str, args, extra) -> dict:
     last = epochs[-1]
     return {"steps_per_s": statistics.median(rates) / args.batch_size, "min": min(rates) / args.batch_size,
             "max": max(rates) / args.batch_size, "wall": wall, "positions": last["text_positions_per_step"],
-            "exchanged_kib": statistics.mean(sum(r.get(k, 0) for k in BYTE_KEYS) for r in epochs) / 2**10,
-            "kib_by_kind": {k: statistics.mean(r.get(k, 0) for r in epochs) / 2**10 for k in BYTE_KEYS},
+            "exchanged_kib": statistics.mean(sum(r.get(k, 0) for k in BYTE_KINDS) for r in epochs) / 2**10,
+            "kib_by_kind": {k: statistics.mean(r.get(k, 0) for r in epochs) / 2**10 for k in BYTE_KINDS},
             "activation_mib": [b / 2**20 for b in last["text_activation_bytes"]],
             "peak_mib": [max(m.get("peak_allocated_bytes", m.get("peak_rss_bytes", 0)) for m in by_scope) / 2**20
                          for by_scope in zip(*ranks)]}
@@ -138,12 +138,9 @@ def main(argv=None) -> int:
               f"{'/'.join(f'{x:.0f}' for x in r['positions']):>15} {r['exchanged_kib']:>13.1f} "
               f"{'/'.join(f'{x:.1f}' for x in r['activation_mib']):>21} "
               f"{'/'.join(f'{x:.0f}' for x in r['peak_mib']):>15} {r['wall']:>7.1f}")
-    names = {"text_gather_bytes_per_step": "class features", "text_grad_reduce_bytes_per_step": "their gradients",
-             "image_gather_bytes_per_step": "image features", "softmax_stats_bytes_per_step": "softmax statistics",
-             "grad_factor_bytes_per_step": "gradient factors", "grad_allreduce_bytes_per_step": "gradients all-reduced"}
     for (n, shard), r in results.items():  # what a rank received per step, by kind (mean over the epochs above)
         if n > 1:
-            kinds = ", ".join(f"{names[k]} {r['kib_by_kind'][k]:.1f}" for k in BYTE_KEYS)
+            kinds = ", ".join(f"{name} {r['kib_by_kind'][k]:.1f}" for k, name in BYTE_KINDS.items())
             print(f"# {n} ranks, {shard}: KiB per step: {kinds}")
     if args.repeats > 1:  # each repeat's ratio to the first world size's run of the same repeat
         first = repeats[(args.ranks[0], "auto")]

@@ -172,14 +172,13 @@ class PromptClassifier(nn.Module):
             batch = pending.wait()
             terms = method.class_loss_terms(share.features, share.class_ids)
             logits = extra = None
-            if self.projects_gradient:  # fp32 logits, as on the gathered path
+            if self.projects_gradient:  # fp32 logits, as on the gathered path; the guide's statistics travel along
                 logits = share_logits(batch.image_features, share.features, self.backbone.logit_scale)
+                extra = method.share_guide_statistics(batch.image_features, logits, share.class_ids, batch.tasks,
+                                                      share.contributes)
             elif self.logits_dtype != torch.float32:  # fp16: the official code's logits
                 logits = share_logits(batch.image_features, share.features, self.backbone.logit_scale,
                                       self.logits_dtype)
-            if self.projects_gradient:  # the guide loss's statistics travel with the loss's
-                extra = method.share_guide_statistics(batch.image_features, logits, share.class_ids, batch.tasks,
-                                                      share.contributes)
             scores = class_parallel_scores(share.features, share.class_ids, method.class_task, batch,
                                            self.backbone.logit_scale, share.contributes,
                                            None if terms is None else terms * share.class_weight, self.kernels,

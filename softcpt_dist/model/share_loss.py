@@ -71,6 +71,12 @@ def share_logits(image_features: torch.Tensor, features: torch.Tensor, logit_sca
     return cosine_logits(image_features, features, logit_scale, dtype)[:, :classes]  # its image rows padded too
 
 
+def relative_exp(masked: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """``exp(masked - top)`` row by row (``masked [B, C_s]`` with -inf outside the sample's task, ``top [B]`` its
+    rows' largest, without gradient): 0 outside the task, and a row without a column of it (``top`` -inf) all 0."""
+    return torch.exp(masked - torch.where(torch.isfinite(top), top, torch.zeros_like(top)).unsqueeze(1))
+
+
 def share_stats(logits: torch.Tensor, class_ids: torch.Tensor, class_task: torch.Tensor,
                 tasks: torch.Tensor, targets: torch.Tensor) -> ShareStats:
     """The statistics of one share (``logits [B, C_s]`` of the global classes ``class_ids``, whose tasks are
@@ -79,10 +85,8 @@ def share_stats(logits: torch.Tensor, class_ids: torch.Tensor, class_task: torch
     masked = logits.masked_fill(~own, NEG_INF)
     with torch.no_grad():
         top, column = masked.max(dim=1)  # a share has at least one column (a stand-in's, where empty)
-        has = torch.isfinite(top)
-        shift = torch.where(has, top, torch.zeros_like(top))
-        best = torch.where(has, class_ids[column], torch.zeros_like(column))
-    sum_exp = torch.exp(masked - shift.unsqueeze(1)).sum(dim=1)
+        best = torch.where(torch.isfinite(top), class_ids[column], torch.zeros_like(column))
+    sum_exp = relative_exp(masked, top).sum(dim=1)
     target = (logits * (class_ids.unsqueeze(0) == targets.unsqueeze(1))).sum(dim=1)
     return ShareStats(top, sum_exp, target, best)
 
@@ -111,13 +115,20 @@ def rescale(top: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     return torch.exp(torch.where(torch.isfinite(top), top - high, torch.full_like(top, NEG_INF)))
 
 
+def merged_log_sum_exp(top: torch.Tensor, sum_exp: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the log-sum-exp over every share's columns from each share's largest value ``top [W, B]`` and its
+    sum of exponentials relative to it ``sum_exp [W, B]``."""
+    high = top.max(dim=0).values
+    return torch.log((sum_exp * rescale(top, high)).sum(dim=0)) + high
+
+
 def combine(top: torch.Tensor, sum_exp: torch.Tensor, target: torch.Tensor, best: torch.Tensor
             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Every share's statistics ``[W, B]`` -> each sample's cross-entropy over its task ``[B]`` and its
     predicted global class (the largest logit over shares; the lowest class id on a tie)."""
-    high = top.max(dim=0).values
-    loss = torch.log((sum_exp * rescale(top, high)).sum(dim=0)) + high - target.sum(dim=0)
+    loss = merged_log_sum_exp(top, sum_exp) - target.sum(dim=0)
     with torch.no_grad():
+        high = top.max(dim=0).values
         tied = torch.where(top == high, best, torch.full_like(best, torch.iinfo(best.dtype).max))
         predicted = tied.min(dim=0).values
     return loss, predicted

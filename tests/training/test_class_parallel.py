@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from test_distributed import _env, _losses, _weights
+from test_distributed import _env, _epoch_records as _epochs, _losses
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: not in the quick set
 
@@ -105,10 +105,6 @@ def _max_rel(a, b):
 
 def _states(run):
     return torch.load(run / "prompt_checkpoint.pt", weights_only=True)["states"]
-
-
-def _epochs(run):
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
 
 
 @pytest.mark.parametrize("zero", [0, 2, 3])

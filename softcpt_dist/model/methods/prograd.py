@@ -41,7 +41,7 @@ from softcpt_dist.data.tasks import TaskGroup, TaskSpec
 from softcpt_dist.model.loss import TaskTargets, cosine_logits, within_task_mask
 from softcpt_dist.model.methods.coop import CoOp
 from softcpt_dist.model.methods.zeroshot import template_features
-from softcpt_dist.model.share_loss import NEG_INF, rescale, share_logits
+from softcpt_dist.model.share_loss import NEG_INF, merged_log_sum_exp, relative_exp, rescale, share_logits
 
 PROGRAD_INIT = "a photo of a"  # the generic template "a photo of a {}." before its class name
 
@@ -120,11 +120,9 @@ def guide_statistics(student: torch.Tensor, teacher: torch.Tensor, own: torch.Te
     with torch.no_grad():
         t = (teacher / temperature).masked_fill(~own, NEG_INF)
         t_top, s_top = t.max(dim=1).values, s.max(dim=1).values
-        weight = torch.exp(t - torch.where(torch.isfinite(t_top), t_top, torch.zeros_like(t_top)).unsqueeze(1))
+        weight = relative_exp(t, t_top)
     weighted = (weight * s.masked_fill(~own, 0.0)).sum(dim=1)
-    s_shift = torch.where(torch.isfinite(s_top), s_top, torch.zeros_like(s_top))
-    s_sum = torch.exp(s - s_shift.unsqueeze(1)).sum(dim=1)
-    return torch.stack([t_top, weight.sum(dim=1), weighted, s_top, s_sum])
+    return torch.stack([t_top, weight.sum(dim=1), weighted, s_top, relative_exp(s, s_top).sum(dim=1)])
 
 
 def combine_guide(gathered: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -133,9 +131,7 @@ def combine_guide(gathered: torch.Tensor, temperature: float) -> torch.Tensor:
     t_top, t_sum, weighted, s_top, s_sum = gathered.unbind(1)
     t_scale = rescale(t_top, t_top.max(dim=0).values)
     expected = (weighted * t_scale).sum(dim=0) / (t_sum * t_scale).sum(dim=0)
-    s_high = s_top.max(dim=0).values
-    log_sum = torch.log((s_sum * rescale(s_top, s_high)).sum(dim=0)) + s_high
-    return (log_sum - expected) * temperature * temperature
+    return (merged_log_sum_exp(s_top, s_sum) - expected) * temperature * temperature
 
 
 def template_phrase(task: Optional[TaskSpec]) -> str:
